@@ -1,0 +1,96 @@
+"""A small, fast CIFAR-10 net in the style of Keller Jordan's airbench94.
+
+A VGG-like stack: a frozen 2x2 "whitening" convolution fitted to the training data (PCA of image
+patches), then three groups of Conv3x3-MaxPool-BatchNorm-GELU-Conv3x3-BatchNorm-GELU, a global max-pool
+and a linear head. BatchNorm learns only its bias (its scale stays 1), which together with the
+scale-invariant filters lets an optimizer like Muon take normalised steps.
+
+The whitening weights are data-dependent: call `fit_whitening(images)` with normalised training images
+before training (the engine does this when a model has the method).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .registry import register_model
+
+
+class BatchNormBias(nn.BatchNorm2d):
+    """BatchNorm with a fixed scale of 1 and a learned bias; low running-stats inertia."""
+
+    def __init__(self, channels: int, momentum: float = 0.4, eps: float = 1e-12):
+        super().__init__(channels, eps=eps, momentum=momentum)
+        self.weight.requires_grad_(False)
+
+
+class Conv3x3(nn.Conv2d):
+    """3x3 'same' convolution without bias, initialised partly to the identity (Dirac)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(cin, cout, kernel_size=3, padding="same", bias=False)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        n = min(self.in_channels, self.out_channels)
+        nn.init.dirac_(self.weight.data[:n])
+
+
+class ConvGroup(nn.Module):
+    def __init__(self, cin: int, cout: int, bn_momentum: float):
+        super().__init__()
+        self.conv1, self.pool = Conv3x3(cin, cout), nn.MaxPool2d(2)
+        self.norm1 = BatchNormBias(cout, bn_momentum)
+        self.conv2, self.norm2 = Conv3x3(cout, cout), BatchNormBias(cout, bn_momentum)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.norm1(self.pool(self.conv1(x))))
+        return self.act(self.norm2(self.conv2(x)))
+
+
+class AirbenchNet(nn.Module):
+    def __init__(self, num_classes: int = 10, in_channels: int = 3,
+                 widths: tuple[int, int, int] = (64, 256, 256), whiten_kernel: int = 2,
+                 bn_momentum: float = 0.4):
+        super().__init__()
+        k = whiten_kernel
+        whiten_width = 2 * in_channels * k * k  # each PCA direction, positive and negative
+        self.whiten = nn.Conv2d(in_channels, whiten_width, k, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)
+        self.features = nn.Sequential(
+            nn.GELU(),
+            ConvGroup(whiten_width, widths[0], bn_momentum),
+            ConvGroup(widths[0], widths[1], bn_momentum),
+            ConvGroup(widths[1], widths[2], bn_momentum),
+            nn.AdaptiveMaxPool2d(1),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(widths[2], num_classes, bias=False)
+        self.logit_scale = 1.0 / widths[2]
+        with torch.no_grad():
+            self.head.weight.mul_(1.0 / self.head.weight.std())
+
+    @torch.no_grad()
+    def fit_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the first layer to the PCA whitening of the k x k patches of `images` (N, C, H, W)."""
+        c, (kh, kw) = images.shape[1], self.whiten.weight.shape[2:]
+        patches = images.float().unfold(2, kh, 1).unfold(3, kw, 1)        # N, C, H', W', kh, kw
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw).double()
+        cov = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).reshape(-1, c, kh, kw)
+        self.whiten.weight.copy_(torch.cat((filters, -filters)).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(self.whiten(x))) * self.logit_scale
+
+
+@register_model
+def airbench(num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
+             widths: tuple[int, int, int] = (64, 256, 256), whiten_kernel: int = 2,
+             bn_momentum: float = 0.4) -> nn.Module:
+    """The default served CIFAR-10 model (about 2M parameters)."""
+    del image_size  # any size >= 8 works: the last pooling is adaptive
+    return AirbenchNet(num_classes, in_channels, tuple(widths), whiten_kernel, bn_momentum)

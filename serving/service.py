@@ -1,0 +1,64 @@
+"""The BentoML service: `bentoml serve` (from the project root; see bentofile.yaml).
+
+One small class: models are loaded from BentoML's model store in __init__; two batchable APIs run
+inference for many concurrent requests at once (adaptive batching), on the backend each request asks
+for. See serving/http_io.py for the HTTP contract and serving/config.py for the settings.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+
+import bentoml  # noqa: E402
+from starlette.applications import Starlette  # noqa: E402
+from starlette.responses import JSONResponse  # noqa: E402
+from starlette.routing import Route  # noqa: E402
+
+from serving import catalog as C  # noqa: E402
+from serving.config import Settings  # noqa: E402
+from serving.http_io import BatchInput, BatchResult, SingleImageInput, SingleResult  # noqa: E402
+from serving.middleware import OverloadMiddleware  # noqa: E402
+
+SETTINGS = Settings.from_env()
+
+
+async def _list_models(request):
+    if C.CURRENT is None:
+        return JSONResponse({"error": "the service is still starting"}, status_code=503)
+    return JSONResponse(C.CURRENT.describe())
+
+
+info_app = Starlette(routes=[Route("/", _list_models, methods=["GET"])])
+
+
+@bentoml.asgi_app(info_app, path="/models")
+@bentoml.service(
+    name="image_classifier",
+    workers=SETTINGS.workers,
+    threads=1,  # inference runs on one thread per worker; onnxruntime/torch use SETTINGS.threads inside it
+    traffic={"timeout": SETTINGS.timeout},
+    http={"host": "127.0.0.1", "port": 3000},
+)
+class ImageClassifier:
+    """Image classification with Torch and ONNX Runtime backends side by side."""
+
+    def __init__(self) -> None:
+        self.catalog = C.Catalog.from_store(SETTINGS)
+        C.CURRENT = self.catalog
+
+    @bentoml.api(route="/classify", input_spec=SingleImageInput, output_spec=SingleResult, batchable=True,
+                 max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
+    def classify(self, items: list) -> list:
+        """Classify one image: the raw body (Content-Type image/*) or a multipart file field 'image'.
+        Query parameters: backend, model, top_k."""
+        return self.catalog.infer(items)
+
+    @bentoml.api(route="/classify_batch", input_spec=BatchInput, output_spec=BatchResult, batchable=True,
+                 max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
+    def classify_batch(self, items: list) -> list:
+        """Classify several images: multipart file fields 'images'. Query parameters as /classify."""
+        return self.catalog.infer(items)
+
+
+ImageClassifier.add_asgi_middleware(OverloadMiddleware, max_inflight=SETTINGS.max_inflight)

@@ -1,0 +1,55 @@
+"""Shared fixtures. Every test gets its own BentoML home, cache and runs folder: nothing touches ~/bentoml."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Before anything imports bentoml: a private home for the whole session.
+_session_home = tempfile.mkdtemp(prefix="lab-tests-bentoml-")
+os.environ["BENTOML_HOME"] = _session_home
+os.environ["BENTOML_DO_NOT_TRACK"] = "True"
+os.environ.setdefault("LAB_CACHE_DIR", tempfile.mkdtemp(prefix="lab-tests-cache-"))
+
+
+def has_real_cifar() -> bool:
+    return (SHARED_DATA / "cifar10-jpg" / "test").is_dir()
+
+
+real_cifar = pytest.mark.skipif(not has_real_cifar(), reason=f"no CIFAR-10 copy in {SHARED_DATA}")
+real_mnist = pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(),
+                                reason=f"no MNIST copy in {SHARED_DATA}")
+
+
+@pytest.fixture
+def lab_env(tmp_path) -> dict:
+    """Environment for a subprocess of the project with its own store, cache and runs folder."""
+    env = dict(os.environ)
+    env.update(BENTOML_HOME=str(tmp_path / "bentoml"), LAB_CACHE_DIR=str(tmp_path / "cache"),
+               LAB_RUNS_DIR=str(tmp_path / "runs"), BENTOML_DO_NOT_TRACK="True",
+               PYTHONUNBUFFERED="1")
+    env.pop("LAB_DATA_ROOT", None)
+    return env
+
+
+def run_all(args: list[str], env: dict, timeout: float = 600, check: bool = False):
+    proc = subprocess.run([sys.executable, str(REPO / "training" / "run_all.py"), "--no-progress", *args],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"run_all.py {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory) -> Path:
+    from tests.fakedata import write_cifar_pickles
+
+    return write_cifar_pickles(tmp_path_factory.mktemp("cifar"))

@@ -1,0 +1,258 @@
+"""The service, tested as users meet it: a real `bentoml serve` on 127.0.0.1 and real HTTP requests."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from serving.backends import OnnxBackend, softmax
+from serving.card import read_card
+from serving.preprocess import Preprocessing, preprocess_bytes
+from tests.conftest import SHARED_DATA, has_real_cifar, run_all
+from tests.fakedata import write_cifar_pickles
+from tests.images import awkward_valid, broken, decompression_bomb, encode, gradient
+from tests.server import REPO, Server
+
+MAX_BODY = 3_000_000
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> dict:
+    """A private model store with the smoke model and a copy whose ONNX file was tampered with."""
+    root = tmp_path_factory.mktemp("service")
+    env = dict(os.environ, BENTOML_HOME=str(root / "bentoml"), LAB_CACHE_DIR=str(root / "cache"),
+               LAB_RUNS_DIR=str(root / "runs"), BENTOML_DO_NOT_TRACK="True", PYTHONUNBUFFERED="1")
+    data = write_cifar_pickles(root / "data")
+    proc = run_all(["--preset", "smoke", "--data-root", str(data)], env, check=True)
+    run_dir = proc.stdout.strip().splitlines()[-1].split("run folder: ")[1]
+    run_all(["--preset", "smoke", "--data-root", str(data), "--only", "publish", "--run-dir", run_dir,
+             "--store-name", "tampered-model"], env, check=True)
+    tampered = next((root / "bentoml" / "models" / "tampered-model").glob("*/model.sim.onnx"))
+    blob = bytearray(tampered.read_bytes())
+    blob[-100] ^= 0xFF
+    tampered.write_bytes(bytes(blob))
+    good = next((root / "bentoml" / "models" / "cifar10-airbench-smoke").glob("*/card.json")).parent
+    return {"env": env, "root": root, "model_dir": good}
+
+
+@pytest.fixture(scope="module")
+def server(store):
+    s = Server(store["env"], store["root"] / "serve.log",
+               {"LAB_DEFAULT_MODEL": "cifar10-airbench-smoke", "LAB_MAX_BODY_BYTES": str(MAX_BODY),
+                "LAB_MAX_LATENCY_MS": "20000"})
+    yield s
+    s.stop()
+
+
+def classify(server, data: bytes, ctype: str = "image/jpeg", **params) -> requests.Response:
+    return requests.post(f"{server.url}/classify", data=data, headers={"Content-Type": ctype},
+                         params=params, timeout=60)
+
+
+def good_image() -> bytes:
+    return encode(gradient(32, 32), "PNG")
+
+
+def assert_still_serving(server):
+    r = classify(server, good_image(), "image/png")
+    assert r.status_code == 200, r.text
+    assert r.json()["predictions"]
+
+
+def test_lists_models_and_backends(server):
+    r = requests.get(f"{server.url}/models/", timeout=10)
+    assert r.status_code == 200
+    info = r.json()
+    assert info["default"] == "cifar10-airbench-smoke"
+    good = info["models"]["cifar10-airbench-smoke"]
+    assert {"onnx", "torch"} <= set(good["backends"])
+    assert good["card"]["preprocessing"]["size"] == [32, 32]
+
+
+def test_bentoml_endpoints(server):
+    assert requests.get(f"{server.url}/readyz", timeout=10).status_code == 200
+    assert requests.get(f"{server.url}/livez", timeout=10).status_code == 200
+    assert "bentoml" in requests.get(f"{server.url}/metrics", timeout=10).text.lower()
+    spec = requests.get(f"{server.url}/docs.json", timeout=10).json()
+    assert "/classify" in spec["paths"] and "/classify_batch" in spec["paths"]
+
+
+def test_response_shape_raw_and_multipart(server):
+    raw = classify(server, good_image(), "image/png", top_k=5, backend="onnx")
+    assert raw.status_code == 200
+    body = raw.json()
+    assert body["backend"] == "onnx" and body["model"].startswith("cifar10-airbench-smoke:")
+    assert len(body["predictions"]) == 5 and body["inference_ms"] > 0
+    probs = [p["probability"] for p in body["predictions"]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-6
+    multi = requests.post(f"{server.url}/classify", files={"image": ("x.png", good_image(), "image/png")},
+                          data={"backend": "torch", "top_k": "2"}, timeout=60)
+    assert multi.status_code == 200, multi.text
+    assert multi.json()["backend"] == "torch" and multi.json()["filename"] == "x.png"
+    assert len(multi.json()["predictions"]) == 2
+
+
+def _real_test_images(n: int) -> list[tuple[bytes, str]]:
+    root = SHARED_DATA / "cifar10-jpg" / "test"
+    files = sorted(root.glob("*/*.jpg"))
+    random.Random(0).shuffle(files)
+    return [(p.read_bytes(), p.parent.name) for p in files[:n]]
+
+
+@pytest.mark.skipif(not has_real_cifar(), reason=f"no CIFAR-10 copy in {SHARED_DATA}")
+def test_backends_agree_on_real_cifar10_images(server):
+    for data, _ in _real_test_images(24):
+        a = classify(server, data, backend="onnx", top_k=10).json()
+        b = classify(server, data, backend="torch", top_k=10).json()
+        assert a["predictions"][0]["index"] == b["predictions"][0]["index"]
+        pa = {p["index"]: p["probability"] for p in a["predictions"]}
+        pb = {p["index"]: p["probability"] for p in b["predictions"]}
+        assert max(abs(pa[k] - pb[k]) for k in pa) < 1e-4
+
+
+@pytest.mark.parametrize("name", list(broken()))
+def test_bad_input_gets_a_4xx_naming_the_problem(server, name):
+    data, ctype, status = broken()[name]
+    r = classify(server, data, ctype)
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json()["error"]
+    assert_still_serving(server)
+
+
+def test_decompression_bomb_is_refused(server):
+    r = classify(server, decompression_bomb(), "image/png")
+    assert r.status_code == 413, r.text
+    assert "pixels" in r.json()["error"]
+    assert_still_serving(server)
+
+
+def test_body_over_the_limit_is_refused(server):
+    r = classify(server, b"\xff" * (MAX_BODY + 1), "image/jpeg")
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+    assert_still_serving(server)
+
+
+@pytest.mark.parametrize("params,status,needle", [
+    ({"backend": "tensorflow"}, 400, "unknown backend"),
+    ({"model": "no-such-model"}, 404, "unknown model"),
+    ({"model": "cifar10-airbench-smoke", "version": "nope"}, 404, "no version"),
+    ({"top_k": "0"}, 400, "top_k"),
+    ({"top_k": "many"}, 400, "top_k"),
+])
+def test_bad_options(server, params, status, needle):
+    r = classify(server, good_image(), "image/png", **params)
+    assert r.status_code == status and needle in r.json()["error"], r.text
+    assert_still_serving(server)
+
+
+def test_malformed_multipart_and_batches(server):
+    url = f"{server.url}/classify_batch"
+    bad = requests.post(url, data=b"--xyz\r\nnot really", timeout=30,
+                        headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    assert 400 <= bad.status_code < 500 and bad.json()["error"]
+    assert requests.post(url, data=good_image(), headers={"Content-Type": "image/png"},
+                         timeout=30).status_code == 415
+    assert requests.post(url, files={"other": ("a.png", good_image())}, timeout=30).status_code == 400
+    mixed = requests.post(url, files=[("images", ("ok.png", good_image())), ("images", ("bad.jpg", b"garbage"))],
+                          timeout=30)
+    assert mixed.status_code == 415 and "image 1 (bad.jpg)" in mixed.json()["error"]
+    two_files = requests.post(f"{server.url}/classify", files=[("image", ("a.png", good_image())),
+                                                                ("image", ("b.png", good_image()))], timeout=30)
+    assert two_files.status_code == 400
+    assert_still_serving(server)
+
+
+def test_batch_endpoint_keeps_order(server):
+    images = [encode(gradient(20 + i, 30), "PNG") for i in range(5)]
+    r = requests.post(f"{server.url}/classify_batch", params={"top_k": 10},
+                      files=[("images", (f"{i}.png", b)) for i, b in enumerate(images)], timeout=60)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["filename"] for x in results] == [f"{i}.png" for i in range(5)]
+    for data, res in zip(images, results):
+        single = classify(server, data, "image/png", top_k=10).json()
+        assert res["predictions"][0]["index"] == single["predictions"][0]["index"]
+
+
+@pytest.mark.parametrize("name", list(awkward_valid()))
+def test_awkward_but_valid_images_are_classified(server, name):
+    data, ctype = awkward_valid()[name]
+    r = classify(server, data, ctype)
+    assert r.status_code == 200, (name, r.text)
+    assert len(r.json()["predictions"]) == 3
+
+
+def _expected(store, images: list[bytes]) -> list[np.ndarray]:
+    card = read_card(store["model_dir"])
+    spec = Preprocessing.from_dict(card["preprocessing"])
+    onnx = OnnxBackend(store["model_dir"] / card["backends"]["onnx"], threads=1)
+    return [softmax(onnx.predict(preprocess_bytes(b, spec)[None]))[0] for b in images]
+
+
+def test_concurrent_clients_each_get_their_own_answer_batched(server, store):
+    rng = np.random.default_rng(0)
+    images = [encode(gradient(32, 32).rotate(float(a)), "PNG") for a in rng.uniform(0, 360, 32)]
+    expected = _expected(store, images)
+
+    def one(i):
+        return i, classify(server, images[i], "image/png", top_k=10, backend="onnx")
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(one, range(32)))
+    batch_sizes = []
+    for i, r in answers:
+        assert r.status_code == 200, r.text
+        body = r.json()
+        got = {p["index"]: p["probability"] for p in body["predictions"]}
+        assert max(abs(got[k] - expected[i][k]) for k in range(10)) < 1e-4  # its own image's answer
+        batch_sizes.append(body["batch_size"])
+    assert max(batch_sizes) > 1, batch_sizes  # requests were batched together
+
+
+def test_concurrency_64_without_errors(server):
+    images = [encode(gradient(32, 32).rotate(i * 5.0), "JPEG") for i in range(64)]
+
+    def client(i):
+        with requests.Session() as s:
+            return [s.post(f"{server.url}/classify", data=images[i], timeout=120,
+                           headers={"Content-Type": "image/jpeg"}).status_code for _ in range(4)]
+
+    with ThreadPoolExecutor(64) as pool:
+        codes = [c for cs in pool.map(client, range(64)) for c in cs]
+    assert codes.count(200) == len(codes) == 256, {c: codes.count(c) for c in set(codes)}
+
+
+def test_tampered_model_is_refused_and_the_rest_keep_serving(server):
+    info = requests.get(f"{server.url}/models/", timeout=10).json()
+    tampered = info["models"]["tampered-model"]
+    assert "onnx" not in tampered["backends"] and "sha256" in tampered["refused"]["onnx"]
+    r = classify(server, good_image(), "image/png", model="tampered-model", backend="onnx")
+    assert r.status_code == 404 and "sha256" in r.json()["error"]
+    assert "refusing onnx backend of model tampered-model" in server.log()
+    assert classify(server, good_image(), "image/png", model="tampered-model",
+                    backend="torch").status_code == 200  # its intact file still serves
+    assert_still_serving(server)
+
+
+def test_onnx_only_deployment_serves_without_torch(store, tmp_path):
+    blocker = tmp_path / "blocker"
+    (blocker / "torch").mkdir(parents=True)
+    (blocker / "torch" / "__init__.py").write_text("raise ImportError('torch is blocked for this test')\n")
+    env = dict(store["env"], PYTHONPATH=f"{blocker}{os.pathsep}{REPO}",
+               LAB_DEFAULT_MODEL="cifar10-airbench-smoke")
+    s = Server(env, tmp_path / "serve-no-torch.log")
+    try:
+        r = classify(s, good_image(), "image/png", backend="onnx")
+        assert r.status_code == 200, r.text
+        t = classify(s, good_image(), "image/png", backend="torch")
+        assert t.status_code == 404 and "torch cannot be imported" in t.json()["error"]
+    finally:
+        s.stop()

@@ -1,0 +1,351 @@
+"""Datasets as uint8 tensors: decode once, cache, split reproducibly, augment batch-wise.
+
+Readers:
+  cifar10        torchvision's CIFAR10 reader when the canonical pickles are in the data root
+                 (cifar-10-batches-py/), else an image-folder tree (cifar10-jpg/{train,test}/<class>/)
+  mnist          torchvision's MNIST reader (MNIST/raw/ idx files)
+  fashion_mnist  torchvision's FashionMNIST reader (FashionMNIST/raw/)
+  imagefolder    any <root>/{train,test}/<class>/<image> tree (Stanford Cars, say), resized by the
+                 preprocessing rule that then travels in the model card
+
+Every image is decoded through serving.preprocess (the serving path), so the cached pixels are the
+pixels the service would compute from the same file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from serving.preprocess import Preprocessing, open_image, to_uint8
+
+REPO = Path(__file__).resolve().parent.parent
+DATASETS = ("cifar10", "mnist", "fashion_mnist", "imagefolder")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+
+class DataError(RuntimeError):
+    """No data where we looked: the message says where and how to point elsewhere."""
+
+
+def default_data_root() -> Path:
+    """--data-root beats $LAB_DATA_ROOT beats ../shared/data beside the checkout beats ./data."""
+    env = os.environ.get("LAB_DATA_ROOT")
+    if env:
+        return Path(env)
+    shared = REPO.parent / "shared" / "data"
+    return shared if shared.is_dir() else REPO / "data"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LAB_CACHE_DIR", REPO / ".cache"))
+
+
+@dataclass
+class ArrayDataset:
+    """Images as one uint8 tensor (N, C, H, W) with int64 labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    name: str = ""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor | np.ndarray | slice) -> "ArrayDataset":
+        index = torch.as_tensor(index) if not isinstance(index, slice) else index
+        return ArrayDataset(self.images[index], self.labels[index], self.classes, self.name)
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.images.shape[2:])
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        x = self.images.to(torch.float64) / 255.0
+        return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_dataset(name: str, split: str, root: Path | str | None = None, *, image_size: int = 32,
+                 download: bool = False, cache_dir: Path | None = None,
+                 progress: bool = True) -> ArrayDataset:
+    """Load `split` ('train' or 'test') of a dataset as uint8 tensors, through the cache."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+    if split not in ("train", "test"):
+        raise DataError(f"unknown split {split!r}; valid: train, test")
+    root = Path(root) if root is not None else default_data_root()
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if name == "cifar10":
+        pickles = root / "cifar-10-batches-py"
+        if pickles.is_dir() or (download and not (root / "cifar10-jpg").is_dir()):
+            return _torchvision_dataset("CIFAR10", root, split, download, cache_dir)
+        return _image_folder(root / "cifar10-jpg", split, "cifar10", image_size, cache_dir, progress,
+                             hint=f"expected {pickles}/ (canonical pickles) or "
+                                  f"{root / 'cifar10-jpg'}/{{train,test}}/<class>/*.jpg")
+    if name == "mnist":
+        return _torchvision_dataset("MNIST", root, split, download, cache_dir)
+    if name == "fashion_mnist":
+        return _torchvision_dataset("FashionMNIST", root, split, download, cache_dir)
+    return _image_folder(root, split, "imagefolder", image_size, cache_dir, progress,
+                         hint=f"expected {root}/{{train,test}}/<class>/<image files>")
+
+
+def _missing(what: str, looked: str) -> DataError:
+    return DataError(
+        f"no {what} data: {looked}. Point elsewhere with --data-root DIR or LAB_DATA_ROOT=DIR "
+        f"(the offline copies live in ../shared/data), or pass --download where there is network.")
+
+
+def _torchvision_dataset(cls_name: str, root: Path, split: str, download: bool,
+                         cache_dir: Path) -> ArrayDataset:
+    import torchvision
+
+    cls = getattr(torchvision.datasets, cls_name)
+    if cls_name == "CIFAR10" and not download:
+        cls = _cifar10_present_class()
+    folder = root / ("cifar-10-batches-py" if cls_name == "CIFAR10" else f"{cls_name}/raw")
+    sources = sorted(p for p in folder.glob("*") if p.is_file()) if folder.is_dir() else []
+    key = _files_key(sources, extra=f"{cls_name}-{split}")
+    cached = _cache_read(cache_dir, f"{cls_name.lower()}-{split}", key)
+    if cached is not None:
+        return cached
+    try:
+        ds = cls(str(root), train=(split == "train"), download=download)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. ..."
+        raise _missing(cls_name, f"looked in {folder} ({e})") from None
+    except Exception as e:  # download failures: URLError, HTTPError, socket errors
+        raise DataError(f"could not download {cls_name} into {root}: {type(e).__name__}: {e}. "
+                        f"There may be no network; use an offline copy with --data-root DIR.") from None
+    data = ds.data if isinstance(ds.data, np.ndarray) else ds.data.numpy()
+    if data.ndim == 3:  # MNIST-like (N, H, W) -> (N, H, W, 1)
+        data = data[..., None]
+    images = torch.from_numpy(np.ascontiguousarray(data.transpose(0, 3, 1, 2)))
+    labels = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
+    result = ArrayDataset(images, labels, list(ds.classes), cls_name.lower())
+    if sources or folder.is_dir():  # key over the files now present (a download may have added them)
+        key = _files_key(sorted(p for p in folder.glob("*") if p.is_file()), extra=f"{cls_name}-{split}")
+        _cache_write(cache_dir, f"{cls_name.lower()}-{split}", key, result)
+    return result
+
+
+def _cifar10_present_class():
+    import torchvision
+
+    class CIFAR10Present(torchvision.datasets.CIFAR10):
+        """torchvision's CIFAR10 reader, asking only that the pickles be present: its md5 check would
+        refuse any re-pickled copy (and the small files the tests write); our cache keys on the files."""
+
+        def _check_integrity(self) -> bool:
+            base = Path(self.root) / self.base_folder
+            return all((base / name).is_file() for name, _ in self.train_list + self.test_list)
+
+        def _load_meta(self) -> None:  # the same, without the md5 check
+            import pickle
+
+            with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as f:
+                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+    return CIFAR10Present
+
+
+def _list_image_folder(folder: Path) -> tuple[list[Path], list[int], list[str]]:
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    files, labels = [], []
+    for i, c in enumerate(classes):
+        for p in sorted((folder / c).iterdir()):
+            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+                files.append(p)
+                labels.append(i)
+    return files, labels, classes
+
+
+def _image_folder(root: Path, split: str, name: str, image_size: int, cache_dir: Path,
+                  progress: bool, hint: str) -> ArrayDataset:
+    folder = root / split
+    if not folder.is_dir():
+        raise _missing(name, f"{folder} does not exist; {hint}")
+    files, labels, classes = _list_image_folder(folder)
+    if not files:
+        raise _missing(name, f"{folder} holds no image files; {hint}")
+    spec = image_folder_spec(image_size)
+    key = _files_key(files, extra=f"{name}-{split}-{json.dumps(spec.to_dict(), sort_keys=True)}")
+    cache_name = f"{name}-{split}" if name != "imagefolder" else f"imagefolder-{root.name}-{split}"
+    cached = _cache_read(cache_dir, cache_name, key)
+    if cached is not None:
+        return cached
+    images = _decode_all(files, spec, progress, desc=f"decoding {name}/{split}")
+    result = ArrayDataset(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
+                          torch.as_tensor(labels, dtype=torch.int64), classes, name)
+    _cache_write(cache_dir, cache_name, key, result)
+    return result
+
+
+def image_folder_spec(image_size: int) -> Preprocessing:
+    """The decode rule for image-folder data (RGB, shorter side then centre crop); mean/std are
+    placeholders here: the model card gets the training set's own statistics."""
+    return Preprocessing(size=(image_size, image_size), channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def _decode_one(args: tuple[str, Preprocessing]) -> np.ndarray:
+    path, spec = args
+    return to_uint8(open_image(Path(path).read_bytes(), max_pixels=200_000_000), spec)
+
+
+def _decode_all(files: list[Path], spec: Preprocessing, progress: bool, desc: str) -> np.ndarray:
+    from tqdm import tqdm
+
+    h, w = spec.size
+    out = np.empty((len(files), h, w, spec.channels), dtype=np.uint8)
+    workers = max(1, min(os.cpu_count() or 1, 8))
+    jobs = [(str(p), spec) for p in files]
+    with ProcessPoolExecutor(workers) as pool:
+        it = pool.map(_decode_one, jobs, chunksize=256)
+        for i, arr in enumerate(tqdm(it, total=len(files), desc=desc, disable=not progress,
+                                     file=sys.stderr, mininterval=1.0)):
+            out[i] = arr
+    return out
+
+
+# ---------------------------------------------------------------- cache
+
+
+def _files_key(files: list[Path], extra: str = "") -> str:
+    """Changes when any source file is added, removed, resized or touched."""
+    h = hashlib.sha256(extra.encode())
+    for p in files:
+        st = p.stat()
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _cache_read(cache_dir: Path, name: str, key: str) -> ArrayDataset | None:
+    path = cache_dir / f"{name}-{key}.npz"
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return ArrayDataset(torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]),
+                                [str(c) for c in z["classes"]], str(z["name"]))
+    except (OSError, ValueError, KeyError):
+        return None  # unreadable cache: rebuild it
+
+
+def _cache_write(cache_dir: Path, name: str, key: str, ds: ArrayDataset) -> None:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for old in cache_dir.glob(f"{name}-*.npz"):  # one entry per source: drop stale keys
+        old.unlink(missing_ok=True)
+    path = cache_dir / f"{name}-{key}.npz"
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, images=ds.images.numpy(), labels=ds.labels.numpy(),
+                 classes=np.array(ds.classes), name=np.array(ds.name))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- splits and batches
+
+
+def shuffled(ds: ArrayDataset, seed: int) -> ArrayDataset:
+    """Image-folder trees come class-sorted: shuffle before anyone takes "the first N"."""
+    g = torch.Generator().manual_seed(seed)
+    return ds.subset(torch.randperm(len(ds), generator=g))
+
+
+def train_val_split(ds: ArrayDataset, val_size: int | float, seed: int
+                    ) -> tuple[ArrayDataset, ArrayDataset | None]:
+    """A reproducible split: the same seed gives the same validation images."""
+    n_val = int(round(val_size * len(ds))) if isinstance(val_size, float) else int(val_size)
+    if n_val <= 0:
+        return ds, None
+    if n_val >= len(ds):
+        raise DataError(f"validation size {n_val} leaves no training images (dataset has {len(ds)})")
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+    return ds.subset(perm[n_val:]), ds.subset(perm[:n_val])
+
+
+def to_float(images_uint8: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
+    """uint8 NCHW -> normalised float32 NCHW, through the serving path's `normalize`."""
+    from serving.preprocess import normalize
+
+    nhwc = images_uint8.permute(0, 2, 3, 1).numpy()
+    return torch.from_numpy(normalize(nhwc, spec))
+
+
+class BatchLoader:
+    """Normalised batches from a uint8 dataset, augmented batch-wise on tensors.
+
+    Augmentations (all on whole batches, no per-image PIL work):
+      translate=r  random crop of the reflect-padded image, shifts in [-r, r] on each axis
+      flip         "alternating" horizontal flip: a random half is flipped in even epochs and exactly
+                   the other half in odd epochs, so each image is seen both ways every two epochs.
+    """
+
+    def __init__(self, ds: ArrayDataset, spec: Preprocessing, batch_size: int, *, train: bool,
+                 translate: int = 0, flip: bool = False, seed: int = 0, drop_last: bool | None = None,
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False):
+        self.ds, self.batch_size, self.train = ds, batch_size, train
+        self.translate, self.flip = translate, flip
+        self.drop_last = train if drop_last is None else drop_last
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.images = to_float(ds.images, spec).to(dtype)
+        self.labels = ds.labels
+        self.seed, self.epoch = seed, 0
+        self.generator = torch.Generator().manual_seed(seed)
+        self._flip_mask = torch.rand(len(ds), generator=self.generator) < 0.5
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Makes the batches of `epoch` reproducible, also after a resume."""
+        self.epoch = epoch
+        self.generator.manual_seed(self.seed * 1_000_003 + epoch)
+
+    def __iter__(self):
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
+        flip = None
+        if self.train and self.flip:
+            flip = self._flip_mask if self.epoch % 2 == 0 else ~self._flip_mask
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.images[idx]
+            if self.train and self.translate:
+                x = random_translate(x, self.translate, self.generator)
+            if flip is not None:
+                x = torch.where(flip[idx].view(-1, 1, 1, 1), x.flip(-1), x)
+            yield x.contiguous(memory_format=self.memory_format), self.labels[idx]
+
+
+def random_translate(x: torch.Tensor, r: int, generator: torch.Generator) -> torch.Tensor:
+    """Shift each image by (dy, dx) in [-r, r]^2 with reflect padding: one gather per shift value."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (r, r, r, r), mode="reflect")
+    shifts = torch.randint(0, 2 * r + 1, (n, 2), generator=generator)
+    rows = torch.empty((n, c, h, w + 2 * r), dtype=x.dtype)
+    for s in range(2 * r + 1):
+        m = shifts[:, 0] == s
+        rows[m] = padded[m, :, s:s + h, :]
+    out = torch.empty_like(x)
+    for s in range(2 * r + 1):
+        m = shifts[:, 1] == s
+        out[m] = rows[m, :, :, s:s + w]
+    return out

@@ -1,0 +1,118 @@
+"""Export a trained model for serving: .pth, ONNX (dynamic batch), onnxsim-simplified ONNX, verified.
+
+The verification runs the simplified graph in onnxruntime on a held-out batch of real images and
+compares it with the torch model: the largest |logit difference| must be within `atol` and every
+top-1 must agree, or `ExportError` is raised and nothing is published.
+"""
+from __future__ import annotations
+
+import io
+import os
+from contextlib import redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from models import with_tta
+from serving.backends import OnnxBackend
+
+OPSET = 18
+PARITY_ATOL = 1e-3  # fp32 torch vs fp32 onnxruntime logits
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+@dataclass
+class Parity:
+    max_abs_diff: float
+    top1_agreement: float
+    images: int
+    atol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.atol and self.top1_agreement == 1.0
+
+    def to_dict(self) -> dict:
+        return {"max_abs_diff": self.max_abs_diff, "top1_agreement": self.top1_agreement,
+                "images": self.images, "atol": self.atol, "ok": self.ok}
+
+
+def save_state_dict(net: nn.Module, path: Path) -> Path:
+    """A plain state_dict, loadable with torch.load(path, weights_only=True)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    torch.save(state, path)
+    return path
+
+
+def export_onnx(net: nn.Module, tta_level: int, input_shape: tuple[int, int, int], path: Path) -> Path:
+    """The eval-mode fp32 model (with its TTA) as ONNX with a dynamic batch axis."""
+    model = with_tta(net, tta_level).eval().float().to(memory_format=torch.contiguous_format)
+    example = torch.zeros((2, *input_shape))
+    try:
+        with redirect_stdout(io.StringIO()):  # the exporter prints progress lines
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, opset_version=OPSET,
+                input_names=["input"], output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+        program.save(str(path))
+    except Exception as e:
+        raise ExportError(f"ONNX export failed: {type(e).__name__}: {e}") from e
+    return path
+
+
+def simplify_onnx(src: Path, dst: Path) -> Path:
+    import onnx
+    import onnxsim
+
+    model = onnx.load(str(src))
+    try:
+        simplified, ok = onnxsim.simplify(model)
+    except Exception as e:
+        raise ExportError(f"onnxsim failed on {src.name}: {type(e).__name__}: {e}") from e
+    if not ok:
+        raise ExportError(f"onnxsim could not validate the simplified {src.name}")
+    onnx.checker.check_model(simplified)
+    onnx.save(simplified, str(dst))
+    return dst
+
+
+def check_parity(net: nn.Module, tta_level: int, onnx_path: Path, batch: np.ndarray,
+                 atol: float = PARITY_ATOL) -> Parity:
+    """Compare torch (fp32) and onnxruntime logits on `batch` (float32 NCHW, real images)."""
+    model = with_tta(net, tta_level).eval().float()
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(batch)).numpy()
+    got = OnnxBackend(onnx_path, threads=min(4, os.cpu_count() or 1)).predict(batch)
+    if got.shape != expected.shape:
+        raise ExportError(f"{onnx_path.name} returns shape {got.shape}, torch {expected.shape}")
+    return Parity(max_abs_diff=float(np.abs(got - expected).max()),
+                  top1_agreement=float((got.argmax(1) == expected.argmax(1)).mean()),
+                  images=len(batch), atol=atol)
+
+
+def export_verified(net: nn.Module, tta_level: int, batch: np.ndarray, out_dir: Path,
+                    atol: float = PARITY_ATOL) -> dict:
+    """Write model.pth, model.onnx and model.sim.onnx into out_dir and verify both ONNX files.
+
+    Returns {"files": {...paths}, "parity": {...}}; raises ExportError when a check fails.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    net = net.eval().float().cpu().to(memory_format=torch.contiguous_format)
+    pth = save_state_dict(net, out_dir / "model.pth")
+    raw = export_onnx(net, tta_level, tuple(batch.shape[1:]), out_dir / "model.onnx")
+    sim = simplify_onnx(raw, out_dir / "model.sim.onnx")
+    parity = {}
+    for key, path in (("onnx", raw), ("onnx_simplified", sim)):
+        p = check_parity(net, tta_level, path, batch, atol)
+        parity[key] = p.to_dict()
+        if not p.ok:
+            raise ExportError(
+                f"{path.name} disagrees with torch on {p.images} held-out images: max |logit diff| "
+                f"{p.max_abs_diff:.3g} (tolerance {atol:g}), top-1 agreement {100 * p.top1_agreement:.2f}%")
+    return {"files": {"model.pth": pth, "model.onnx": raw, "model.sim.onnx": sim}, "parity": parity}

@@ -1,0 +1,153 @@
+"""Optimizers by name, the Muon optimizer, and learning-rate schedules.
+
+`build_optimizers(model, cfg)` returns one optimizer, or two for "muon" (Muon for the convolution
+filters, Nesterov SGD for biases and the head, as in airbench94_muon). Each param group carries
+`initial_lr` and a `schedule_end` (fraction of training at which its LR reaches its final value), so
+`set_lr(optimizers, progress, cfg)` can drive all of them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "rprop", "adamax", "muon")
+SCHEDULES = ("linear", "onecycle", "cosine", "constant")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def newton_schulz_orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately U V^T for g = U S V^T, by a quintic Newton-Schulz iteration (in bf16).
+
+    The coefficients push small singular values up fast; the result has singular values roughly in
+    [0.5, 1.5] rather than exactly 1, which trains just as well (Keller Jordan's Muon).
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.to(torch.bfloat16)
+    x = x / (x.norm() + eps)
+    transposed = x.size(0) > x.size(1)
+    if transposed:
+        x = x.T
+    for _ in range(steps):
+        s = x @ x.T
+        x = a * x + (b * s + c * s @ s) @ x
+    return x.T if transposed else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum, then an orthogonalised update; weights are renormalised to norm sqrt(fan_out).
+
+    Meant for scale-invariant weights (convolutions followed by BatchNorm).
+    """
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.6, nesterov: bool = True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf.mul_(group["momentum"]).add_(p.grad)
+                g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                p.mul_(len(p) ** 0.5 / p.norm())
+                update = newton_schulz_orthogonalize(g.reshape(len(g), -1)).view_as(g)
+                p.add_(update.to(p.dtype), alpha=-group["lr"])
+
+
+def _head_params(model: nn.Module) -> list[nn.Parameter]:
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Linear):
+        return [p for p in head.parameters() if p.requires_grad]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return [p for p in linears[-1].parameters() if p.requires_grad] if linears else []
+
+
+def build_optimizers(model: nn.Module, cfg) -> list[torch.optim.Optimizer]:
+    name = cfg.optimizer.lower()
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    wd = cfg.weight_decay
+    if name == "muon":
+        return _build_muon(model, cfg)
+    if name == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                              weight_decay=wd)
+    elif name == "adam":
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=wd)
+    elif name == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=wd)
+    elif name == "rmsprop":
+        opt = torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd)
+    elif name == "rprop":
+        opt = torch.optim.Rprop(params, lr=cfg.lr)  # full-batch method; no weight decay
+    else:
+        opt = torch.optim.Adamax(params, lr=cfg.lr, weight_decay=wd)
+    for g in opt.param_groups:
+        g["initial_lr"], g["schedule_end"] = g["lr"], 1.0
+    return [opt]
+
+
+def _build_muon(model: nn.Module, cfg) -> list[torch.optim.Optimizer]:
+    head = _head_params(model)
+    head_ids = {id(p) for p in head}
+    whiten_bias = []
+    if isinstance(getattr(model, "whiten", None), nn.Conv2d) and model.whiten.bias is not None:
+        whiten_bias = [model.whiten.bias]
+    taken = head_ids | {id(p) for p in whiten_bias}
+    filters = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2 and id(p) not in taken]
+    others = [p for p in model.parameters()
+              if p.requires_grad and p.ndim < 2 and id(p) not in taken]
+    wd = cfg.weight_decay
+    groups = [dict(params=others, lr=cfg.bias_lr, weight_decay=wd / cfg.bias_lr, schedule_end=1.0),
+              dict(params=head, lr=cfg.head_lr, weight_decay=wd / cfg.head_lr, schedule_end=1.0)]
+    if whiten_bias:
+        end = min(1.0, cfg.whiten_bias_epochs / cfg.epochs) if cfg.epochs else 1.0
+        groups.append(dict(params=whiten_bias, lr=cfg.bias_lr, weight_decay=wd / cfg.bias_lr,
+                           schedule_end=end))
+    sgd = torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.bias_lr, momentum=cfg.momentum,
+                          nesterov=True)
+    muon = Muon(filters, lr=cfg.lr, momentum=cfg.muon_momentum, nesterov=True)
+    muon.param_groups[0]["schedule_end"] = 1.0
+    for opt in (sgd, muon):
+        for g in opt.param_groups:
+            g["initial_lr"] = g["lr"]
+    return [sgd, muon]
+
+
+def lr_factor(progress: float, schedule: str, warmup: float = 0.0, final: float = 0.0) -> float:
+    """LR multiplier at `progress` in [0, 1] of a group's schedule."""
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    p = min(max(progress, 0.0), 1.0)
+    if schedule == "constant":
+        return 1.0
+    if warmup > 0 and p < warmup:
+        start = 0.2 if schedule == "onecycle" else 0.0
+        return start + (1.0 - start) * p / warmup
+    q = (p - warmup) / (1 - warmup) if warmup < 1 else 1.0
+    if schedule == "cosine":
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * q))
+    return 1.0 + (final - 1.0) * q  # linear and onecycle decay linearly after the warmup
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], progress: float, cfg) -> None:
+    for opt in optimizers:
+        for g in opt.param_groups:
+            end = g.get("schedule_end", 1.0)
+            if end < 1.0 and progress >= end:
+                g["lr"] = 0.0
+                for p in g["params"]:
+                    p.requires_grad_(False)  # e.g. the whitening bias after its epochs
+                continue
+            g["lr"] = g["initial_lr"] * lr_factor(progress / end, cfg.schedule, cfg.warmup, cfg.final_lr)

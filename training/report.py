@@ -1,0 +1,63 @@
+"""summary.md of a run folder: what was trained, how fast, how well, what was published."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from training.evaluate import per_class_lines
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_summary(run) -> Path:
+    d = run.dir
+    meta, metrics = _load(d / "trained.json"), _load(d / "metrics.json")
+    exported, published = _load(d / "export/parity.json"), _load(d / "published.json")
+    p = run.preset
+    lines = [f"# Run {d.name}", "", f"Preset **{p.name}**: {p.description}", ""]
+    if meta:
+        t, ds = meta["training"], meta["dataset"]
+        lines += [
+            "## Training", "",
+            f"- data: {ds['name']} from `{ds['root']}`: {ds['train_images']} train, "
+            f"{ds['val_images']} validation, {ds['test_images']} test images",
+            f"- model: `{meta['architecture']['name']}` {json.dumps(meta['architecture']['kwargs'])}, "
+            f"TTA level {meta['tta_level']}",
+            f"- {t['epochs']} epochs in **{t['train_seconds']:.1f} s** of training "
+            f"({t['images_per_second']:.0f} images/s, {t['precision']} on {t['device']}); "
+            f"{t['wall_seconds']:.1f} s wall-clock with per-epoch evaluation",
+            f"- optimizer {t['config']['optimizer']}, batch {t['config']['batch_size']}, "
+            f"lr {t['config']['lr']}, schedule {t['config']['schedule']}, "
+            f"label smoothing {t['config']['label_smoothing']}", "",
+        ]
+        hist = meta["history"]
+        if hist:
+            keys = [k for k in hist[0] if k not in ("epoch", "images")]
+            lines += ["| epoch | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+            for r in hist:
+                lines.append(f"| {r['epoch']} | " + " | ".join(
+                    f"{r[k]:.4f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys) + " |")
+            lines += ["", "![learning curves](learning_curves.png)", ""]
+    if metrics:
+        lines += ["## Evaluation (torch, fp32)", ""]
+        for key, m in metrics.items():
+            lines.append(f"- {key}: accuracy **{100 * m['accuracy']:.2f}%**, macro-F1 {m['macro_f1']:.4f} "
+                         f"on {m['images']} test images")
+        final = metrics[f"tta{meta['tta_level']}"] if meta else list(metrics.values())[-1]
+        lines += ["", "```", *per_class_lines(final), "```", "", "![confusion matrix](confusion.png)", ""]
+    if exported:
+        lines += ["## Export", ""]
+        for name, par in exported["parity"].items():
+            lines.append(f"- {name}: max |logit diff| {par['max_abs_diff']:.2e} (tolerance {par['atol']:g}), "
+                         f"top-1 agreement {100 * par['top1_agreement']:.1f}% on {par['images']} held-out images")
+        s = exported["served"]
+        lines += [f"- accuracy as served (model.sim.onnx, onnxruntime, card preprocessing): "
+                  f"**{100 * s['accuracy']:.2f}%** on {s['images']} test images", ""]
+    if published:
+        lines += ["## Published", "", f"- BentoML model `{published['tag']}` "
+                  f"(`bentoml models get {published['tag']}`)", ""]
+    out = d / "summary.md"
+    out.write_text("\n".join(lines))
+    return out

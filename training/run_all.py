@@ -1,0 +1,203 @@
+#!/usr/bin/env python
+"""The main job: train, evaluate, export and publish the served model (and, later, the studies).
+
+    python training/run_all.py                      # the quick preset on real CIFAR-10
+    python training/run_all.py --preset smoke       # seconds, tiny slices
+    python training/run_all.py --only export --run-dir runs/20261126-130000-quick
+    python training/run_all.py --skip publish --epochs 4
+
+Each run writes one folder under runs/ (its path is printed at the end) with summary.md, the plots
+and run.log. Rerunning after an interruption continues the unfinished run of the same preset from
+its last checkpoint (--fresh starts over).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script: make models/, training/, serving/ importable
+    sys.path.insert(0, str(REPO))
+
+import os  # noqa: E402
+
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from training.optim import OPTIMIZERS
+    from training.pipeline import STAGES
+    from training.presets import PRESETS
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="quick", help=f"one of: {', '.join(PRESETS)} (default quick)")
+    ap.add_argument("--data-root", type=Path, default=None,
+                    help="data folder (default: $LAB_DATA_ROOT, else ../shared/data, else ./data)")
+    ap.add_argument("--download", action="store_true", help="let torchvision download missing data")
+    ap.add_argument("--runs-dir", type=Path, default=Path(os.environ.get("LAB_RUNS_DIR", REPO / "runs")))
+    ap.add_argument("--run-dir", type=Path, default=None,
+                    help="continue or reuse this run folder instead of making a new one")
+    ap.add_argument("--fresh", action="store_true", help="never resume an unfinished run")
+    ap.add_argument("--only", default="", help=f"comma-separated stages to run ({', '.join(STAGES)})")
+    ap.add_argument("--skip", default="", help="comma-separated stages to skip")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = ap.add_argument_group("overrides of the preset")
+    g.add_argument("--dataset")
+    g.add_argument("--model")
+    g.add_argument("--model-kwargs", type=json.loads, default=None, help='JSON, e.g. \'{"n_layers": 3}\'')
+    g.add_argument("--optimizer", help=f"one of: {', '.join(OPTIMIZERS)}")
+    g.add_argument("--epochs", type=float)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--precision", choices=("auto", "bf16", "fp32"))
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    g.add_argument("--train-limit", type=int, help="use only this many training images")
+    g.add_argument("--store-name", help="BentoML model name to publish under")
+    return ap.parse_args(argv)
+
+
+def resolve_preset(args):
+    from models import list_models
+    from models.registry import UnknownModelError
+    from training.data import DATASETS, DataError
+    from training.optim import OPTIMIZERS, ConfigError
+    from training.presets import get_preset
+
+    p = get_preset(args.preset)
+    if args.dataset and args.dataset not in DATASETS:
+        raise DataError(f"unknown dataset {args.dataset!r}; valid datasets: {', '.join(DATASETS)}")
+    if args.model and args.model not in list_models():
+        raise UnknownModelError(f"unknown model {args.model!r}; valid models: {', '.join(list_models())}")
+    if args.optimizer and args.optimizer.lower() not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {args.optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
+    train_over = {k: v for k, v in dict(optimizer=args.optimizer, epochs=args.epochs,
+                                        batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                        precision=args.precision, compile=args.compile,
+                                        threads=args.threads).items() if v is not None}
+    over = {}
+    if args.dataset:
+        over["dataset"] = args.dataset
+    if args.model:
+        over["model"] = args.model
+        over["model_kwargs"] = {}
+    if args.model_kwargs is not None:
+        over["model_kwargs"] = args.model_kwargs
+    if args.train_limit is not None:
+        over["train_limit"] = args.train_limit
+    if args.store_name:
+        over["store_name"] = args.store_name
+    return replace(p, train=replace(p.train, **train_over), **over)
+
+
+def choose_run_dir(args, preset) -> Path:
+    if args.run_dir:
+        args.run_dir.mkdir(parents=True, exist_ok=True)
+        return args.run_dir
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
+    if not args.fresh:  # an unfinished run of the same preset and recipe continues
+        for d in sorted(args.runs_dir.glob(f"*-{preset.name}"), reverse=True):
+            cfg = d / "config.json"
+            if cfg.exists() and not (d / "DONE").exists():
+                if json.loads(cfg.read_text()).get("preset") == _preset_dict(preset):
+                    return d
+            break  # only the latest run is a candidate
+    d = args.runs_dir / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{preset.name}"
+    d.mkdir(parents=True, exist_ok=False)
+    return d
+
+
+def _preset_dict(preset) -> dict:
+    from dataclasses import asdict
+
+    return json.loads(json.dumps(asdict(preset), default=str))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from training import pipeline as P
+    from training.store import StoreBusyError, clean_staging, store_lock
+
+    preset = resolve_preset(args)
+    stages = [s.strip() for s in args.only.split(",") if s.strip()] or list(P.STAGES)
+    skip = [s.strip() for s in args.skip.split(",") if s.strip()]
+    for s in stages + skip:
+        if s not in P.STAGES:
+            raise ValueError(f"unknown stage {s!r}; valid stages: {', '.join(P.STAGES)}")
+    stages = [s for s in stages if s not in skip]
+    from training.data import default_data_root
+
+    data_root = args.data_root or default_data_root()
+    run_dir = choose_run_dir(args, preset)
+    run = P.Run(dir=run_dir, preset=preset, data_root=data_root, download=args.download,
+                progress=not args.no_progress and sys.stderr.isatty())
+    done = run.stages_done()
+    resuming = bool(done) or (run_dir / "checkpoint.pt").exists()
+    if not (run_dir / "config.json").exists():
+        run.write_json("config.json", {"preset": _preset_dict(preset), "argv": sys.argv[1:]})
+    run.log(f"== run_all.py --preset {preset.name}: {preset.description}")
+    run.log(f"run folder: {run_dir}" + (f" (resuming; done: {', '.join(done) or 'none'})" if resuming else ""))
+
+    lock = store_lock() if "publish" in stages else None
+    t0 = time.perf_counter()
+    try:
+        if lock:
+            lock.__enter__()
+            clean_staging()
+        funcs = {"train": P.stage_train, "evaluate": P.stage_evaluate,
+                 "export": P.stage_export, "publish": P.stage_publish}
+        for stage in stages:
+            if stage in done and not args.only:
+                run.log(f"-- {stage}: already done in this run folder")
+                continue
+            run.log(f"-- {stage}")
+            ts = time.perf_counter()
+            funcs[stage](run)
+            run.mark_done(stage)
+            run.log(f"-- {stage} done in {time.perf_counter() - ts:.1f} s")
+    finally:
+        if lock:
+            lock.__exit__(None, None, None)
+    from training.report import write_summary
+
+    summary = write_summary(run)
+    if set(P.STAGES) <= set(run.stages_done()):
+        (run_dir / "DONE").write_text(datetime.now().isoformat())
+    run.log(f"== finished in {time.perf_counter() - t0:.1f} s; summary: {summary}")
+    run.log(f"run folder: {run_dir}")
+    return 0
+
+
+def cli(argv=None) -> int:
+    """main() with every expected failure turned into one clear line and exit status 2."""
+    from models.registry import UnknownModelError
+    from serving.card import IntegrityError
+    from training.data import DataError
+    from training.engine import CheckpointError
+    from training.export import ExportError
+    from training.optim import ConfigError
+    from training.store import StoreBusyError
+
+    expected = (DataError, UnknownModelError, ConfigError, CheckpointError, StoreBusyError,
+                ExportError, IntegrityError, ValueError, TypeError)
+    try:
+        return main(argv)
+    except expected as e:
+        if os.environ.get("LAB_DEBUG"):
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to continue from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
