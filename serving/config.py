@@ -4,6 +4,7 @@
   LAB_THREADS          intra-op threads per worker for onnxruntime and torch (default: cores / workers)
   LAB_MAX_BATCH_SIZE   adaptive batching: largest batch (default 64; 1 turns batching off)
   LAB_MAX_LATENCY_MS   adaptive batching: longest a request may wait in the queue (default 5000)
+  LAB_BATCH_WAIT_MS    adaptive batching: most a free model waits for more requests (default 0)
   LAB_MAX_INFLIGHT     requests in flight per worker before answering 503 + Retry-After (default 512)
   LAB_TIMEOUT          seconds before a request is answered 504 (default 60)
   LAB_MAX_BODY_BYTES   largest request body (default 10 MiB)
@@ -47,6 +48,7 @@ class Settings:
     threads: int = 1
     max_batch_size: int = 64
     max_latency_ms: int = 5000
+    batch_wait_ms: int = 0
     max_inflight: int = 512
     timeout: int = 60
     max_body_bytes: int = 10 * 1024 * 1024
@@ -68,6 +70,7 @@ class Settings:
             threads=_int("LAB_THREADS", max(1, default_threads() // workers)),
             max_batch_size=_int("LAB_MAX_BATCH_SIZE", 64),
             max_latency_ms=_int("LAB_MAX_LATENCY_MS", 5000),
+            batch_wait_ms=_int("LAB_BATCH_WAIT_MS", 0, minimum=0),
             max_inflight=_int("LAB_MAX_INFLIGHT", 512),
             timeout=_int("LAB_TIMEOUT", 60),
             max_body_bytes=_int("LAB_MAX_BODY_BYTES", 10 * 1024 * 1024),

@@ -15,12 +15,17 @@ from starlette.applications import Starlette  # noqa: E402
 from starlette.responses import JSONResponse  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
+from serving import batching  # noqa: E402
 from serving import catalog as C  # noqa: E402
 from serving.config import Settings  # noqa: E402
 from serving.http_io import BatchInput, BatchResult, SingleImageInput, SingleResult  # noqa: E402
 from serving.middleware import OverloadMiddleware  # noqa: E402
 
 SETTINGS = Settings.from_env()
+batching.install(SETTINGS.batch_wait_ms)
+# LAB_MAX_BATCH_SIZE=1 turns adaptive batching off (BentoML's batchable APIs need a batch size > 1)
+BATCHING = dict(batchable=SETTINGS.max_batch_size > 1, max_batch_size=max(2, SETTINGS.max_batch_size),
+                max_latency_ms=SETTINGS.max_latency_ms)
 
 
 async def _list_models(request):
@@ -47,15 +52,13 @@ class ImageClassifier:
         self.catalog = C.Catalog.from_store(SETTINGS)
         C.CURRENT = self.catalog
 
-    @bentoml.api(route="/classify", input_spec=SingleImageInput, output_spec=SingleResult, batchable=True,
-                 max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
+    @bentoml.api(route="/classify", input_spec=SingleImageInput, output_spec=SingleResult, **BATCHING)
     def classify(self, items: list) -> list:
         """Classify one image: the raw body (Content-Type image/*) or a multipart file field 'image'.
         Query parameters: backend, model, top_k."""
         return self.catalog.infer(items)
 
-    @bentoml.api(route="/classify_batch", input_spec=BatchInput, output_spec=BatchResult, batchable=True,
-                 max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
+    @bentoml.api(route="/classify_batch", input_spec=BatchInput, output_spec=BatchResult, **BATCHING)
     def classify_batch(self, items: list) -> list:
         """Classify several images: multipart file fields 'images'. Query parameters as /classify."""
         return self.catalog.infer(items)

@@ -14,7 +14,7 @@ from tests.fakedata import write_cifar_pickles
 def _assert_clean_error(proc, *needles):
     assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
+    last = [l for l in proc.stderr.strip().splitlines() if l.startswith("error: ")][-1]
     assert last.startswith("error: "), proc.stderr
     for n in needles:
         assert n in last, last

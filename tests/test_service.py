@@ -18,7 +18,7 @@ from serving.preprocess import Preprocessing, preprocess_bytes
 from tests.conftest import SHARED_DATA, has_real_cifar, run_all
 from tests.fakedata import write_cifar_pickles
 from tests.images import awkward_valid, broken, decompression_bomb, encode, gradient
-from tests.server import REPO, Server
+from bench.server import REPO, Server
 
 MAX_BODY = 3_000_000
 

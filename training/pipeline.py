@@ -24,7 +24,8 @@ from models.tta import passes
 from serving.card import CARD_SCHEMA
 from serving.preprocess import Preprocessing
 from training import data as D
-from training.engine import CheckpointError, TrainConfig, train
+from training.engine import CheckpointError, train
+from training.optim import ConfigError
 from training.presets import Preset
 
 STAGES = ("train", "evaluate", "export", "publish")
@@ -129,7 +130,10 @@ def stage_train(run: Run) -> None:
                          f"{p.dataset} has {len(train_set.classes)}")
     kwargs = dict(p.model_kwargs, num_classes=len(train_set.classes), in_channels=train_set.channels)
     kwargs.setdefault("image_size", train_set.size[0])
-    net = create_model(p.model, **kwargs)
+    try:
+        net = create_model(p.model, **kwargs)
+    except TypeError as e:  # an argument the architecture does not take
+        raise ConfigError(str(e)) from None
     run.log(f"data: {p.dataset} from {run.data_root}: {len(train_set)} train, "
             f"{len(val_set) if val_set else 0} validation, {len(test)} test images, "
             f"{len(train_set.classes)} classes")
@@ -209,7 +213,46 @@ def stage_export(run: Run) -> None:
     served = classification_metrics(test.labels.numpy(), logits.argmax(1), test.classes)
     served["seconds"] = round(time.perf_counter() - t0, 2)
     run.log(f"test accuracy as served (model.sim.onnx, onnxruntime): {100 * served['accuracy']:.2f}%")
-    run.write_json("export/parity.json", {"parity": result["parity"], "served": served})
+    record = {"parity": result["parity"], "served": served}
+    if run.preset.calibration_images:
+        record["int8"] = _export_int8(run, out_dir, spec, test, batch, logits)
+    run.write_json("export/parity.json", record)
+
+
+def _export_int8(run: Run, out_dir: Path, spec: Preprocessing, test: D.ArrayDataset, parity_batch: np.ndarray,
+                 fp32_logits: np.ndarray) -> dict:
+    """INT8 model calibrated on training images; published if it loses at most the preset's int8_max_drop."""
+    from serving.backends import OnnxBackend
+    from training.evaluate import classification_metrics, predict_backend
+    from training.quantize import quantize_int8
+
+    train_set, _, _ = load_splits(run)
+    calib = D.to_float(D.shuffled(train_set, 99).images[:run.preset.calibration_images], spec).numpy()
+    t0 = time.perf_counter()
+    path = quantize_int8(out_dir / "model.sim.onnx", calib, out_dir / "model.int8.onnx")
+    seconds = time.perf_counter() - t0
+    int8 = OnnxBackend(path)
+    logits = predict_backend(int8, test, spec)
+    m = classification_metrics(test.labels.numpy(), logits.argmax(1), test.classes)
+    fp32_acc = float((fp32_logits.argmax(1) == test.labels.numpy()).mean())
+    ref = OnnxBackend(out_dir / "model.sim.onnx").predict(parity_batch)
+    got = int8.predict(parity_batch)
+    drop = fp32_acc - m["accuracy"]
+    rec = {"accuracy": m["accuracy"], "fp32_accuracy": fp32_acc, "drop": drop,
+           "per_class_accuracy": m["per_class_accuracy"], "macro_f1": m["macro_f1"],
+           "top1_disagreements_vs_fp32": int((logits.argmax(1) != fp32_logits.argmax(1)).sum()),
+           "test_images": m["images"], "calibration_images": len(calib), "calibration": "training images, MinMax",
+           "parity_batch": {"max_abs_diff": float(np.abs(got - ref).max()),
+                            "top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
+                            "images": len(parity_batch)},
+           "quantize_seconds": round(seconds, 1), "bytes": path.stat().st_size,
+           "accepted": drop <= run.preset.int8_max_drop}
+    run.log(f"INT8 (static, per-channel, {len(calib)} training images): test accuracy "
+            f"{100 * m['accuracy']:.2f}% vs {100 * fp32_acc:.2f}% fp32 ({100 * drop:+.2f} points lost), "
+            f"{rec['top1_disagreements_vs_fp32']} top-1 changes"
+            + ("" if rec["accepted"] else
+               f"; NOT published: more than {100 * run.preset.int8_max_drop:.1f} points lost"))
+    return rec
 
 
 def stage_publish(run: Run) -> str:
@@ -220,6 +263,8 @@ def stage_publish(run: Run) -> str:
     metrics = run.read_json("metrics.json") if run.path("metrics.json").exists() else {}
     card = make_card(run, meta, exported, metrics)
     files = {name: run.path(f"export/{name}") for name in ("model.pth", "model.onnx", "model.sim.onnx")}
+    if exported.get("int8", {}).get("accepted"):
+        files["model.int8.onnx"] = run.path("export/model.int8.onnx")
     tag = publish(run.preset.model_name_in_store, files, card,
                   labels={"preset": run.preset.name, "dataset": meta["dataset"]["name"],
                           "architecture": meta["architecture"]["name"]})
@@ -291,7 +336,9 @@ def make_card(run: Run, meta: dict, exported: dict, metrics: dict) -> dict:
         "flops_per_image": flops,
         "flops_per_image_with_tta": flops * passes(meta["tta_level"]),
         "parity": exported["parity"],
-        "backends": {"torch": "model.pth", "onnx": "model.sim.onnx"},
+        "int8": exported.get("int8"),
+        "backends": {"torch": "model.pth", "onnx": "model.sim.onnx",
+                     **({"onnx_int8": "model.int8.onnx"} if exported.get("int8", {}).get("accepted") else {})},
         "versions": versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run_dir": str(run.dir),

@@ -186,13 +186,15 @@ def cli(argv=None) -> int:
     from training.store import StoreBusyError
 
     expected = (DataError, UnknownModelError, ConfigError, CheckpointError, StoreBusyError,
-                ExportError, IntegrityError, ValueError, TypeError)
+                ExportError, IntegrityError, ValueError)
     try:
         return main(argv)
     except expected as e:
         if os.environ.get("LAB_DEBUG"):
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
+        if not os.environ.get("LAB_DEBUG"):
+            print("(LAB_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to continue from the last checkpoint", file=sys.stderr)

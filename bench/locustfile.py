@@ -1,0 +1,124 @@
+"""Locust load test of the service: simulated users send real test images and check every answer.
+
+    locust -f bench/locustfile.py --host http://127.0.0.1:3000                      # web UI on :8089
+    locust -f bench/locustfile.py --host http://127.0.0.1:3000 --headless -u 16 -r 8 -t 30s \
+        --backends onnx,torch --csv reports/locust
+    # distributed: one master, N workers (on this or other machines)
+    locust -f bench/locustfile.py --master --expect-workers 2 --headless -u 32 -r 16 -t 30s --host ...
+    locust -f bench/locustfile.py --worker --master-host 127.0.0.1
+
+Each request is named "classify[<backend>]" in Locust's statistics. An answer counts as a failure
+unless it is a 200 whose top-1 label can be read; whether that label is the image's true label is
+tallied separately (accuracy under load), per backend, and written to --accuracy-out at the end
+(workers report their tallies to the master).
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+import threading
+from pathlib import Path
+
+from locust import events, task
+from locust.contrib.fasthttp import FastHttpUser
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.samples import cifar_test_samples  # noqa: E402
+
+_lock = threading.Lock()
+TALLY: dict[str, dict[str, int]] = {}   # backend -> {"checked": n, "correct": n}
+SAMPLES: list = []
+
+
+@events.init_command_line_parser.add_listener
+def _args(parser):
+    parser.add_argument("--backends", default="onnx", help="comma-separated backends to spread users over")
+    parser.add_argument("--images", type=int, default=500, help="test images sampled from the data root")
+    parser.add_argument("--data-root", default="", help="data root (default: $LAB_DATA_ROOT or ../shared/data)")
+    parser.add_argument("--accuracy-out", default="", help="write per-backend accuracy JSON here at the end")
+    parser.add_argument("--model", default="", help="model name or name:version (default: the service's)")
+
+
+@events.init.add_listener
+def _load_samples(environment, **_):
+    opts = environment.parsed_options
+    if opts is None:
+        return
+    SAMPLES[:] = cifar_test_samples(opts.images, Path(opts.data_root) if opts.data_root else None)
+
+
+def _count(backend: str, correct: bool) -> None:
+    with _lock:
+        t = TALLY.setdefault(backend, {"checked": 0, "correct": 0})
+        t["checked"] += 1
+        t["correct"] += int(correct)
+
+
+@events.report_to_master.add_listener
+def _to_master(client_id, data):
+    with _lock:
+        data["accuracy_tally"] = {b: dict(t) for b, t in TALLY.items()}
+        TALLY.clear()
+
+
+@events.worker_report.add_listener
+def _from_worker(client_id, data):
+    with _lock:
+        for b, t in data.get("accuracy_tally", {}).items():
+            mine = TALLY.setdefault(b, {"checked": 0, "correct": 0})
+            mine["checked"] += t["checked"]
+            mine["correct"] += t["correct"]
+
+
+@events.quitting.add_listener
+def _write_accuracy(environment, **_):
+    opts = environment.parsed_options
+    if opts is None or not opts.accuracy_out or getattr(environment, "runner", None) is None:
+        return
+    from locust.runners import WorkerRunner
+
+    if isinstance(environment.runner, WorkerRunner):
+        return  # the master writes the totals
+    with _lock:
+        out = {b: dict(t, accuracy=t["correct"] / t["checked"] if t["checked"] else None)
+               for b, t in TALLY.items()}
+    Path(opts.accuracy_out).write_text(json.dumps(out, indent=1))
+
+
+class ClassifyUser(FastHttpUser):
+    """Sends one image at a time, back to back (no think time): a closed-loop client."""
+
+    connection_timeout = 10.0
+    network_timeout = 60.0
+
+    def on_start(self):
+        opts = self.environment.parsed_options
+        backends = [b.strip() for b in (opts.backends if opts else "onnx").split(",") if b.strip()]
+        self.backend = backends[self._user_index() % len(backends)]
+        self.model = opts.model if opts else ""
+        self.rng = random.Random()
+
+    def _user_index(self) -> int:
+        # spread users evenly over the backends, whatever order they are spawned in
+        ClassifyUser._spawned = getattr(ClassifyUser, "_spawned", -1) + 1
+        return ClassifyUser._spawned
+
+    @task
+    def classify(self):
+        sample = self.rng.choice(SAMPLES)
+        params = f"?backend={self.backend}" + (f"&model={self.model}" if self.model else "")
+        with self.client.post(f"/classify{params}", data=sample.body, name=f"classify[{self.backend}]",
+                              headers={"Content-Type": sample.content_type}, catch_response=True) as r:
+            if r.status_code != 200:
+                r.failure(f"HTTP {r.status_code}: {(r.text or '')[:200]}")
+                return
+            try:
+                label = r.json()["predictions"][0]["label"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                r.failure("200 without a readable prediction")
+                return
+            r.success()
+            if sample.label is not None:
+                _count(self.backend, label == sample.label)
