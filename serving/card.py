@@ -39,18 +39,30 @@ def read_card(model_dir: Path | str) -> dict:
     return card
 
 
-def verify_files(model_dir: Path | str, card: dict, only: list[str] | None = None) -> None:
-    """Every file the card lists (or those in `only`) exists inside model_dir with the card's sha256."""
+def inside(model_dir: Path | str, name: str) -> Path:
+    """model_dir/name, refusing names that lead outside the folder (../.., absolute paths)."""
     root = Path(model_dir).resolve()
-    for name, rec in card.get("files", {}).items():
-        if only is not None and name not in only:
-            continue
-        path = (root / name).resolve()
-        if root not in path.parents:  # a card naming ../../etc/passwd
-            raise IntegrityError(f"card names a file outside the model folder: {name!r}")
+    path = (root / name).resolve()
+    if root not in path.parents:
+        raise IntegrityError(f"the card names a file outside the model folder: {name!r}")
+    return path
+
+
+def verify_files(model_dir: Path | str, card: dict, only: list[str] | None = None) -> None:
+    """Every file the card lists (or those in `only`, which the card must list) exists inside
+    model_dir with the card's sha256."""
+    files = card.get("files") or {}
+    names = list(files) if only is None else only
+    if not names:
+        raise IntegrityError("the card lists no files to check")
+    for name in names:
+        rec = files.get(name)
+        if not isinstance(rec, dict) or "sha256" not in rec:
+            raise IntegrityError(f"the card has no sha256 for {name!r}")
+        path = inside(model_dir, name)
         if not path.is_file():
-            raise IntegrityError(f"{name} is missing from {root}")
+            raise IntegrityError(f"{name} is missing from the model folder")
         digest = sha256_file(path)
         if digest != rec["sha256"]:
-            raise IntegrityError(f"{name} in {root} has sha256 {digest[:12]}..., "
-                                 f"the card says {rec['sha256'][:12]}...: refusing it")
+            raise IntegrityError(f"{name} has sha256 {digest[:12]}..., the card says {rec['sha256'][:12]}...: "
+                                 f"refusing it")

@@ -10,8 +10,8 @@ POST /classify_batch  multipart/form-data with one or more files in the field "i
 Options, as query parameters (or multipart text fields): backend (onnx | onnx_int8 | torch |
 torch_bf16), model (name, or name:version), version, top_k.
 
-A request that fails parsing still becomes an item (carrying its error), so that it flows through the
-same batchable API and its error leaves with its own status code.
+Parsing happens in serving.middleware.FrontDoor, before BentoML: a request that fails is answered
+there and never waits in the batching queue; one that succeeds reaches the batchable API as items.
 """
 from __future__ import annotations
 
@@ -27,35 +27,47 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from serving import catalog as C
-from serving.preprocess import ImageError, preprocess_bytes
+from serving.preprocess import ImageError, pixel_count, preprocess_bytes
 
-INLINE_DECODE_BYTES = 64 * 1024  # smaller images are decoded on the event loop (cheaper than a thread hop)
+INLINE_DECODE_PIXELS = 256 * 256  # smaller images decode on the event loop (cheaper than a thread hop)
 RAW_TYPES = ("image/", "application/octet-stream")
+ROUTES = {"/classify": "single", "/classify_batch": "batch"}
+SCOPE_KEY = "lab.items"
+
+_decode_slots: anyio.CapacityLimiter | None = None
+
+
+def _decode_limiter() -> anyio.CapacityLimiter:
+    """At most one big decode per core at a time: bounds the memory that large images can take."""
+    global _decode_slots
+    if _decode_slots is None:
+        from serving.backends import default_threads
+
+        _decode_slots = anyio.CapacityLimiter(default_threads())
+    return _decode_slots
 
 
 @dataclass
 class Item:
-    x: np.ndarray | None = None     # float32 (C, H, W)
-    model: str = ""                 # tag
+    x: np.ndarray | None = None          # float32 (C, H, W)
+    model: C.ServedModel | None = None
     backend: str = ""
     top_k: int = 3
     filename: str | None = None
     error: tuple[int, str] | None = None
     preprocess_ms: float = 0.0
-
-
-def _error(status: int, message: str) -> Item:
-    return Item(error=(status, message))
+    ready_at: float = 0.0                # perf_counter() when it joined the batching queue
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
-            if int(declared) > limit:
-                raise C.RequestError(413, f"request body is {int(declared)} bytes; the limit is {limit}")
+            size = int(declared)
         except ValueError:
             raise C.RequestError(400, "malformed Content-Length header") from None
+        if size > limit:
+            raise C.RequestError(413, f"request body is {size} bytes; the limit is {limit}")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -68,7 +80,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def _options(request: Request, form=None) -> dict[str, str]:
-    opts = {k: v for k, v in request.query_params.items()}
+    opts = dict(request.query_params.items())
     if form is not None:
         for k in ("backend", "model", "version", "top_k"):
             v = form.get(k)
@@ -77,11 +89,11 @@ def _options(request: Request, form=None) -> dict[str, str]:
     return opts
 
 
-def _resolve(opts: dict[str, str]) -> tuple[C.ServedModel, str, int]:
-    cat = C.CURRENT
-    if cat is None:
-        raise C.RequestError(503, "the service is still starting")
-    model = cat.resolve(opts.get("model") or None, opts.get("version") or None)
+async def _resolve(cat: C.Catalog, opts: dict[str, str]) -> tuple[C.ServedModel, str, int]:
+    name, version = opts.get("model") or None, opts.get("version") or None
+    model = cat.loaded(name, version)
+    if model is None:  # an older version, loaded once off the event loop
+        model = await anyio.to_thread.run_sync(cat.load_version, name, version)
     backend = opts.get("backend") or "onnx"
     cat.backend(model, backend)  # raises for unknown or refused backends
     try:
@@ -93,24 +105,25 @@ def _resolve(opts: dict[str, str]) -> tuple[C.ServedModel, str, int]:
     return model, backend, top_k
 
 
-async def _preprocess(data: bytes, model: C.ServedModel, filename: str | None) -> tuple[np.ndarray, float]:
-    settings = C.CURRENT.settings
+async def _preprocess(data: bytes, model: C.ServedModel, where: str | None, max_pixels: int
+                      ) -> tuple[np.ndarray, float]:
     t0 = time.perf_counter()
     try:
-        if len(data) <= INLINE_DECODE_BYTES:
-            x = preprocess_bytes(data, model.spec, settings.max_pixels)
-        else:  # big images decode off the event loop
-            x = await anyio.to_thread.run_sync(preprocess_bytes, data, model.spec, settings.max_pixels)
+        pixels = pixel_count(data)
+        if pixels is None or pixels <= INLINE_DECODE_PIXELS:  # small, or no header: fails fast
+            x = preprocess_bytes(data, model.spec, max_pixels)
+        else:
+            x = await anyio.to_thread.run_sync(preprocess_bytes, data, model.spec, max_pixels,
+                                               limiter=_decode_limiter())
     except ImageError as e:
-        where = f"{filename}: " if filename else ""
-        raise C.RequestError(e.status, f"{where}{e}") from None
+        raise C.RequestError(e.status, f"{where}: {e}" if where else str(e)) from None
     return x, (time.perf_counter() - t0) * 1000
 
 
 async def _form(request: Request, max_files: int):
     try:
         return await request.form(max_files=max_files, max_fields=16, max_part_size=64 * 1024)
-    except Exception as e:  # starlette/python-multipart parse errors
+    except Exception as e:  # starlette / python-multipart parse errors
         raise C.RequestError(400, f"malformed multipart body: {e}") from None
 
 
@@ -120,72 +133,67 @@ def _safe_name(upload: UploadFile, i: int) -> str:
     return "".join(c for c in name if c.isprintable())[:120] or f"image{i}"
 
 
-async def parse_single(request: Request) -> list[Item]:
-    settings = C.CURRENT.settings if C.CURRENT else None
-    if settings is None:
-        return [_error(503, "the service is still starting")]
-    try:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        body = await _read_body(request, settings.max_body_bytes)
-        if ctype == "multipart/form-data":
-            form = await _form(request, max_files=1)
-            files = [v for v in form.getlist("image") if isinstance(v, UploadFile)]
-            if len(files) != 1:
-                raise C.RequestError(400, "multipart request needs exactly one file in the field 'image'")
-            model, backend, top_k = _resolve(_options(request, form))
-            data, filename = await files[0].read(), _safe_name(files[0], 0)
-        elif ctype.startswith(RAW_TYPES) or ctype == "":
-            model, backend, top_k = _resolve(_options(request))
-            data, filename = body, None
-        else:
-            raise C.RequestError(415, f"unsupported Content-Type {ctype!r}: send the image bytes with an "
-                                      f"image/* type, or multipart/form-data with a file field 'image'")
-        x, ms = await _preprocess(data, model, filename)
-        return [Item(x=x, model=model.tag, backend=backend, top_k=top_k, filename=filename, preprocess_ms=ms)]
-    except C.RequestError as e:
-        return [_error(e.status, e.message)]
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def parse_batch(request: Request) -> list[Item]:
-    settings = C.CURRENT.settings if C.CURRENT else None
-    if settings is None:
-        return [_error(503, "the service is still starting")]
-    try:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != "multipart/form-data":
-            raise C.RequestError(415, "a batch is multipart/form-data with one or more files in the field 'images'")
-        await _read_body(request, settings.max_body_bytes)
-        form = await _form(request, max_files=settings.max_batch_images + 1)
-        files = [v for v in form.getlist("images") if isinstance(v, UploadFile)]
-        if not files:
-            raise C.RequestError(400, "the batch holds no files in the field 'images'")
-        if len(files) > settings.max_batch_images:
-            raise C.RequestError(413, f"the batch holds {len(files)} images; the limit is {settings.max_batch_images}")
-        model, backend, top_k = _resolve(_options(request, form))
-        items = []
-        for i, f in enumerate(files):
-            name = _safe_name(f, i)
-            x, ms = await _preprocess(await f.read(), model, f"image {i} ({name})")
-            items.append(Item(x=x, model=model.tag, backend=backend, top_k=top_k, filename=name,
-                              preprocess_ms=ms))
+async def parse(request: Request, kind: str) -> list[Item]:
+    """A request -> items ready for inference. Raises RequestError naming what is wrong."""
+    cat = C.CURRENT
+    if cat is None:
+        raise C.RequestError(503, "the service is still starting")
+    s = cat.settings
+    ctype = _content_type(request)
+    if kind == "batch" and ctype != "multipart/form-data":
+        raise C.RequestError(415, "a batch is multipart/form-data with one or more files in the field 'images'")
+    if kind == "single" and ctype != "multipart/form-data" and not (ctype.startswith(RAW_TYPES) or ctype == ""):
+        raise C.RequestError(415, f"unsupported Content-Type {ctype!r}: send the image bytes with an image/* "
+                                  f"type, or multipart/form-data with a file field 'image'")
+    body = await _read_body(request, s.max_body_bytes)
+    if ctype != "multipart/form-data":  # one raw image
+        model, backend, top_k = await _resolve(cat, _options(request))
+        x, ms = await _preprocess(body, model, None, s.max_pixels)
+        return [Item(x=x, model=model, backend=backend, top_k=top_k, preprocess_ms=ms,
+                     ready_at=time.perf_counter())]
+    field = "image" if kind == "single" else "images"
+    limit = 1 if kind == "single" else s.max_batch_images
+    form = await _form(request, max_files=4 * limit + 4)
+    files = [v for v in form.getlist(field) if isinstance(v, UploadFile)]
+    if not files or (kind == "single" and len(files) != 1):
+        raise C.RequestError(400, f"the request needs {'exactly one file' if kind == 'single' else 'files'} "
+                                  f"in the multipart field {field!r}")
+    if len(files) > limit:
+        raise C.RequestError(413, f"the batch holds {len(files)} images; the limit is {limit}")
+    model, backend, top_k = await _resolve(cat, _options(request, form))
+    items = []
+    for i, f in enumerate(files):
+        name = _safe_name(f, i)
+        where = f"image {i} ({name})" if kind == "batch" else None
+        x, ms = await _preprocess(await f.read(), model, where, s.max_pixels)
+        items.append(Item(x=x, model=model, backend=backend, top_k=top_k, filename=name, preprocess_ms=ms,
+                          ready_at=time.perf_counter()))
+    return items
+
+
+async def items_for(request: Request, kind: str) -> list[Item]:
+    """The items FrontDoor parsed for this request (or, without it, parsed here; errors as items)."""
+    items = request.scope.get(SCOPE_KEY)
+    if items is not None:
         return items
+    try:
+        return await parse(request, kind)
     except C.RequestError as e:
-        return [_error(e.status, e.message)]
+        return [Item(error=(e.status, e.message))]
+
+
+def error_response(status: int, message: str) -> Response:
+    resp = JSONResponse({"error": message}, status_code=status)
+    if status == 503:
+        resp.headers["Retry-After"] = "1"
+    return resp
 
 
 # ---------------------------------------------------------------- BentoML input/output specs
-
-
-class _Items(bentoml.IODescriptor):
-    items: t.List[t.Any]
-
-    @classmethod
-    def mime_type(cls) -> str:
-        return "multipart/form-data"
-
-    @classmethod
-    def model_json_schema(cls, *args, **kwargs) -> dict:
-        return {"type": "object", "title": cls.__name__, "properties": cls._form_schema()}
 
 
 _OPTION_SCHEMA = {
@@ -195,41 +203,43 @@ _OPTION_SCHEMA = {
 }
 
 
-class SingleImageInput(_Items):
-    @classmethod
-    def _form_schema(cls) -> dict:
-        return {"image": {"type": "string", "format": "binary",
-                          "description": "the image file (or send the raw bytes as the body, "
-                                         "Content-Type image/*)"}, **_OPTION_SCHEMA}
+class _Items(bentoml.IODescriptor):
+    items: t.List[t.Any]
+    form_schema: t.ClassVar[dict] = {}
+    kind: t.ClassVar[str] = ""
 
     @classmethod
-    async def from_http_request(cls, request: Request, serde) -> "SingleImageInput":
-        return cls.model_construct(items=await parse_single(request))
+    def mime_type(cls) -> str:
+        return "multipart/form-data"
+
+    @classmethod
+    def model_json_schema(cls, *args, **kwargs) -> dict:
+        return {"type": "object", "title": cls.__name__, "properties": {**cls.form_schema, **_OPTION_SCHEMA}}
+
+    @classmethod
+    async def from_http_request(cls, request: Request, serde) -> "_Items":
+        return cls.model_construct(items=await items_for(request, cls.kind))
+
+
+class SingleImageInput(_Items):
+    kind: t.ClassVar[str] = "single"
+    form_schema: t.ClassVar[dict] = {"image": {
+        "type": "string", "format": "binary",
+        "description": "the image file (or send the raw bytes as the body, Content-Type image/*)"}}
 
 
 class BatchInput(_Items):
-    @classmethod
-    def _form_schema(cls) -> dict:
-        return {"images": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                **_OPTION_SCHEMA}
-
-    @classmethod
-    async def from_http_request(cls, request: Request, serde) -> "BatchInput":
-        return cls.model_construct(items=await parse_batch(request))
-
-
-def _json(body: dict, status: int) -> Response:
-    resp = JSONResponse(body, status_code=status)
-    if status == 503:
-        resp.headers["Retry-After"] = "1"
-    return resp
+    kind: t.ClassVar[str] = "batch"
+    form_schema: t.ClassVar[dict] = {"images": {"type": "array", "items": {"type": "string", "format": "binary"}}}
 
 
 class SingleResult(bentoml.IODescriptor):
     @classmethod
     async def to_http_response(cls, obj, serde) -> Response:
         result = obj[0]
-        return _json(result["body"], result["status"])
+        if result["status"] != 200:
+            return error_response(result["status"], result["body"]["error"])
+        return JSONResponse(result["body"])
 
 
 class BatchResult(bentoml.IODescriptor):
@@ -237,10 +247,9 @@ class BatchResult(bentoml.IODescriptor):
     async def to_http_response(cls, obj, serde) -> Response:
         errors = [r for r in obj if r["status"] != 200]
         if errors:
-            return _json(errors[0]["body"], errors[0]["status"])
+            return error_response(errors[0]["status"], errors[0]["body"]["error"])
         first = obj[0]["body"]
-        body = {"model": first["model"], "backend": first["backend"],
-                "inference_ms": max(r["body"]["inference_ms"] for r in obj),
-                "results": [{k: r["body"][k] for k in ("filename", "predictions", "batch_size")} for r in obj]}
-        return _json(body, 200)
-
+        return JSONResponse({
+            "model": first["model"], "backend": first["backend"],
+            "inference_ms": max(r["body"]["inference_ms"] for r in obj),
+            "results": [{k: r["body"][k] for k in ("filename", "predictions", "batch_size")} for r in obj]})

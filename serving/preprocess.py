@@ -21,9 +21,13 @@ RESIZE_RULES = ("shorter_side_center_crop", "stretch")
 _INTERPOLATION = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
                   "nearest": Image.Resampling.NEAREST}
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: a 4000x3000 photo is 12 MP; a 40000x40000 "bomb" is 1600 MP
+# Only these decoders see request bytes (Pillow knows many more, EPS via Ghostscript among them).
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")  # JPEG includes MPO (camera) files
 
-# We enforce our own pixel limit (below) before decoding; Pillow's own check stays as a backstop.
+# We enforce our own pixel limit (below) before decoding; Pillow's own check stays as a backstop,
+# its warning made an error once here (warnings.catch_warnings per call is not thread-safe).
 Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, DEFAULT_MAX_PIXELS)
+warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
 class ImageError(ValueError):
@@ -82,29 +86,36 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     if not data:
         raise ImageError("empty body: expected the bytes of an image file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > max_pixels:  # checked on the header, before any pixel is decoded
-                raise ImageError(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}",
-                                 status=413)
-            if getattr(img, "is_animated", False):
-                img.seek(0)  # first frame of an animated GIF / WebP / APNG
-            img.load()
-            img = ImageOps.exif_transpose(img)
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
+        w, h = img.size
+        if w * h > max_pixels:  # checked on the header, before any pixel is decoded
+            raise ImageError(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}", status=413)
+        if getattr(img, "is_animated", False):
+            img.seek(0)  # first frame of an animated GIF / WebP / APNG
+        img.load()
+        img = ImageOps.exif_transpose(img)
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError("not an image: Pillow recognises no image format in the data",
-                         status=415) from None
+        raise ImageError(f"not an image in a supported format ({', '.join(FORMATS)})", status=415) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"image too large: {e}", status=413) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncated / corrupt files
+    except MemoryError:
+        raise ImageError("image too large to decode", status=413) from None
+    except Exception as e:  # truncated / corrupt files: OSError, SyntaxError, struct.error, ...
         raise ImageError(f"corrupt or truncated image: {e}") from None
     if img.width < 1 or img.height < 1:
         raise ImageError("image has no pixels")
     return img
+
+
+def pixel_count(data: bytes) -> int | None:
+    """Width x height from the header alone (cheap), or None if Pillow cannot read a header."""
+    try:
+        w, h = Image.open(io.BytesIO(data), formats=FORMATS).size
+        return w * h
+    except Exception:
+        return None
 
 
 def _to_8bit_gray(img: Image.Image) -> Image.Image:
@@ -123,11 +134,15 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
     """Any Pillow mode -> RGB (channels=3) or L (channels=1). Transparency is composited on white."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         img = _to_8bit_gray(img)
-    elif img.mode == "P" and "transparency" in img.info:
+    elif img.mode == "La":  # premultiplied alpha: Pillow converts it only to LA
+        img = img.convert("LA")
+    elif img.mode == "RGBa":
         img = img.convert("RGBA")
-    elif img.mode == "PA":
+    elif (img.mode == "P" and "transparency" in img.info) or img.mode == "PA":
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "RGBa", "La"):
+    elif img.mode not in ("1", "L", "LA", "RGB", "RGBA", "P"):  # CMYK, YCbCr, LAB, HSV, ...
+        img = img.convert("RGB")
+    if img.mode in ("RGBA", "LA"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
@@ -166,7 +181,19 @@ def normalize(images: np.ndarray, spec: Preprocessing) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(x, -1, -3))
 
 
+def decode_uint8(data: bytes, spec: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Image file bytes -> uint8 (H, W, C) at the model's size. Raises ImageError, nothing else."""
+    img = open_image(data, max_pixels)
+    try:
+        return to_uint8(img, spec)
+    except MemoryError:
+        raise ImageError("image too large to convert", status=413) from None
+    except Exception as e:  # a mode Pillow cannot convert
+        raise ImageError(f"cannot convert a {img.mode} image to {'RGB' if spec.channels == 3 else 'L'}: {e}",
+                         status=415) from None
+
+
 def preprocess_bytes(data: bytes, spec: Preprocessing,
                      max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Image file bytes -> float32 (C, H, W), ready for either backend."""
-    return normalize(to_uint8(open_image(data, max_pixels), spec), spec)
+    return normalize(decode_uint8(data, spec, max_pixels), spec)

@@ -19,7 +19,7 @@ from serving import batching  # noqa: E402
 from serving import catalog as C  # noqa: E402
 from serving.config import Settings  # noqa: E402
 from serving.http_io import BatchInput, BatchResult, SingleImageInput, SingleResult  # noqa: E402
-from serving.middleware import OverloadMiddleware  # noqa: E402
+from serving.middleware import FrontDoor  # noqa: E402
 
 SETTINGS = Settings.from_env()
 batching.install(SETTINGS.batch_wait_ms)
@@ -64,4 +64,4 @@ class ImageClassifier:
         return self.catalog.infer(items)
 
 
-ImageClassifier.add_asgi_middleware(OverloadMiddleware, max_inflight=SETTINGS.max_inflight)
+ImageClassifier.add_asgi_middleware(FrontDoor, max_inflight=SETTINGS.max_inflight)

@@ -53,3 +53,42 @@ def cifar_root(tmp_path_factory) -> Path:
     from tests.fakedata import write_cifar_pickles
 
     return write_cifar_pickles(tmp_path_factory.mktemp("cifar"))
+
+
+MAX_BODY = 3_000_000  # the test server's body limit
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory) -> dict:
+    """A private model store with the smoke model and a copy whose ONNX file was tampered with."""
+    root = tmp_path_factory.mktemp("service")
+    env = dict(os.environ, BENTOML_HOME=str(root / "bentoml"), LAB_CACHE_DIR=str(root / "cache"),
+               LAB_RUNS_DIR=str(root / "runs"), BENTOML_DO_NOT_TRACK="True", PYTHONUNBUFFERED="1")
+    from tests.fakedata import CIFAR_CLASSES, write_cifar_pickles, write_image_folder
+
+    data = write_cifar_pickles(root / "data")
+    # labelled JPEGs where the benchmarks look for test images, so answers can be checked
+    write_image_folder(root / "data" / "cifar10-jpg", classes=CIFAR_CLASSES, per_class=8, size=(32, 32), fmt="jpg")
+    proc = run_all(["--preset", "smoke", "--data-root", str(data)], env, check=True)
+    run_dir = proc.stdout.strip().splitlines()[-1].split("run folder: ")[1]
+    run_all(["--preset", "smoke", "--data-root", str(data), "--only", "publish", "--run-dir", run_dir,
+             "--store-name", "tampered-model"], env, check=True)
+    tampered = next((root / "bentoml" / "models" / "tampered-model").glob("*/model.sim.onnx"))
+    blob = bytearray(tampered.read_bytes())
+    blob[-100] ^= 0xFF
+    tampered.write_bytes(bytes(blob))
+    good = next((root / "bentoml" / "models" / "cifar10-airbench-smoke").glob("*/card.json")).parent
+    return {"env": env, "root": root, "model_dir": good, "data": data}
+
+
+@pytest.fixture(scope="session")
+def server(store):
+    from bench.server import Server
+
+    s = Server(store["env"], store["root"] / "serve.log",
+               {"LAB_DEFAULT_MODEL": "cifar10-airbench-smoke", "LAB_MAX_BODY_BYTES": str(MAX_BODY),
+                "LAB_MAX_LATENCY_MS": "20000"})
+    yield s
+    s.stop()
+
+

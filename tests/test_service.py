@@ -1,12 +1,9 @@
 """The service, tested as users meet it: a real `bentoml serve` on 127.0.0.1 and real HTTP requests."""
 from __future__ import annotations
 
-import io
-import json
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,40 +12,10 @@ import requests
 from serving.backends import OnnxBackend, softmax
 from serving.card import read_card
 from serving.preprocess import Preprocessing, preprocess_bytes
-from tests.conftest import SHARED_DATA, has_real_cifar, run_all
-from tests.fakedata import write_cifar_pickles
+from tests.conftest import MAX_BODY, SHARED_DATA, has_real_cifar
 from tests.images import awkward_valid, broken, decompression_bomb, encode, gradient
 from bench.server import REPO, Server
 
-MAX_BODY = 3_000_000
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> dict:
-    """A private model store with the smoke model and a copy whose ONNX file was tampered with."""
-    root = tmp_path_factory.mktemp("service")
-    env = dict(os.environ, BENTOML_HOME=str(root / "bentoml"), LAB_CACHE_DIR=str(root / "cache"),
-               LAB_RUNS_DIR=str(root / "runs"), BENTOML_DO_NOT_TRACK="True", PYTHONUNBUFFERED="1")
-    data = write_cifar_pickles(root / "data")
-    proc = run_all(["--preset", "smoke", "--data-root", str(data)], env, check=True)
-    run_dir = proc.stdout.strip().splitlines()[-1].split("run folder: ")[1]
-    run_all(["--preset", "smoke", "--data-root", str(data), "--only", "publish", "--run-dir", run_dir,
-             "--store-name", "tampered-model"], env, check=True)
-    tampered = next((root / "bentoml" / "models" / "tampered-model").glob("*/model.sim.onnx"))
-    blob = bytearray(tampered.read_bytes())
-    blob[-100] ^= 0xFF
-    tampered.write_bytes(bytes(blob))
-    good = next((root / "bentoml" / "models" / "cifar10-airbench-smoke").glob("*/card.json")).parent
-    return {"env": env, "root": root, "model_dir": good}
-
-
-@pytest.fixture(scope="module")
-def server(store):
-    s = Server(store["env"], store["root"] / "serve.log",
-               {"LAB_DEFAULT_MODEL": "cifar10-airbench-smoke", "LAB_MAX_BODY_BYTES": str(MAX_BODY),
-                "LAB_MAX_LATENCY_MS": "20000"})
-    yield s
-    s.stop()
 
 
 def classify(server, data: bytes, ctype: str = "image/jpeg", **params) -> requests.Response:
@@ -256,3 +223,29 @@ def test_onnx_only_deployment_serves_without_torch(store, tmp_path):
         assert t.status_code == 404 and "torch cannot be imported" in t.json()["error"]
     finally:
         s.stop()
+
+
+def test_greedy_batching_caps_the_learned_wait():
+    from bentoml._internal.marshal import dispatcher
+
+    from serving import batching
+
+    stock = dispatcher.Optimizer(max_latency=5.0)
+    batching.install(0)
+    greedy = dispatcher.Optimizer(max_latency=5.0)
+    assert isinstance(greedy, batching.GreedyOptimizer)
+    for opt in (stock, greedy):
+        for _ in range(20):  # batches that each waited 200 ms in the queue, as after a burst
+            opt.log_outbound(n=64, wait=0.2, duration=0.25)
+        opt.trigger_refresh()
+    assert stock.wait > 0.1  # BentoML's own optimizer would now hold even a lone request back
+    assert greedy.wait == 0.0
+
+
+def test_no_queueing_at_low_load_after_a_burst(server):
+    images = [encode(gradient(32, 32).rotate(i * 3.0), "PNG") for i in range(64)]
+    with ThreadPoolExecutor(64) as pool:
+        list(pool.map(lambda b: classify(server, b, "image/png"), images))
+    for b in images[:5]:
+        r = classify(server, b, "image/png")
+        assert r.status_code == 200 and r.json()["queue_ms"] < 50, r.json()

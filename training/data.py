@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from serving.preprocess import Preprocessing, open_image, to_uint8
+from serving.preprocess import ImageError, Preprocessing, decode_uint8
 
 REPO = Path(__file__).resolve().parent.parent
 DATASETS = ("cifar10", "mnist", "fashion_mnist", "imagefolder")
@@ -205,7 +205,10 @@ def image_folder_spec(image_size: int) -> Preprocessing:
 
 def _decode_one(args: tuple[str, Preprocessing]) -> np.ndarray:
     path, spec = args
-    return to_uint8(open_image(Path(path).read_bytes(), max_pixels=200_000_000), spec)
+    try:
+        return decode_uint8(Path(path).read_bytes(), spec)
+    except ImageError as e:
+        raise DataError(f"cannot read {path}: {e}") from None
 
 
 def _decode_all(files: list[Path], spec: Preprocessing, progress: bool, desc: str) -> np.ndarray:
@@ -243,8 +246,8 @@ def _cache_read(cache_dir: Path, name: str, key: str) -> ArrayDataset | None:
         with np.load(path, allow_pickle=False) as z:
             return ArrayDataset(torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]),
                                 [str(c) for c in z["classes"]], str(z["name"]))
-    except (OSError, ValueError, KeyError):
-        return None  # unreadable cache: rebuild it
+    except Exception:  # unreadable or half-written cache (BadZipFile, OSError, ...): rebuild it
+        return None
 
 
 def _cache_write(cache_dir: Path, name: str, key: str, ds: ArrayDataset) -> None:

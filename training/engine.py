@@ -175,6 +175,12 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
 def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -189,11 +195,12 @@ def load_checkpoint(path: Path) -> dict:
 
 def train(model: nn.Module, train_set: ArrayDataset, spec: Preprocessing, cfg: TrainConfig, *,
           eval_sets: dict[str, ArrayDataset] | None = None, run_dir: Path | None = None,
-          progress: bool = True, log=print) -> TrainResult:
+          progress: bool = True, log=print, context: dict | None = None) -> TrainResult:
     """Train `model` on `train_set`; evaluate on each of `eval_sets` after every epoch.
 
     With `run_dir`, writes history.json and checkpoint.pt there every epoch, and resumes from
-    checkpoint.pt if one with the same config is present.
+    checkpoint.pt if one with the same config, precision, data size and `context` (what else must
+    match: dataset, architecture, ...) is present.
     """
     from tqdm import tqdm
 
@@ -216,6 +223,8 @@ def train(model: nn.Module, train_set: ArrayDataset, spec: Preprocessing, cfg: T
                     for name, ds in (eval_sets or {}).items()}
     total_steps = max(1, math.ceil(cfg.epochs * len(loader)))
     n_epochs = math.ceil(total_steps / len(loader))
+    run_key = hashlib.sha256(json.dumps([cfg.key(), precision, len(train_set), context or {}], sort_keys=True,
+                                        default=str).encode()).hexdigest()[:16]
 
     train_seconds, history, start_epoch, step = 0.0, [], 0, 0
     ckpt_path = run_dir / "checkpoint.pt" if run_dir else None
@@ -233,9 +242,9 @@ def train(model: nn.Module, train_set: ArrayDataset, spec: Preprocessing, cfg: T
 
     if resume:
         state = load_checkpoint(ckpt_path)
-        if state.get("config_key") != cfg.key():
-            raise CheckpointError(f"{ckpt_path} was written by a run with a different configuration; "
-                                  f"start fresh (run_all.py --fresh) or restore that configuration")
+        if state.get("config_key") != run_key:
+            raise CheckpointError(f"{ckpt_path} was written by a run with a different configuration (recipe, "
+                                  f"precision, data or model); start fresh (run_all.py --fresh) or restore it")
         try:
             model.load_state_dict(state["model"])
             for opt, s in zip(optimizers, state["optimizers"]):
@@ -293,8 +302,8 @@ def train(model: nn.Module, train_set: ArrayDataset, spec: Preprocessing, cfg: T
                                                                                 precision)
         history.append(record)
         if run_dir is not None:
-            (run_dir / "history.json").write_text(json.dumps(history, indent=1))
-            _save_atomic({"config_key": cfg.key(), "model": model.state_dict(),
+            write_json_atomic(run_dir / "history.json", history)
+            _save_atomic({"config_key": run_key, "model": model.state_dict(),
                           "optimizers": [o.state_dict() for o in optimizers],
                           "averaging": averaging.shadow.state_dict() if averaging else {},
                           "rng": torch.get_rng_state(), "epoch": epoch + 1, "step": step,

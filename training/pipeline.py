@@ -24,7 +24,7 @@ from models.tta import passes
 from serving.card import CARD_SCHEMA
 from serving.preprocess import Preprocessing
 from training import data as D
-from training.engine import CheckpointError, train
+from training.engine import CheckpointError, train, write_json_atomic
 from training.optim import ConfigError
 from training.presets import Preset
 
@@ -58,7 +58,7 @@ class Run:
 
     def write_json(self, name: str, obj) -> Path:
         p = self.path(name)
-        p.write_text(json.dumps(obj, indent=1))
+        write_json_atomic(p, obj)  # a kill mid-write never leaves half a file
         return p
 
     def stages_done(self) -> list[str]:
@@ -141,7 +141,8 @@ def stage_train(run: Run) -> None:
     eval_sets = {"val": val_set} if val_set is not None else {}
     eval_sets["test"] = test
     result = train(net, train_set, spec, p.train, eval_sets=eval_sets, run_dir=run.dir,
-                   progress=run.progress, log=run.log)
+                   progress=run.progress, log=run.log,
+                   context={"dataset": p.dataset, "model": p.model, "kwargs": kwargs, "val_size": p.val_size})
     torch.save({k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()},
                run.path("trained.pth"))
     run.write_json("trained.json", {

@@ -54,7 +54,14 @@ def write_summary(run) -> Path:
                          f"top-1 agreement {100 * par['top1_agreement']:.1f}% on {par['images']} held-out images")
         s = exported["served"]
         lines += [f"- accuracy as served (model.sim.onnx, onnxruntime, card preprocessing): "
-                  f"**{100 * s['accuracy']:.2f}%** on {s['images']} test images", ""]
+                  f"**{100 * s['accuracy']:.2f}%** on {s['images']} test images"]
+        i8 = exported.get("int8")
+        if i8:
+            lines += [f"- INT8 (model.int8.onnx, calibrated on {i8['calibration_images']} training images): "
+                      f"{100 * i8['accuracy']:.2f}% ({100 * i8['drop']:+.2f} points lost, "
+                      f"{i8['top1_disagreements_vs_fp32']} top-1 changes); "
+                      f"{'published' if i8['accepted'] else 'not published'}"]
+        lines.append("")
     if published:
         lines += ["## Published", "", f"- BentoML model `{published['tag']}` "
                   f"(`bentoml models get {published['tag']}`)", ""]

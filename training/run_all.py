@@ -47,6 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--only", default="", help=f"comma-separated stages to run ({', '.join(STAGES)})")
     ap.add_argument("--skip", default="", help="comma-separated stages to skip")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--report", action="store_true",
+                    help="at the end, write the combined report (bench/report.py) for the published model")
+    ap.add_argument("--report-load", action="store_true",
+                    help="--report, plus load tests against a service it starts and stops itself")
     g = ap.add_argument_group("overrides of the preset")
     g.add_argument("--dataset")
     g.add_argument("--model")
@@ -123,7 +127,7 @@ def _preset_dict(preset) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from training import pipeline as P
-    from training.store import StoreBusyError, clean_staging, store_lock
+    from training.store import clean_staging, repair_latest, store_lock
 
     preset = resolve_preset(args)
     stages = [s.strip() for s in args.only.split(",") if s.strip()] or list(P.STAGES)
@@ -151,6 +155,8 @@ def main(argv=None) -> int:
         if lock:
             lock.__enter__()
             clean_staging()
+            for tag in repair_latest():
+                run.log(f"repaired the latest pointer of {tag}")
         funcs = {"train": P.stage_train, "evaluate": P.stage_evaluate,
                  "export": P.stage_export, "publish": P.stage_publish}
         for stage in stages:
@@ -170,9 +176,26 @@ def main(argv=None) -> int:
     summary = write_summary(run)
     if set(P.STAGES) <= set(run.stages_done()):
         (run_dir / "DONE").write_text(datetime.now().isoformat())
+    if args.report or args.report_load:
+        write_report(run, args)
     run.log(f"== finished in {time.perf_counter() - t0:.1f} s; summary: {summary}")
     run.log(f"run folder: {run_dir}")
     return 0
+
+
+def write_report(run, args) -> None:
+    """The combined report of bench/report.py for the model this run published."""
+    from bench.report import build_report, parser
+
+    tag = run.read_json("published.json")["tag"]
+    rargs = ["--model", tag, "--out", str(run.dir / "report")]
+    if args.data_root:
+        rargs += ["--data-root", str(args.data_root)]
+    if not args.report_load:
+        rargs.append("--no-load")
+    run.log("-- report")
+    out = build_report(parser().parse_args(rargs), log=run.log)
+    run.log(f"-- report done: {out / 'report.html'}")
 
 
 def cli(argv=None) -> int:

@@ -2,9 +2,11 @@
 
 BentoML's own `save` copies a model folder into the store file by file, so a kill -9 half-way leaves
 a half-model that `bentoml models list` would show. We stage instead: `bentoml.models.create` writes
-the whole model into a private staging store on the same filesystem, every file is re-hashed against
-the card, and one `os.rename` moves the finished folder into `$BENTOML_HOME/models/<name>/<version>`.
-Before the rename nothing is visible; after it everything is.
+the whole model (its temporary folder too) into a private staging area beside the store, on the same
+filesystem; every file is re-hashed against the card and synced, and one `os.rename` moves the finished
+folder into `<store>/<name>/<version>`. Before the rename nothing is visible; after it everything is.
+A kill between the rename and the update of the `latest` pointer is repaired by the next run_all.py
+(`repair_latest`).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import fcntl
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,38 +85,58 @@ def publish(name: str, files: dict[str, Path], card: dict, labels: dict[str, str
     card = dict(card, files={k: file_record(Path(p)) for k, p in files.items()})
     store_root = models_dir()
     store_root.mkdir(parents=True, exist_ok=True)
-    staging_root = bentoml_home() / ".lab-staging" / uuid.uuid4().hex
+    staging_root = staging_dir() / uuid.uuid4().hex
     staging_root.mkdir(parents=True)
+    saved_tempdir = tempfile.tempdir
     try:
+        tempfile.tempdir = str(staging_root)  # bentoml.models.create's own temporary folder goes here too
         with bentoml.models.create(name, labels=labels or {}, metadata=_clean(card),
-                                   _model_store=ModelStore(staging_root)) as model:
+                                   _model_store=ModelStore(staging_root / "store")) as model:
             for arcname, src in files.items():
                 shutil.copyfile(src, model.path_of(arcname))
             tag = model.tag
             (Path(model.path_of(CARD_FILE))).write_text(json.dumps(card, indent=1))
-        staged = staging_root / tag.name / tag.version
+        tempfile.tempdir = saved_tempdir
+        staged = staging_root / "store" / tag.name / tag.version
         verify_files(staged, card)  # the copies are byte-identical to what was verified
         for p in staged.rglob("*"):
             if p.is_file():
-                with open(p, "rb") as fh:
-                    os.fsync(fh.fileno())
+                _fsync(p)
         final = store_root / tag.name / tag.version
         final.parent.mkdir(parents=True, exist_ok=True)
         os.rename(staged, final)  # the atomic step
-        latest = store_root / tag.name / "latest"
-        tmp = latest.with_name(f".latest.{os.getpid()}")
-        tmp.write_text(tag.version)
-        os.replace(tmp, latest)
+        _fsync(final.parent, directory=True)
+        _write_latest(store_root / tag.name, tag.version)
     finally:
+        tempfile.tempdir = saved_tempdir
         shutil.rmtree(staging_root, ignore_errors=True)
     got = bentoml.models.get(Tag(tag.name, tag.version))
     verify_files(got.path, card)
     return str(got.tag)
 
 
+def staging_dir() -> Path:
+    """Beside the store (same filesystem, so the final rename is atomic), never inside it."""
+    return models_dir().parent / ".lab-staging"
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_latest(name_dir: Path, version: str) -> None:
+    tmp = name_dir / f".latest.{os.getpid()}"
+    tmp.write_text(version)
+    os.replace(tmp, name_dir / "latest")
+
+
 def clean_staging() -> int:
     """Remove staging folders left by killed runs (never visible to the store); returns how many."""
-    root = bentoml_home() / ".lab-staging"
+    root = staging_dir()
     n = 0
     if root.is_dir():
         for d in root.iterdir():
@@ -122,4 +145,26 @@ def clean_staging() -> int:
     return n
 
 
-__all__ = ["publish", "store_lock", "clean_staging", "StoreBusyError", "IntegrityError", "models_dir"]
+def repair_latest() -> list[str]:
+    """Point each model's `latest` at its newest version (a kill right after the rename leaves the old)."""
+    import bentoml
+
+    fixed = []
+    root = models_dir()
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        try:
+            versions = bentoml.models.list(d.name)
+        except Exception:
+            continue
+        if not versions:
+            continue
+        newest = max(versions, key=lambda m: m.creation_time).tag.version
+        latest = d / "latest"
+        if not latest.exists() or latest.read_text().strip() != newest:
+            _write_latest(d, newest)
+            fixed.append(f"{d.name}:{newest}")
+    return fixed
+
+
+__all__ = ["publish", "store_lock", "clean_staging", "repair_latest", "StoreBusyError", "IntegrityError",
+           "models_dir"]

@@ -1,0 +1,113 @@
+"""Benchmarks and reports, on the smoke model: Locust runs, the accuracy report, INT8, faults."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench.load_test import run_locust
+from bench.loadgen import closed_loop, run
+from bench.samples import cifar_test_samples
+from bench.server import free_port
+from serving.card import read_card
+from tests.conftest import REPO
+
+
+def bench_script(store, script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a bench/ script as a user would, against the test store and data."""
+    env = dict(store["env"], LAB_DATA_ROOT=str(store["data"]))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_headless_locust_per_backend_checks_every_answer(server, store, tmp_path):
+    for backend in ("onnx", "torch"):
+        r = run_locust(server.url, backend, users=4, spawn_rate=4, run_time=4, out=tmp_path,
+                       data_root=str(store["data"]), images=40)
+        assert r["requests"] > 0 and r["failures"] == 0, r
+        assert r["answers_checked"] > 0 and r["accuracy"] is not None, r
+        assert (tmp_path / f"locust_{backend}_stats.csv").exists()
+
+
+def test_locust_master_with_one_worker(server, store, tmp_path):
+    r = run_locust(server.url, "onnx", users=2, spawn_rate=2, run_time=4, out=tmp_path, workers=1,
+                   data_root=str(store["data"]), images=20)
+    assert r["requests"] > 0 and r["failures"] == 0, r
+    assert r["answers_checked"] > 0  # tallied on the worker, reported to the master
+
+
+def test_a_port_with_nothing_listening_gives_a_finished_run_with_errors(tmp_path, store):
+    url = f"http://127.0.0.1:{free_port()}"
+    r = run_locust(url, "onnx", users=2, spawn_rate=2, run_time=2, out=tmp_path, data_root=str(store["data"]),
+                   images=10)
+    assert r["requests"] > 0 and r["failures"] == r["requests"], r
+    res = run(closed_loop(f"{url}/classify", cifar_test_samples(5, store["data"]), 2, requests=6))
+    assert res.statuses == {0: 6} and res.errors == 6 and res.ok == 0
+
+
+def test_load_test_refuses_remote_hosts():
+    from bench.load_test import check_host
+
+    with pytest.raises(SystemExit, match="127.0.0.1"):
+        check_host("http://example.com:3000", allow_remote=False)
+    assert check_host("http://127.0.0.1:3000/", allow_remote=False) == "http://127.0.0.1:3000"
+
+
+def test_accuracy_report_matches_direct_evaluation(store, tmp_path):
+    from models import create_model, with_tta
+    from serving.preprocess import Preprocessing
+    from training.data import load_dataset
+    from training.evaluate import predict_torch
+
+    bench_script(store, "accuracy_report.py", "--model", "cifar10-airbench-smoke", "--limit", "100",
+                 "--out", str(tmp_path))
+    rep = json.loads((tmp_path / "accuracy.json").read_text())
+    card = read_card(store["model_dir"])
+    net = create_model(card["architecture"]["name"], **card["architecture"]["kwargs"])
+    net.load_state_dict(torch.load(store["model_dir"] / "model.pth", weights_only=True))
+    test = load_dataset("cifar10", "test", store["data"], progress=False)
+    assert len(test) == 100
+    logits = predict_torch(with_tta(net, card["tta_level"]).eval(), test,
+                           Preprocessing.from_dict(card["preprocessing"]))
+    direct = float((logits.argmax(1) == test.labels.numpy()).mean())
+    assert rep["backends"]["torch"]["accuracy"] == pytest.approx(direct)
+    assert rep["backends"]["onnx"]["accuracy"] == pytest.approx(direct)
+    assert rep["top1_differences"]["torch"]["onnx"] == 0
+    assert {"torch", "torch_bf16", "onnx_raw", "onnx", "onnx_int8"} == set(rep["backends"])
+    md = (tmp_path / "accuracy.md").read_text()
+    assert "Accuracy for class: airplane" in md and "INT8 vs FP32 ONNX" in md
+    assert (tmp_path / "per_class_accuracy.png").exists() and (tmp_path / "confusion_onnx_int8.png").exists()
+
+
+def test_int8_record_in_the_card(store):
+    card = read_card(store["model_dir"])
+    i8 = card["int8"]
+    assert i8["calibration"].startswith("training images")
+    assert 0 <= i8["accuracy"] <= 1 and i8["drop"] == pytest.approx(i8["fp32_accuracy"] - i8["accuracy"])
+    assert card["backends"]["onnx_int8"] == "model.int8.onnx" and "model.int8.onnx" in card["files"]
+
+
+def test_combined_report_end_to_end(store, server, tmp_path):
+    bench_script(store, "report.py", "--model", "cifar10-airbench-smoke", "--limit", "60", "--host", server.url,
+                 "--backends", "onnx,onnx_int8", "--images", "40", "--sweep-seconds", "0.5",
+                 "--single-stream-queries", "10", "--server-seconds", "1", "--server-steps", "2",
+                 "--offline-images", "40", "--locust-seconds", "3", "--locust-users", "2", "--out", str(tmp_path))
+    out = next(p for p in tmp_path.iterdir() if (p / "report.md").exists())
+    md = (out / "report.md").read_text()
+    for heading in ("## Training", "## Export parity", "## Accuracy and latency per backend",
+                    "## Serving: concurrency sweep", "## Serving: MLPerf-style scenarios", "## Locust"):
+        assert heading in md, heading
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<table>" in html
+    data = json.loads((out / "report.json").read_text())
+    assert set(data["sweep"]) == {"onnx", "onnx_int8"}
+    for b in ("onnx", "onnx_int8"):
+        assert all(r["errors"] == 0 for r in data["sweep"][b])
+        sc = data["scenarios"][b]
+        assert sc["single_stream"]["ok"] == 10 and sc["offline"]["ok"] == 40
+        assert sc["offline"]["accuracy"] is not None
