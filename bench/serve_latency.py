@@ -10,6 +10,7 @@ It measures, for the stored model (default cifar10-airbench:latest):
   3. `bentoml serve` with adaptive batching: latency p50/p99 at concurrency 1; throughput, p50/p99
      and errors at concurrency 64; the service's memory (RSS) idle and after the load
   4. the same at concurrency 64 with batching off (LAB_MAX_BATCH_SIZE=1)
+  5. overload: 64 clients against a worker that admits 16 at a time: 503s with Retry-After, no hangs
 and prints each figure and the ratios the serving targets are stated in.
 """
 from __future__ import annotations
@@ -108,6 +109,8 @@ def main() -> int:
     ap.add_argument("--c1-requests", type=int, default=300)
     ap.add_argument("--reps", type=int, default=300, help="in-process batch-1 repetitions")
     ap.add_argument("--skip-unbatched", action="store_true")
+    ap.add_argument("--overload-inflight", type=int, default=16,
+                    help="LAB_MAX_INFLIGHT of the overload run (fewer than the 64 clients)")
     ap.add_argument("--out", type=Path, default=REPO / "reports")
     args = ap.parse_args()
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -159,6 +162,14 @@ def main() -> int:
         with Server(env, logs / "unbatched.log", dict(common, LAB_MAX_BATCH_SIZE="1")) as srv:
             report["unbatched"] = http_runs(srv.url, samples, backends, args.c1_requests, args.duration,
                                             "unbatched", srv, only_c64=True)
+
+    print(f"\n5. overload: LAB_MAX_INFLIGHT={args.overload_inflight}, concurrency 64, {backends[0]}:")
+    with Server(env, logs / "overload.log", dict(common, LAB_MAX_INFLIGHT=str(args.overload_inflight))) as srv:
+        r = run(closed_loop(f"{srv.url}/classify?backend={backends[0]}", samples, 64, duration=args.duration / 2))
+        report["overload"] = r.summary()
+        o = report["overload"]
+        print(f"  {o['requests']} requests: {o['statuses']}; 503s with Retry-After: {o['retry_after_seen']}; "
+              f"answered p99 {o['p99_ms']:.0f} ms", flush=True)
 
     print("\n== summary ==")
     floor = report["floor"]["c1"]["p50_ms"]

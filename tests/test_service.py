@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,3 +250,42 @@ def test_no_queueing_at_low_load_after_a_burst(server):
     for b in images[:5]:
         r = classify(server, b, "image/png")
         assert r.status_code == 200 and r.json()["queue_ms"] < 50, r.json()
+
+
+def test_overload_answers_503_with_retry_after_and_recovers(store, tmp_path):
+    s = Server(store["env"], tmp_path / "serve-overload.log",
+               {"LAB_DEFAULT_MODEL": "cifar10-airbench-smoke", "LAB_MAX_INFLIGHT": "2"})
+    try:
+        big = encode(gradient(2000, 1500), "PNG")  # slow enough to decode that requests pile up
+
+        def one(_):
+            r = classify(s, big, "image/png")
+            return r.status_code, r.headers.get("Retry-After")
+
+        with ThreadPoolExecutor(24) as pool:
+            answers = list(pool.map(one, range(48)))
+        codes = [c for c, _ in answers]
+        assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) > 0, codes
+        assert all(ra == "1" for c, ra in answers if c == 503)
+        assert_still_serving(s)
+    finally:
+        s.stop()
+
+
+def test_bentoml_build_accepts_the_bentofile(store, tmp_path):
+    """The project's bentofile.yaml, pointed at the test store's model, builds a Bento."""
+    import subprocess
+    import sys
+
+    text = (REPO / "bentofile.yaml").read_text().replace('"cifar10-airbench:latest"', '"cifar10-airbench-smoke:latest"')
+    bentofile = tmp_path / "bentofile.yaml"
+    bentofile.write_text(text)
+    bentoml = str(Path(sys.executable).with_name("bentoml"))
+    proc = subprocess.run([bentoml, "build", "-f", str(bentofile), str(REPO)], env=store["env"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    listed = subprocess.run([bentoml, "list", "-o", "json"], env=store["env"], capture_output=True, text=True)
+    assert "image_classifier" in listed.stdout
+    bento = next((Path(store["env"]["BENTOML_HOME"]) / "bentos" / "image_classifier").glob("*/bento.yaml")).parent
+    assert (bento / "src" / "serving" / "service.py").exists() and (bento / "src" / "models" / "airbench.py").exists()
+    assert "tag: cifar10-airbench-smoke:" in (bento / "bento.yaml").read_text()  # the model, by tag
