@@ -177,7 +177,7 @@ def build_report(args, log=print) -> Path:
     md += _export_section(card)
     acc = accuracy_report(tag, out, data_root=args.data_root, limit=args.limit, log=log)
     acc_md = (out / "accuracy.md").read_text().split("\n", 1)[1]
-    md += ["## Accuracy and latency per backend (in process)", *acc_md.splitlines()[1:], ""]
+    md += ["## Accuracy and latency per backend (in process)", "", *acc_md.strip().splitlines(), ""]
     results = {"model": tag, "machine": mach, "accuracy": acc}
     if args.load:
         backends = [b for b in args.backends.split(",") if b in acc["backends"] or b == "torch_bf16"]

