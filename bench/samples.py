@@ -6,18 +6,7 @@ import random
 from pathlib import Path
 
 from bench.loadgen import Sample
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def default_data_root() -> Path:
-    import os
-
-    env = os.environ.get("LAB_DATA_ROOT")
-    if env:
-        return Path(env)
-    shared = REPO.parent / "shared" / "data"
-    return shared if shared.is_dir() else REPO / "data"
+from training.paths import default_data_root
 
 
 def cifar_test_samples(n: int = 1000, data_root: Path | None = None, seed: int = 0) -> list[Sample]:

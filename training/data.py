@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from serving.preprocess import ImageError, Preprocessing, decode_uint8
+from training.paths import default_cache_dir, default_data_root  # noqa: F401  (re-exported)
 
-REPO = Path(__file__).resolve().parent.parent
 DATASETS = ("cifar10", "mnist", "fashion_mnist", "imagefolder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
@@ -35,18 +35,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 class DataError(RuntimeError):
     """No data where we looked: the message says where and how to point elsewhere."""
 
-
-def default_data_root() -> Path:
-    """--data-root beats $LAB_DATA_ROOT beats ../shared/data beside the checkout beats ./data."""
-    env = os.environ.get("LAB_DATA_ROOT")
-    if env:
-        return Path(env)
-    shared = REPO.parent / "shared" / "data"
-    return shared if shared.is_dir() else REPO / "data"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("LAB_CACHE_DIR", REPO / ".cache"))
 
 
 @dataclass
