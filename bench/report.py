@@ -130,7 +130,8 @@ def _load_section(url: str, backends: list[str], out: Path, args, in_process: di
                   "p99 ms | accuracy under load |", "|---|---|---|---|---|---|---|---|---|"]
         results["locust"] = {}
         for b in backends:
-            r = run_locust(url, b, args.locust_users, args.locust_users, args.locust_seconds, out / "locust")
+            r = run_locust(url, b, args.locust_users, args.locust_users, args.locust_seconds, out / "locust",
+                           images=args.images, data_root=str(args.data_root or ""))
             results["locust"][b] = r
             log(f"  {b}: {r['requests']} requests, {r['failures']} failures, accuracy {_pct(r['accuracy'])}")
             lines.append(f"| {b} | {args.locust_users} | {args.locust_seconds} | {r['requests']} | {r['failures']} | "
@@ -219,7 +220,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--single-stream-queries", type=int, default=200)
     ap.add_argument("--server-bound-ms", type=float, default=100.0)
     ap.add_argument("--server-seconds", type=float, default=8.0)
-    ap.add_argument("--server-steps", type=int, default=4)
+    ap.add_argument("--server-steps", type=int, default=6)
     ap.add_argument("--offline-images", type=int, default=1000)
     ap.add_argument("--locust-seconds", type=int, default=10, help="0 skips the Locust runs")
     ap.add_argument("--locust-users", type=int, default=8)
