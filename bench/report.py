@@ -119,7 +119,7 @@ def _load_section(url: str, backends: list[str], out: Path, args, in_process: di
             f"(p50 {ss['p50_ms']:.1f}) | {_pct(ss['accuracy'])} | {ss['errors']} |",
             f"| {b} | server | Poisson arrivals, p99 bound {args.server_bound_ms:.0f} ms, {args.server_seconds:.0f} s "
             f"per trial, {len(sv['trials'])} trials | {sv['value']:.1f} QPS (p99 {sv['p99_ms_at_best'] or float('nan'):.1f} ms) "
-            f"| {_pct(sv['accuracy'])} | {sum(t['errors'] for t in sv['trials'])} over all trials |",
+            f"| {_pct(sv['accuracy'])} | {_trial_errors(sv['trials'])} |",
             f"| {b} | offline | {off['settings']['images']} images in batches of 64 | {off['value']:.0f} images/s "
             f"| {_pct(off['accuracy'])} | {off['errors']} |"]
     if args.locust_seconds:
@@ -138,6 +138,19 @@ def _load_section(url: str, backends: list[str], out: Path, args, in_process: di
                          f"{r.get('rps') or 0:.1f} | {r.get('p50_ms') or 0:.0f} | {r.get('p99_ms') or 0:.0f} | "
                          f"{_pct(r['accuracy'])} |")
     return lines + [""], results
+
+
+def _trial_errors(trials: list[dict]) -> str:
+    """Non-200 answers over all server-scenario trials, by status (503s: trials above capacity)."""
+    by: dict[str, int] = {}
+    for t in trials:
+        for status, n in t["statuses"].items():
+            if status != "200":
+                by[status] = by.get(status, 0) + n
+    if not by:
+        return "0 in all trials"
+    return ", ".join(f"{n} x {'connection error' if s == '0' else s}" for s, n in sorted(by.items())) + \
+        " over all trials (503: overload answers in trials above capacity)"
 
 
 def to_html(md: str, folder: Path, title: str) -> str:
