@@ -286,17 +286,20 @@ def main() -> int:
     if backends and any(b not in BACKENDS for b in backends):
         print(f"error: backends must be among {', '.join(BACKENDS)}", file=sys.stderr)
         return 2
-    try:
-        accuracy_report(args.model, args.out, data_root=args.data_root, limit=args.limit, backends=backends,
-                        threads=args.threads)
-    except Exception as e:  # a missing model or data: one clear line
-        from bentoml.exceptions import NotFound
+    return one_line_errors(lambda: accuracy_report(args.model, args.out, data_root=args.data_root,
+                                                   limit=args.limit, backends=backends, threads=args.threads))
 
-        from training.data import DataError
-        if isinstance(e, (NotFound, DataError)):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+
+def one_line_errors(job) -> int:
+    """Run `job`; a missing model or missing data ends with one clear line and status 2."""
+    from bentoml.exceptions import NotFound
+
+    from training.data import DataError
+    try:
+        job()
+    except (NotFound, DataError) as e:
+        print(f"error: {e}; `python training/run_all.py` publishes the default model", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
-from bench.accuracy_report import accuracy_report, machine  # noqa: E402
+from bench.accuracy_report import accuracy_report, machine, one_line_errors  # noqa: E402
 from bench.samples import cifar_test_samples  # noqa: E402
 
 LOAD_BACKENDS = ("onnx", "onnx_int8", "torch", "torch_bf16")
@@ -243,17 +243,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    try:
-        build_report(args)
-    except Exception as e:
-        from bentoml.exceptions import NotFound
-
-        from training.data import DataError
-        if isinstance(e, (NotFound, DataError)):
-            print(f"error: {e}; run `python training/run_all.py` first", file=sys.stderr)
-            return 2
-        raise
-    return 0
+    return one_line_errors(lambda: build_report(args))
 
 
 if __name__ == "__main__":
