@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-16)
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: setup run test serve
+.PHONY: setup run test serve report
 
 setup: $(STAMP)
 
@@ -27,6 +27,9 @@ run: setup
 
 test: setup
 	$(PY) -m pytest $(ARGS)
+
+report: setup
+	$(PY) bench/report.py $(ARGS)
 
 serve: setup
 	$(VENV)/bin/bentoml serve --host $${HOST:-127.0.0.1} --port $${PORT:-3000}
