@@ -8,7 +8,6 @@ import pytest
 
 from serving.card import read_card, verify_files
 from tests.conftest import REPO, run_all
-from tests.fakedata import write_cifar_pickles
 
 
 def _assert_clean_error(proc, *needles):

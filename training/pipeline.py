@@ -198,7 +198,7 @@ def stage_export(run: Run) -> None:
 
     net, meta = load_trained(run)
     spec = Preprocessing.from_dict(meta["preprocessing"])
-    *_, test = load_splits(run)
+    train_set, _, test = load_splits(run)
     _check_classes(meta, test)
     # the parity batch: real test images, never seen in training
     held_out = D.shuffled(test, 1234).subset(slice(0, run.preset.parity_images))
@@ -210,24 +210,24 @@ def stage_export(run: Run) -> None:
                 f"top-1 agreement {100 * par['top1_agreement']:.1f}% on {par['images']} images")
     # the accuracy as served: the simplified ONNX through the card's preprocessing
     t0 = time.perf_counter()
-    logits = predict_backend(OnnxBackend(out_dir / "model.sim.onnx"), test, spec)
+    fp32 = OnnxBackend(out_dir / "model.sim.onnx")
+    logits = predict_backend(fp32, test, spec)
     served = classification_metrics(test.labels.numpy(), logits.argmax(1), test.classes)
     served["seconds"] = round(time.perf_counter() - t0, 2)
     run.log(f"test accuracy as served (model.sim.onnx, onnxruntime): {100 * served['accuracy']:.2f}%")
     record = {"parity": result["parity"], "served": served}
     if run.preset.calibration_images:
-        record["int8"] = _export_int8(run, out_dir, spec, test, batch, logits)
+        record["int8"] = _export_int8(run, out_dir, spec, train_set, test, batch, fp32, logits)
     run.write_json("export/parity.json", record)
 
 
-def _export_int8(run: Run, out_dir: Path, spec: Preprocessing, test: D.ArrayDataset, parity_batch: np.ndarray,
-                 fp32_logits: np.ndarray) -> dict:
+def _export_int8(run: Run, out_dir: Path, spec: Preprocessing, train_set: D.ArrayDataset, test: D.ArrayDataset,
+                 parity_batch: np.ndarray, fp32, fp32_logits: np.ndarray) -> dict:
     """INT8 model calibrated on training images; published if it loses at most the preset's int8_max_drop."""
     from serving.backends import OnnxBackend
     from training.evaluate import classification_metrics, predict_backend
     from training.quantize import quantize_int8
 
-    train_set, _, _ = load_splits(run)
     calib = D.to_float(D.shuffled(train_set, 99).images[:run.preset.calibration_images], spec).numpy()
     t0 = time.perf_counter()
     path = quantize_int8(out_dir / "model.sim.onnx", calib, out_dir / "model.int8.onnx")
@@ -236,7 +236,7 @@ def _export_int8(run: Run, out_dir: Path, spec: Preprocessing, test: D.ArrayData
     logits = predict_backend(int8, test, spec)
     m = classification_metrics(test.labels.numpy(), logits.argmax(1), test.classes)
     fp32_acc = float((fp32_logits.argmax(1) == test.labels.numpy()).mean())
-    ref = OnnxBackend(out_dir / "model.sim.onnx").predict(parity_batch)
+    ref = fp32.predict(parity_batch)
     got = int8.predict(parity_batch)
     drop = fp32_acc - m["accuracy"]
     rec = {"accuracy": m["accuracy"], "fp32_accuracy": fp32_acc, "drop": drop,
