@@ -5,14 +5,16 @@ patches), then three groups of Conv3x3-MaxPool-BatchNorm-GELU-Conv3x3-BatchNorm-
 and a linear head. BatchNorm learns only its bias (its scale stays 1), which together with the
 scale-invariant filters lets an optimizer like Muon take normalised steps.
 
-The whitening weights are data-dependent: call `fit_whitening(images)` with normalised training images
-before training (the engine does this when a model has the method).
+The whitening weights are data-dependent: the model declares it (`fit_to_data`, models/base.py) and the
+engine calls it with normalised training images before training. Its bias is a role of its own
+("whitening_bias"): the recipe trains it for the first epochs only.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+from .base import ImageClassifier
 from .registry import register_model
 
 
@@ -55,7 +57,7 @@ class ConvGroup(nn.Module):
         return self.act(self.norm2(self.conv2(self.act(x))))
 
 
-class AirbenchNet(nn.Module):
+class AirbenchNet(ImageClassifier):
     def __init__(self, num_classes: int = 10, in_channels: int = 3,
                  widths: tuple[int, int, int] = (64, 256, 256), whiten_kernel: int = 2,
                  bn_momentum: float = 0.4):
@@ -88,6 +90,13 @@ class AirbenchNet(nn.Module):
         filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).reshape(-1, c, kh, kw)
         self.whiten.weight.copy_(torch.cat((filters, -filters)).float())
 
+    def fit_to_data(self, images: torch.Tensor) -> bool:
+        self.fit_whitening(images)
+        return True
+
+    def param_roles(self) -> dict[str, list[nn.Parameter]]:
+        return {**super().param_roles(), "whitening_bias": [self.whiten.bias]}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(self.whiten(x))) * self.logit_scale
 
@@ -95,7 +104,7 @@ class AirbenchNet(nn.Module):
 @register_model
 def airbench(num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
              widths: tuple[int, int, int] = (64, 256, 256), whiten_kernel: int = 2,
-             bn_momentum: float = 0.4) -> nn.Module:
-    """The default served CIFAR-10 model (about 2M parameters)."""
+             bn_momentum: float = 0.4) -> AirbenchNet:
+    """airbench94-style VGG net: data-fitted whitening, 3 conv groups, BN with frozen scale (the default model)."""
     del image_size  # any size >= 8 works: the last pooling is adaptive
     return AirbenchNet(num_classes, in_channels, tuple(widths), whiten_kernel, bn_momentum)
