@@ -5,14 +5,14 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-16)
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)
 export BENTOML_DO_NOT_TRACK := True
 
 .PHONY: setup run test serve report
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null || \
 	  { echo "error: Python >= 3.10 is needed as '$(PYTHON)' (set PYTHON=/path/to/python3.11)"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || \
@@ -20,6 +20,8 @@ $(STAMP): requirements.txt
 	@echo "installing requirements.txt into $(VENV)/ (a few minutes the first time) ..."
 	@$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt || \
 	  { echo "error: could not install requirements.txt: is a package index (PyPI or a mirror) reachable?"; exit 1; }
+	@$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . || \
+	  { echo "error: could not install this project into $(VENV)/ (pip install -e .)"; exit 1; }
 	@rm -f $(VENV)/.installed-* && touch $@ && echo "$(VENV)/ is ready"
 
 run: setup

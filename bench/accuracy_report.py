@@ -21,18 +21,15 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import numpy as np
+
+from lab.backends import BackendUnavailable, get_backend, list_backends, load_backend
+from lab.card import read_card
+from lab.hardware import cores, cpu_name
+from lab.paths import REPO
+from lab.store import get_model
+
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
-
-import numpy as np  # noqa: E402
-
-from serving.backends import OnnxBackend, TorchBackend, default_threads  # noqa: E402
-from serving.card import read_card  # noqa: E402
-from serving.preprocess import Preprocessing  # noqa: E402
-
-# backend name -> (how to build it, the file it runs)
-BACKENDS = ("torch", "torch_bf16", "onnx_raw", "onnx", "onnx_int8")
 
 
 WHY = ("Why the backends differ: all of them compute the same graph (with the TTA views batched into one "
@@ -44,24 +41,17 @@ WHY = ("Why the backends differ: all of them compute the same graph (with the TT
        "the largest gain at batch 64; at batch 1 fixed per-call costs weigh more.")
 
 
-def build(name: str, path: Path, card: dict, threads: int):
-    if name == "onnx_raw":
-        return OnnxBackend(path / "model.onnx", threads=threads), "model.onnx"
-    if name in ("onnx", "onnx_int8"):
-        return OnnxBackend(path / card["backends"][name], threads=threads), card["backends"][name]
-    be = TorchBackend(path / card["backends"]["torch"], card, threads=threads,
-                      precision="bf16" if name == "torch_bf16" else "fp32")
-    return be, card["backends"]["torch"]
-
-
-def available(card: dict, path: Path) -> list[str]:
+def available(card, path: Path) -> list[str]:
+    """Every backend of the registry that can run this model here."""
     out = []
-    for b in BACKENDS:
-        if b == "onnx_raw" and not (path / "model.onnx").exists():
+    for name in list_backends():
+        b = get_backend(name)
+        try:
+            b.check_available()
+        except BackendUnavailable:
             continue
-        if b in ("onnx", "onnx_int8") and b not in card["backends"]:
-            continue
-        out.append(b)
+        if b.file in card.files:
+            out.append(name)
     return out
 
 
@@ -83,7 +73,7 @@ def op_profile(name: str, path: Path, card: dict, x: np.ndarray, threads: int, c
         import torch
         from torch.profiler import ProfilerActivity, profile
 
-        be, _ = build(name, path, card, threads)
+        be = load_backend(name, path, card, threads)
         be.predict(x)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(calls):
@@ -99,8 +89,7 @@ def op_profile(name: str, path: Path, card: dict, x: np.ndarray, threads: int, c
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.enable_profiling = True
         so.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "ort")
-        fname = "model.onnx" if name == "onnx_raw" else card["backends"][name]
-        sess = ort.InferenceSession(str(path / fname), so, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(path / get_backend(name).file), so, providers=["CPUExecutionProvider"])
         inp = sess.get_inputs()[0].name
         for _ in range(calls + 1):
             sess.run(None, {inp: x})
@@ -117,14 +106,7 @@ def op_profile(name: str, path: Path, card: dict, x: np.ndarray, threads: int, c
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     import onnxruntime
     vers = {"python": platform.python_version(), "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
     try:
@@ -138,33 +120,31 @@ def machine() -> dict:
 def accuracy_report(tag: str, out: Path, *, data_root: Path | None = None, limit: int = 0,
                     backends: list[str] | None = None, reps1: int = 100, reps64: int = 10,
                     threads: int = 0, profile: bool = True, log=print) -> dict:
-    import bentoml
-
     from training.data import load_dataset
     from training.evaluate import (classification_metrics, per_class_lines, plot_confusion,
                                    predict_backend)
 
-    m = bentoml.models.get(tag)
-    path, card = Path(m.path), read_card(m.path)
-    tag = str(m.tag)
-    spec = Preprocessing.from_dict(card["preprocessing"])
-    test = load_dataset(card["dataset"]["name"], "test", data_root, progress=False)
+    m = get_model(tag)
+    path, card = m.path, read_card(m.path)
+    tag = m.tag
+    spec = card.preprocessing
+    test = load_dataset(card.dataset["name"], "test", data_root, progress=False)
     if limit:
         test = test.subset(slice(0, limit)) if limit >= len(test) else _stratified(test, limit)
     labels = test.labels.numpy()
-    threads = threads or default_threads()
+    threads = threads or cores()
     names = [b for b in (backends or available(card, path)) if b in available(card, path)]
     out.mkdir(parents=True, exist_ok=True)
     x64 = None
     results, preds = {}, {}
-    log(f"accuracy report: {tag} on {len(test)} {card['dataset']['name']} test images, {threads} threads")
+    log(f"accuracy report: {tag} on {len(test)} {card.dataset['name']} test images, {threads} threads")
     for name in names:
-        be, fname = build(name, path, card, threads)
+        be, fname = load_backend(name, path, card, threads), get_backend(name).file
         t0 = time.perf_counter()
         logits = predict_backend(be, test, spec, batch_size=250)
         eval_s = time.perf_counter() - t0
         if x64 is None:
-            from serving.preprocess import normalize
+            from lab.preprocess import normalize
             x64 = normalize(test.images[:64].permute(0, 2, 3, 1).numpy(), spec)
         met = classification_metrics(labels, logits.argmax(1), test.classes)
         met.update(file=fname, file_bytes=(path / fname).stat().st_size,
@@ -181,8 +161,8 @@ def accuracy_report(tag: str, out: Path, *, data_root: Path | None = None, limit
         for name in [n for n in ("torch", "torch_bf16", "onnx", "onnx_int8") if n in names]:
             profiles[name] = op_profile(name, path, card, x64, threads)
     report = {"model": tag, "images": len(test), "threads": threads, "machine": machine(),
-              "tta_level": card.get("tta_level", 0), "backends": results, "top1_differences": agree,
-              "int8_record": card.get("int8"), "op_profiles_batch64": profiles}
+              "tta_level": card.tta_level, "backends": results, "top1_differences": agree,
+              "int8_record": card.int8, "op_profiles_batch64": profiles}
     (out / "accuracy.json").write_text(json.dumps(report, indent=1))
     _plots(report, test.classes, out)
     (out / "accuracy.md").write_text(markdown(report, per_class_lines))
@@ -278,13 +258,13 @@ def main() -> int:
     ap.add_argument("--model", default="cifar10-airbench:latest")
     ap.add_argument("--data-root", type=Path, default=None)
     ap.add_argument("--limit", type=int, default=0, help="use this many test images (0 = all)")
-    ap.add_argument("--backends", default="", help=f"comma-separated subset of {', '.join(BACKENDS)}")
+    ap.add_argument("--backends", default="", help=f"comma-separated subset of {', '.join(list_backends())}")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "reports" / "accuracy")
     args = ap.parse_args()
     backends = [b.strip() for b in args.backends.split(",") if b.strip()] or None
-    if backends and any(b not in BACKENDS for b in backends):
-        print(f"error: backends must be among {', '.join(BACKENDS)}", file=sys.stderr)
+    if backends and any(b not in list_backends() for b in backends):
+        print(f"error: backends must be among {', '.join(list_backends())}", file=sys.stderr)
         return 2
     return one_line_errors(lambda: accuracy_report(args.model, args.out, data_root=args.data_root,
                                                    limit=args.limit, backends=backends, threads=args.threads))

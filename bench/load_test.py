@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from lab.paths import REPO
+
 LOCUSTFILE = REPO / "bench" / "locustfile.py"
 MAX_USERS, MAX_SECONDS = 512, 3600
 

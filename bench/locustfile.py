@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import json
 import random
-import sys
+
 import threading
 from pathlib import Path
 
 from locust import events, task
 from locust.contrib.fasthttp import FastHttpUser
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.samples import cifar_test_samples  # noqa: E402
+from bench.samples import cifar_test_samples
 
 _lock = threading.Lock()
 TALLY: dict[str, dict[str, int]] = {}   # backend -> {"checked": n, "correct": n}

@@ -20,14 +20,14 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from bench.accuracy_report import accuracy_report, machine, one_line_errors
+from bench.samples import cifar_test_samples
+from lab.backends import default_backends
+from lab.card import read_card
+from lab.paths import REPO
+from lab.store import get_model
+
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
-
-from bench.accuracy_report import accuracy_report, machine, one_line_errors  # noqa: E402
-from bench.samples import cifar_test_samples  # noqa: E402
-
-LOAD_BACKENDS = ("onnx", "onnx_int8", "torch", "torch_bf16")
 
 
 def _pct(x) -> str:
@@ -174,12 +174,8 @@ def to_html(md: str, folder: Path, title: str) -> str:
 
 
 def build_report(args, log=print) -> Path:
-    import bentoml
-
-    from serving.card import read_card
-
-    m = bentoml.models.get(args.model)
-    tag, card = str(m.tag), read_card(m.path)
+    m = get_model(args.model)
+    tag, card = m.tag, read_card(m.path).to_dict()
     out = args.out / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -194,7 +190,7 @@ def build_report(args, log=print) -> Path:
     md += ["## Accuracy and latency per backend (in process)", "", *acc_md.strip().splitlines(), ""]
     results = {"model": tag, "machine": mach, "accuracy": acc}
     if args.load:
-        backends = [b for b in args.backends.split(",") if b in acc["backends"] or b == "torch_bf16"]
+        backends = [b for b in args.backends.split(",") if b in acc["backends"]]
         server = None
         if args.host:
             from bench.load_test import check_host
@@ -227,7 +223,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--limit", type=int, default=0, help="test images for the accuracy part (0 = all)")
     ap.add_argument("--no-load", dest="load", action="store_false", help="skip the service part")
     ap.add_argument("--host", default="", help="a running service on 127.0.0.1 (default: start one)")
-    ap.add_argument("--backends", default=",".join(LOAD_BACKENDS))
+    ap.add_argument("--backends", default=",".join(default_backends()), help="backends the load part exercises")
     ap.add_argument("--images", type=int, default=1000, help="test images the load part cycles through")
     ap.add_argument("--sweep-seconds", type=float, default=6.0)
     ap.add_argument("--single-stream-queries", type=int, default=200)

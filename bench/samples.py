@@ -6,7 +6,7 @@ import random
 from pathlib import Path
 
 from bench.loadgen import Sample
-from training.paths import default_data_root
+from lab.paths import default_data_root
 
 
 def cifar_test_samples(n: int = 1000, data_root: Path | None = None, seed: int = 0) -> list[Sample]:

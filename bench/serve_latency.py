@@ -23,33 +23,24 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import numpy as np
+
+from bench.loadgen import closed_loop, run
+from bench.samples import cifar_test_samples
+from bench.server import Server
+from lab.backends import get_backend, list_backends, load_backend
+from lab.card import Card, read_card
+from lab.hardware import cores
+from lab.paths import REPO
+from lab.preprocess import Preprocessing, normalize, open_image, preprocess_bytes, to_uint8
+from lab.store import get_model
+
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
-import numpy as np  # noqa: E402
 
-from bench.loadgen import closed_loop, run  # noqa: E402
-from bench.samples import cifar_test_samples  # noqa: E402
-from bench.server import Server  # noqa: E402
-from serving.backends import OnnxBackend, TorchBackend, default_threads  # noqa: E402
-from serving.card import read_card  # noqa: E402
-from serving.preprocess import Preprocessing, normalize, open_image, preprocess_bytes, to_uint8  # noqa: E402
-
-
-def stored_model(tag: str) -> tuple[str, Path, dict]:
-    import bentoml
-
-    m = bentoml.models.get(tag)
-    return str(m.tag), Path(m.path), read_card(m.path)
-
-
-def build_backend(name: str, path: Path, card: dict, threads: int):
-    files = card["backends"]
-    if name in ("onnx", "onnx_int8"):
-        return OnnxBackend(path / files[name], threads=threads)
-    return TorchBackend(path / files["torch"], card, threads=threads,
-                        precision="bf16" if name == "torch_bf16" else "fp32")
+def stored_model(tag: str) -> tuple[str, Path, Card]:
+    m = get_model(tag)
+    return m.tag, m.path, read_card(m.path)
 
 
 def in_process(backend, spec: Preprocessing, samples, reps: int, rounds: int = 5) -> dict:
@@ -120,21 +111,25 @@ def main() -> int:
     except Exception as e:
         print(f"error: no stored model {args.model!r} ({e}); run `python training/run_all.py` first", file=sys.stderr)
         return 2
-    missing = [b for b in backends if b not in ("torch", "torch_bf16") and b not in card["backends"]]
-    if missing:
-        print(f"error: model {tag} has no {missing} backend; it has {sorted(card['backends'])}", file=sys.stderr)
+    unknown = [b for b in backends if b not in list_backends()]
+    if unknown:
+        print(f"error: unknown backend(s) {unknown}; valid: {', '.join(list_backends())}", file=sys.stderr)
         return 2
-    spec = Preprocessing.from_dict(card["preprocessing"])
+    missing = [b for b in backends if get_backend(b).file not in card.files]
+    if missing:
+        print(f"error: model {tag} has no file for {missing}; it has {sorted(card.files)}", file=sys.stderr)
+        return 2
+    spec = card.preprocessing
     samples = cifar_test_samples(1000)
-    threads = max(1, default_threads() // args.workers)
-    print(f"model {tag} (TTA level {card.get('tta_level', 0)}, {card['parameters']:,} parameters); "
+    threads = max(1, cores() // args.workers)
+    print(f"model {tag} (TTA level {card.tta_level}, {card.parameters:,} parameters); "
           f"{os.cpu_count()} cores; {args.workers} worker(s) x {threads} threads")
     report = {"model": tag, "workers": args.workers, "threads": threads, "cores": os.cpu_count(),
               "in_process": {}, "floor": {}, "batched": {}, "unbatched": {}}
 
     print("\n1. in process (preprocess + backend, no HTTP), all cores:")
     for b in backends:
-        be = build_backend(b, path, card, default_threads())
+        be = load_backend(b, path, card, cores())
         r = in_process(be, spec, samples, args.reps)
         report["in_process"][b] = r
         print(f"  {b:<10} batch 1: {r['batch1_ms']:.2f} ms (p99 {r['batch1_p99_ms']:.2f}); batch 64: "
@@ -142,7 +137,7 @@ def main() -> int:
               flush=True)
         del be
 
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO), LAB_BACKENDS=",".join(backends))
     logs = args.out / "serve_latency_logs"
     logs.mkdir(exist_ok=True)
     print("\n2. HTTP floor: bare Starlette no-op endpoint under uvicorn:")
@@ -151,7 +146,7 @@ def main() -> int:
                                                 "warning"]) as floor:
         report["floor"] = http_runs(floor.url, samples, ["noop"], args.c1_requests, args.duration, "floor")["noop"]
 
-    common = {"LAB_WORKERS": str(args.workers), "LAB_THREADS": str(threads), "LAB_BACKENDS": ",".join(backends),
+    common = {"LAB_WORKERS": str(args.workers), "LAB_THREADS": str(threads),
               "LAB_DEFAULT_MODEL": tag.split(":")[0]}
     print(f"\n3. bentoml serve, adaptive batching on (max batch 64), {args.workers} worker(s):")
     with Server(env, logs / "batched.log", dict(common, LAB_MAX_BATCH_SIZE="64")) as srv:

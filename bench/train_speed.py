@@ -17,18 +17,16 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from models import create_model  # noqa: E402
-from training.data import BatchLoader, load_dataset  # noqa: E402
-from training.engine import autocast  # noqa: E402
-from training.optim import build_optimizers  # noqa: E402
-from training.pipeline import make_spec  # noqa: E402
-from training.presets import get_preset  # noqa: E402
+from lab.paths import REPO
+from lab.runfiles import RunFiles
+from models import create_model
+from training.data import BatchLoader, load_dataset
+from training.engine import fit_to_data, train_step
+from training.optim import build_optimizers
+from training.pipeline import make_spec
+from training.presets import get_preset
 
 VARIANTS = {  # name -> (precision, channels_last, compile)
     "fp32": ("fp32", True, False),
@@ -43,39 +41,34 @@ class Trainer:
 
     def __init__(self, name: str, train_set, spec, cfg):
         precision, cl, compile_ = VARIANTS[name]
-        torch.manual_seed(0)
-        self.precision, self.device = precision, torch.device("cpu")
-        self.model = create_model("airbench")
+        self.precision, self.cfg = precision, cfg
+        self.model = create_model("airbench", seed=0)
         if cl:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loader = BatchLoader(train_set, spec, cfg.batch_size, train=True, translate=cfg.translate,
                                   flip=cfg.flip, channels_last=cl)
-        self.model.fit_whitening(self.loader.images[:2000])
+        fit_to_data(self.model, self.loader, cfg, torch.device("cpu"))
         self.optimizers = build_optimizers(self.model, cfg)
         self.forward = torch.compile(self.model) if compile_ else self.model
         self.batches = iter(())
-        self.label_smoothing = cfg.label_smoothing
 
     def step(self) -> int:
+        """One step of the engine's own training step (training/engine.py), on the next batch."""
         try:
             x, y = next(self.batches)
         except StopIteration:
             self.batches = iter(self.loader)
             x, y = next(self.batches)
-        with autocast(self.device, self.precision):
-            out = self.forward(x)
-        F.cross_entropy(out.float(), y, label_smoothing=self.label_smoothing).backward()
-        for opt in self.optimizers:
-            opt.step()
-        self.model.zero_grad(set_to_none=True)
+        train_step(self.forward, x, y, self.optimizers, precision=self.precision,
+                   label_smoothing=self.cfg.label_smoothing)
         return len(y)
 
 
 def throughput(variants: list[str], steps: int, rounds: int, data_root) -> dict[str, list[float]]:
     preset = get_preset("quick")
     train_set = load_dataset("cifar10", "train", data_root, progress=False)
-    spec = make_spec(train_set, preset)
-    trainers = {v: Trainer(v, train_set, spec, preset.train) for v in variants}
+    spec = make_spec(train_set)
+    trainers = {v: Trainer(v, train_set, spec, preset.config()) for v in variants}
     for t in trainers.values():  # warm-up (and compilation)
         for _ in range(2):
             t.step()
@@ -95,9 +88,10 @@ def curve(run_dir: Path, out: Path) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    meta = json.loads((run_dir / "trained.json").read_text())
-    served = json.loads((run_dir / "export" / "parity.json").read_text())["served"]
-    hist = meta["history"]
+    files = RunFiles(run_dir)
+    meta = files.trained()
+    served = files.export().served
+    hist = meta.history
     t = [r["train_seconds"] / 60 for r in hist]
     acc = [100 * r["test_acc"] for r in hist]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -107,8 +101,8 @@ def curve(run_dir: Path, out: Path) -> dict:
     ax.axhline(90.0, color="gray", ls="--", lw=1, label="target 90%")
     ax.axvline(15.0, color="gray", ls=":", lw=1, label="15 minutes")
     ax.set(xlabel="training wall-clock, minutes", ylabel="CIFAR-10 test accuracy, %",
-           title=f"{meta['training']['preset']} preset: accuracy vs training time "
-                 f"({meta['training']['precision']} on {meta['training']['device']})")
+           title=f"{meta.training['preset']} preset: accuracy vs training time "
+                 f"({meta.training['precision']} on {meta.training['device']})")
     ax.set_ylim(max(0, min(acc) - 5), 100)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
@@ -116,7 +110,7 @@ def curve(run_dir: Path, out: Path) -> dict:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return {"train_minutes": t[-1], "served_accuracy": served["accuracy"], "epochs": len(hist),
-            "images_per_second": meta["training"]["images_per_second"], "points": list(zip(t, acc))}
+            "images_per_second": meta.training["images_per_second"], "points": list(zip(t, acc))}
 
 
 def main() -> int:
@@ -137,7 +131,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"training throughput of airbench (quick recipe, batch {get_preset('quick').train.batch_size}), "
+    print(f"training throughput of airbench (quick recipe, batch {get_preset('quick').config().batch_size}), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     res = throughput(variants, args.steps, args.rounds, args.data_root)
     med = {v: statistics.median(x) for v, x in res.items()}

@@ -1,14 +1,14 @@
 """The models the service can answer with: found in BentoML's model store by tag, checked, loaded.
 
-A stored model qualifies when its folder holds a lab model card (card.json). At start-up every version
+A stored model qualifies when its folder holds a lab model card (lab.card). At start-up every version
 is indexed and the newest version of each name is loaded; an older version is loaded (off the event
-loop) the first time a request names it exactly, and only a few stay loaded. Each backend is built only
-after the sha256 of its file matches the card; any failure refuses that backend (or model) with one log
-line and the rest keep serving. Nothing here imports torch unless a torch backend is built.
+loop) the first time a request names it exactly, and only a few stay loaded. Each backend of the
+registry (lab.backends) is built only after the sha256 of its file matches the card; any failure
+refuses that backend (or the model, for a bad card) with one log line and the rest keep serving.
+Nothing here imports torch unless a torch backend is built.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.backends import OnnxBackend, softmax
-from serving.card import inside, read_card, verify_files
+from lab.backends import BackendUnavailable, load_backend, softmax
+from lab.card import Card, read_card
+from lab.preprocess import Preprocessing
+from lab.store import lab_models
 from serving.config import Settings
-from serving.preprocess import Preprocessing
 
 log = logging.getLogger("lab.serving")
 OLD_VERSIONS_LOADED = 3  # older versions kept loaded at once, per worker (least recently used go)
@@ -40,63 +41,22 @@ class ServedModel:
     tag: str                       # name:version
     name: str
     path: Path
-    card: dict
+    card: Card
     created: float
-    spec: Preprocessing = field(init=False)
     backends: dict = field(default_factory=dict)   # name -> backend object
     refused: dict = field(default_factory=dict)    # name -> reason
 
-    def __post_init__(self):
-        self.spec = Preprocessing.from_dict(self.card["preprocessing"])
+    @property
+    def spec(self) -> Preprocessing:
+        return self.card.preprocessing
 
     @property
     def classes(self) -> list[str]:
-        return self.card["classes"]
+        return self.card.classes
 
     def describe(self) -> dict:
-        card = copy.deepcopy(self.card)  # without this server's paths
-        card.pop("run_dir", None)
-        card.get("dataset", {}).pop("root", None)
-        return {"tag": self.tag, "backends": sorted(self.backends), "refused": self.refused, "card": card}
-
-
-class _Unavailable(Exception):
-    pass
-
-
-def _torch_importable() -> str | None:
-    try:
-        import torch  # noqa: F401
-    except Exception as e:  # ImportError, or a broken install
-        return f"torch cannot be imported ({type(e).__name__}: {e})"
-    return None
-
-
-def _native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def _store_models(names: tuple[str, ...]):
-    """(tag, path, created) of every stored model with a lab card; a broken entry is skipped, not fatal."""
-    import bentoml
-    from bentoml._internal.configuration.containers import BentoMLContainer
-
-    root = Path(BentoMLContainer.model_store_dir.get())
-    for d in sorted(root.iterdir()) if root.is_dir() else []:
-        if not d.is_dir() or (names and d.name not in names):
-            continue
-        try:
-            models = bentoml.models.list(d.name)
-        except Exception as e:
-            log.error("skipping stored model %s: %s", d.name, e)
-            continue
-        for m in models:
-            if (Path(m.path) / "card.json").exists():
-                yield str(m.tag), Path(m.path), m.creation_time.timestamp()
+        return {"tag": self.tag, "backends": sorted(self.backends), "refused": self.refused,
+                "card": self.card.public_dict()}
 
 
 class Catalog:
@@ -105,6 +65,7 @@ class Catalog:
         self.index: dict[str, dict[str, tuple[Path, float]]] = {}  # name -> version -> (path, created)
         self.latest: dict[str, ServedModel] = {}                    # name -> its newest servable version
         self.older: OrderedDict[str, ServedModel] = OrderedDict()   # tag -> model, an LRU
+        self.refused_models: dict[str, str] = {}                    # tag -> why it cannot be served
         self.default: str | None = None
         self._lock = threading.Lock()
 
@@ -113,9 +74,13 @@ class Catalog:
     @classmethod
     def from_store(cls, settings: Settings) -> "Catalog":
         cat = cls(settings)
-        for tag, path, created in _store_models(settings.models):
-            name, version = tag.split(":", 1)
-            cat.index.setdefault(name, {})[version] = (path, created)
+
+        def broken(tag, e):
+            log.error("skipping stored model %s: %s", tag, e)
+            cat.refused_models[tag] = f"{type(e).__name__}: {e}"
+
+        for m in lab_models(settings.models, on_error=broken):
+            cat.index.setdefault(m.name, {})[m.version] = (m.path, m.created)
         for name, versions in cat.index.items():
             for version, (path, created) in sorted(versions.items(), key=lambda kv: -kv[1][1]):
                 served = cat._load(f"{name}:{version}", path, created)
@@ -134,42 +99,25 @@ class Catalog:
 
     def _load(self, tag: str, path: Path, created: float) -> ServedModel | None:
         try:
-            served = ServedModel(tag=tag, name=tag.split(":")[0], path=path, card=read_card(path), created=created)
-        except Exception as e:
+            card = read_card(path)
+        except Exception as e:  # CardError: one line naming what is wrong with it
             log.error("refusing model %s: %s", tag, e)
+            self.refused_models[tag] = str(e)
             return None
+        served = ServedModel(tag=tag, name=tag.split(":")[0], path=path, card=card, created=created)
         for backend in self.settings.backends:
             try:
-                served.backends[backend] = self._build(served, backend)
-            except _Unavailable as e:
+                served.backends[backend] = load_backend(backend, path, card, threads=self.settings.threads)
+            except BackendUnavailable as e:
                 served.refused[backend] = str(e)
                 log.info("no %s backend for model %s: %s", backend, tag, e)
             except Exception as e:  # IntegrityError, a model file the runtime rejects, ...
                 served.refused[backend] = f"{type(e).__name__}: {e}"
                 log.error("refusing %s backend of model %s: %s", backend, tag, e)
+        if not served.backends:
+            self.refused_models[tag] = "no backend could be built: " + "; ".join(
+                f"{b}: {r}" for b, r in served.refused.items())
         return served
-
-    def _build(self, served: ServedModel, backend: str):
-        files = served.card.get("backends", {})
-        t = self.settings.threads
-        if backend in ("onnx", "onnx_int8"):
-            if backend not in files:
-                raise _Unavailable("the card lists no file for it")
-            verify_files(served.path, served.card, only=[files[backend]])
-            return OnnxBackend(inside(served.path, files[backend]), threads=t)
-        # torch and torch_bf16 both run model.pth
-        if "torch" not in files:
-            raise _Unavailable("the card lists no file for it")
-        if backend == "torch_bf16" and not _native_bf16():
-            raise _Unavailable("this CPU has no native bf16")
-        reason = _torch_importable()
-        if reason:
-            raise _Unavailable(reason)
-        verify_files(served.path, served.card, only=[files["torch"]])
-        from serving.backends import TorchBackend
-
-        return TorchBackend(inside(served.path, files["torch"]), served.card, threads=t,
-                            precision="bf16" if backend == "torch_bf16" else "fp32")
 
     # ------------------------------------------------------------ lookups
 
@@ -182,6 +130,9 @@ class Catalog:
         if ":" in name and version is None:
             name, version = name.split(":", 1)
         if name not in self.latest:
+            refused = [f"{tag}: {why}" for tag, why in self.refused_models.items() if tag.split(":")[0] == name]
+            if refused:
+                raise RequestError(404, f"model {name!r} is not served: {refused[0]}")
             raise RequestError(404, f"unknown model {name!r}; served models: {', '.join(sorted(self.latest)) or 'none'}")
         version = (version or "").lower()  # BentoML stores versions in lower case
         if version in ("", "latest") or version == self.latest[name].tag.split(":", 1)[1]:
@@ -229,7 +180,8 @@ class Catalog:
     def describe(self) -> dict:
         return {"default": self.default,
                 "models": {name: m.describe() for name, m in sorted(self.latest.items())},
-                "versions": {name: sorted(v) for name, v in sorted(self.index.items())}}
+                "versions": {name: sorted(v) for name, v in sorted(self.index.items())},
+                "refused": dict(sorted(self.refused_models.items()))}
 
     # ------------------------------------------------------------ inference
 
@@ -237,12 +189,15 @@ class Catalog:
         """Run a batch of request items (serving.http_io.Item), grouped by model and backend.
 
         Returns one result per item, in order: {"status": 200, "body": {...}} or an error. A failure in
-        one group answers 500 for that group's items only.
+        one group answers 500 for that group's items only; a None item (its request has gone: a timeout)
+        answers 503.
         """
         results: list[dict | None] = [None] * len(items)
         groups: dict[tuple[int, str], list[int]] = {}
         for i, it in enumerate(items):
-            if it.error is not None:
+            if it is None:
+                results[i] = {"status": 503, "body": {"error": "the request timed out before inference"}}
+            elif it.error is not None:
                 results[i] = {"status": it.error[0], "body": {"error": it.error[1]}}
             else:
                 groups.setdefault((id(it.model), it.backend), []).append(i)

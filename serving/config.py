@@ -12,16 +12,17 @@
   LAB_MAX_BATCH_IMAGES most images in one /classify_batch request (default 64)
   LAB_DEFAULT_MODEL    model name served when a request names none (default cifar10-airbench)
   LAB_MODELS           comma-separated model names to serve (default: every model with a lab card)
-  LAB_BACKENDS         comma-separated backends to build (default: all of torch, torch_bf16, onnx, onnx_int8)
+  LAB_BACKENDS         comma-separated backends to build (default: every backend of the registry,
+                       lab.backends, that is served by default: onnx, onnx_int8, torch, torch_bf16)
+  LAB_PLUGINS          comma-separated modules to import first (e.g. more backends)
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 
-from serving.backends import default_threads
-
-ALL_BACKENDS = ("onnx", "onnx_int8", "torch", "torch_bf16")
+from lab.backends import default_backends, list_backends
+from lab.hardware import cores
 
 
 def _int(name: str, default: int, minimum: int = 1) -> int:
@@ -56,18 +57,18 @@ class Settings:
     max_batch_images: int = 64
     default_model: str = "cifar10-airbench"
     models: tuple[str, ...] = ()
-    backends: tuple[str, ...] = field(default=ALL_BACKENDS)
+    backends: tuple[str, ...] = field(default_factory=lambda: tuple(default_backends()))
 
     @classmethod
     def from_env(cls) -> "Settings":
         workers = _int("LAB_WORKERS", 1)
-        backends = _list("LAB_BACKENDS", ALL_BACKENDS)
-        unknown = [b for b in backends if b not in ALL_BACKENDS]
+        backends = _list("LAB_BACKENDS", tuple(default_backends()))
+        unknown = [b for b in backends if b not in list_backends()]
         if unknown:
-            raise SystemExit(f"LAB_BACKENDS: unknown backend(s) {unknown}; valid: {', '.join(ALL_BACKENDS)}")
+            raise SystemExit(f"LAB_BACKENDS: unknown backend(s) {unknown}; valid: {', '.join(list_backends())}")
         return cls(
             workers=workers,
-            threads=_int("LAB_THREADS", max(1, default_threads() // workers)),
+            threads=_int("LAB_THREADS", max(1, cores() // workers)),
             max_batch_size=_int("LAB_MAX_BATCH_SIZE", 64),
             max_latency_ms=_int("LAB_MAX_LATENCY_MS", 5000),
             batch_wait_ms=_int("LAB_BATCH_WAIT_MS", 0, minimum=0),

@@ -1,38 +1,39 @@
-"""The HTTP contract: request parsing into batchable items, and responses with proper status codes.
-
-We parse requests ourselves (instead of BentoML's typed PIL/Path parameters) so every bad input gets a
-4xx JSON error naming the problem, size limits apply before decoding, and nothing in a request ever
-becomes a file path or a URL to fetch.
+"""The HTTP contract: requests parsed into items, items handed to the batchable API by ticket, and
+the answers turned into responses with proper status codes.
 
 POST /classify        one image: the raw body (Content-Type image/* or application/octet-stream), or
                       multipart/form-data with one file in the field "image"
-POST /classify_batch  multipart/form-data with one or more files in the field "images"
-Options, as query parameters (or multipart text fields): backend (onnx | onnx_int8 | torch |
-torch_bf16), model (name, or name:version), version, top_k.
+POST /classify_batch  multipart/form-data with one or more files in the field "images"; each image gets
+                      its own entry (an answer, or an error naming what is wrong with that image)
+Options, as query parameters (or multipart text fields): backend (a name of the registry, lab.backends),
+model (name, or name:version), version, top_k.
 
-Parsing happens in serving.middleware.FrontDoor, before BentoML: a request that fails is answered
-there and never waits in the batching queue; one that succeeds reaches the batchable API as items.
+The front door (serving/middleware.py) parses and preprocesses a request before BentoML sees it: every
+bad input gets its 4xx JSON error at once and never waits in the batching queue, size limits apply
+before decoding, and nothing in a request ever becomes a file path or a URL to fetch. A parsed request
+becomes tickets: its items wait in this worker's `TICKETS` table, and BentoML's typed, batchable API
+(`classify(tickets: list[str]) -> list[dict]`, serving/service.py) is called with their ids as JSON, so
+BentoML batches many requests' tickets into one inference call through its public API.
 """
 from __future__ import annotations
 
+import json
+import secrets
 import time
-import typing as t
 from dataclasses import dataclass
 
 import anyio
-import bentoml
 import numpy as np
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from lab.preprocess import ImageError, pixel_count, preprocess_bytes
 from serving import catalog as C
-from serving.preprocess import ImageError, pixel_count, preprocess_bytes
 
 INLINE_DECODE_PIXELS = 256 * 256  # smaller images decode on the event loop (cheaper than a thread hop)
 RAW_TYPES = ("image/", "application/octet-stream")
 ROUTES = {"/classify": "single", "/classify_batch": "batch"}
-SCOPE_KEY = "lab.items"
 
 _decode_slots: anyio.CapacityLimiter | None = None
 
@@ -41,9 +42,9 @@ def _decode_limiter() -> anyio.CapacityLimiter:
     """At most one big decode per core at a time: bounds the memory that large images can take."""
     global _decode_slots
     if _decode_slots is None:
-        from serving.backends import default_threads
+        from lab.hardware import cores
 
-        _decode_slots = anyio.CapacityLimiter(default_threads())
+        _decode_slots = anyio.CapacityLimiter(cores())
     return _decode_slots
 
 
@@ -59,7 +60,36 @@ class Item:
     ready_at: float = 0.0                # perf_counter() when it joined the batching queue
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+class Tickets:
+    """Items parsed by the front door, waiting for the batchable API to take them (one table per worker)."""
+
+    def __init__(self):
+        self._items: dict[str, Item] = {}
+
+    def issue(self, items: list[Item]) -> list[str]:
+        ids = [secrets.token_hex(12) for _ in items]
+        self._items.update(zip(ids, items))
+        return ids
+
+    def take(self, ids: list[str]) -> list[Item | None]:
+        """The items of these tickets (None for a ticket whose request has gone)."""
+        return [self._items.pop(i, None) for i in ids]
+
+    def drop(self, ids: list[str]) -> None:
+        for i in ids:
+            self._items.pop(i, None)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+TICKETS = Tickets()
+
+
+# ---------------------------------------------------------------- parsing
+
+
+async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -74,9 +104,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise C.RequestError(413, f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
-    body = b"".join(chunks)
-    request._body = body  # starlette re-reads this for request.form()
-    return body
+    return b"".join(chunks)
 
 
 def _options(request: Request, form=None) -> dict[str, str]:
@@ -120,9 +148,24 @@ async def _preprocess(data: bytes, model: C.ServedModel, where: str | None, max_
     return x, (time.perf_counter() - t0) * 1000
 
 
-async def _form(request: Request, max_files: int):
+def _replay(body: bytes, receive):
+    """A receive channel that yields `body` once, then the client's later messages (a disconnect)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _form(request: Request, body: bytes, max_files: int):
+    replayed = Request(request.scope, _replay(body, request.receive))
     try:
-        return await request.form(max_files=max_files, max_fields=16, max_part_size=64 * 1024)
+        return await replayed.form(max_files=max_files, max_fields=16, max_part_size=64 * 1024)
     except Exception as e:  # starlette / python-multipart parse errors
         raise C.RequestError(400, f"malformed multipart body: {e}") from None
 
@@ -138,7 +181,8 @@ def _content_type(request: Request) -> str:
 
 
 async def parse(request: Request, kind: str) -> list[Item]:
-    """A request -> items ready for inference. Raises RequestError naming what is wrong."""
+    """A request -> items ready for inference. Raises RequestError for what is wrong with the request;
+    in a batch, an image that cannot be read becomes an item with its own error."""
     cat = C.CURRENT
     if cat is None:
         raise C.RequestError(503, "the service is still starting")
@@ -149,7 +193,7 @@ async def parse(request: Request, kind: str) -> list[Item]:
     if kind == "single" and ctype != "multipart/form-data" and not (ctype.startswith(RAW_TYPES) or ctype == ""):
         raise C.RequestError(415, f"unsupported Content-Type {ctype!r}: send the image bytes with an image/* "
                                   f"type, or multipart/form-data with a file field 'image'")
-    body = await _read_body(request, s.max_body_bytes)
+    body = await read_body(request, s.max_body_bytes)
     if ctype != "multipart/form-data":  # one raw image
         model, backend, top_k = await _resolve(cat, _options(request))
         x, ms = await _preprocess(body, model, None, s.max_pixels)
@@ -157,7 +201,7 @@ async def parse(request: Request, kind: str) -> list[Item]:
                      ready_at=time.perf_counter())]
     field = "image" if kind == "single" else "images"
     limit = 1 if kind == "single" else s.max_batch_images
-    form = await _form(request, max_files=4 * limit + 4)
+    form = await _form(request, body, max_files=4 * limit + 4)
     files = [v for v in form.getlist(field) if isinstance(v, UploadFile)]
     if not files or (kind == "single" and len(files) != 1):
         raise C.RequestError(400, f"the request needs {'exactly one file' if kind == 'single' else 'files'} "
@@ -169,21 +213,19 @@ async def parse(request: Request, kind: str) -> list[Item]:
     for i, f in enumerate(files):
         name = _safe_name(f, i)
         where = f"image {i} ({name})" if kind == "batch" else None
-        x, ms = await _preprocess(await f.read(), model, where, s.max_pixels)
+        try:
+            x, ms = await _preprocess(await f.read(), model, where, s.max_pixels)
+        except C.RequestError as e:
+            if kind == "single":
+                raise
+            items.append(Item(filename=name, error=(e.status, e.message)))
+            continue
         items.append(Item(x=x, model=model, backend=backend, top_k=top_k, filename=name, preprocess_ms=ms,
                           ready_at=time.perf_counter()))
     return items
 
 
-async def items_for(request: Request, kind: str) -> list[Item]:
-    """The items FrontDoor parsed for this request (or, without it, parsed here; errors as items)."""
-    items = request.scope.get(SCOPE_KEY)
-    if items is not None:
-        return items
-    try:
-        return await parse(request, kind)
-    except C.RequestError as e:
-        return [Item(error=(e.status, e.message))]
+# ---------------------------------------------------------------- responses
 
 
 def error_response(status: int, message: str) -> Response:
@@ -193,63 +235,34 @@ def error_response(status: int, message: str) -> Response:
     return resp
 
 
-# ---------------------------------------------------------------- BentoML input/output specs
+def item_error(item: Item) -> dict:
+    return {"status": item.error[0], "body": {"error": item.error[1]}}
 
 
-_OPTION_SCHEMA = {
-    "backend": {"type": "string", "enum": ["onnx", "onnx_int8", "torch", "torch_bf16"], "default": "onnx"},
-    "model": {"type": "string", "description": "model name, or name:version (default: the default model)"},
-    "top_k": {"type": "integer", "minimum": 1, "default": 3},
-}
+def single_response(result: dict) -> Response:
+    if result["status"] != 200:
+        return error_response(result["status"], result["body"]["error"])
+    return JSONResponse(result["body"])
 
 
-class _Items(bentoml.IODescriptor):
-    items: t.List[t.Any]
-    form_schema: t.ClassVar[dict] = {}
-    kind: t.ClassVar[str] = ""
-
-    @classmethod
-    def mime_type(cls) -> str:
-        return "multipart/form-data"
-
-    @classmethod
-    def model_json_schema(cls, *args, **kwargs) -> dict:
-        return {"type": "object", "title": cls.__name__, "properties": {**cls.form_schema, **_OPTION_SCHEMA}}
-
-    @classmethod
-    async def from_http_request(cls, request: Request, serde) -> "_Items":
-        return cls.model_construct(items=await items_for(request, cls.kind))
-
-
-class SingleImageInput(_Items):
-    kind: t.ClassVar[str] = "single"
-    form_schema: t.ClassVar[dict] = {"image": {
-        "type": "string", "format": "binary",
-        "description": "the image file (or send the raw bytes as the body, Content-Type image/*)"}}
-
-
-class BatchInput(_Items):
-    kind: t.ClassVar[str] = "batch"
-    form_schema: t.ClassVar[dict] = {"images": {"type": "array", "items": {"type": "string", "format": "binary"}}}
-
-
-class SingleResult(bentoml.IODescriptor):
-    @classmethod
-    async def to_http_response(cls, obj, serde) -> Response:
-        result = obj[0]
-        if result["status"] != 200:
-            return error_response(result["status"], result["body"]["error"])
-        return JSONResponse(result["body"])
-
-
-class BatchResult(bentoml.IODescriptor):
-    @classmethod
-    async def to_http_response(cls, obj, serde) -> Response:
-        errors = [r for r in obj if r["status"] != 200]
-        if errors:
-            return error_response(errors[0]["status"], errors[0]["body"]["error"])
-        first = obj[0]["body"]
-        return JSONResponse({
-            "model": first["model"], "backend": first["backend"],
-            "inference_ms": max(r["body"]["inference_ms"] for r in obj),
-            "results": [{k: r["body"][k] for k in ("filename", "predictions", "batch_size")} for r in obj]})
+def batch_response(results: list[dict], items: list[Item]) -> Response:
+    """One entry per image, in order. 200 when any image was classified; else the first image's error."""
+    ok = [r for r in results if r["status"] == 200]
+    if not ok:
+        first = results[0]
+        resp = error_response(first["status"], first["body"]["error"])
+        resp.body = json.dumps({"error": first["body"]["error"], "results": [
+            {"filename": it.filename, "error": r["body"]["error"], "status": r["status"]}
+            for r, it in zip(results, items)]}).encode()
+        resp.headers["content-length"] = str(len(resp.body))
+        return resp
+    first = ok[0]["body"]
+    entries = []
+    for r, it in zip(results, items):
+        if r["status"] == 200:
+            entries.append({k: r["body"][k] for k in ("filename", "predictions", "batch_size")})
+        else:
+            entries.append({"filename": it.filename, "error": r["body"]["error"], "status": r["status"]})
+    return JSONResponse({"model": first["model"], "backend": first["backend"],
+                         "inference_ms": max(r["body"]["inference_ms"] for r in ok),
+                         "errors": len(results) - len(ok), "results": entries})

@@ -1,13 +1,15 @@
 """The BentoML service: `bentoml serve` (from the project root; see bentofile.yaml).
 
-One small class: models are loaded from BentoML's model store in __init__; two batchable APIs run
-inference for many concurrent requests at once (adaptive batching), on the backend each request asks
-for. See serving/http_io.py for the HTTP contract and serving/config.py for the settings.
+One small class: models are loaded from BentoML's model store by tag in __init__; two typed batchable
+APIs run inference for many concurrent requests at once (adaptive batching), on the backend each
+request asks for. The HTTP contract (image uploads in, JSON answers out) is kept by the front door in
+front of them (serving/middleware.py, serving/http_io.py); serving/config.py lists the settings.
 """
 from __future__ import annotations
 
 import gc
 import os
+import typing as t
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
@@ -16,17 +18,18 @@ from starlette.applications import Starlette  # noqa: E402
 from starlette.responses import JSONResponse  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
-from serving import batching  # noqa: E402
+from lab import bentoml_compat  # noqa: E402
 from serving import catalog as C  # noqa: E402
 from serving.config import Settings  # noqa: E402
-from serving.http_io import BatchInput, BatchResult, SingleImageInput, SingleResult  # noqa: E402
+from serving.http_io import TICKETS  # noqa: E402
 from serving.middleware import FrontDoor  # noqa: E402
 
 SETTINGS = Settings.from_env()
-batching.install(SETTINGS.batch_wait_ms)
+bentoml_compat.cap_learned_batch_wait(SETTINGS.batch_wait_ms)
 # LAB_MAX_BATCH_SIZE=1 turns adaptive batching off (BentoML's batchable APIs need a batch size > 1)
 BATCHING = dict(batchable=SETTINGS.max_batch_size > 1, max_batch_size=max(2, SETTINGS.max_batch_size),
                 max_latency_ms=SETTINGS.max_latency_ms)
+Answers = t.List[t.Dict[str, t.Any]]
 
 
 async def _list_models(request):
@@ -58,16 +61,16 @@ class ImageClassifier:
         gc.collect()
         gc.freeze()
 
-    @bentoml.api(route="/classify", input_spec=SingleImageInput, output_spec=SingleResult, **BATCHING)
-    def classify(self, items: list) -> list:
+    @bentoml.api(route="/classify", **BATCHING)
+    def classify(self, tickets: t.List[str]) -> Answers:
         """Classify one image: the raw body (Content-Type image/*) or a multipart file field 'image'.
         Query parameters: backend, model, top_k."""
-        return self.catalog.infer(items)
+        return self.catalog.infer(TICKETS.take(tickets))
 
-    @bentoml.api(route="/classify_batch", input_spec=BatchInput, output_spec=BatchResult, **BATCHING)
-    def classify_batch(self, items: list) -> list:
+    @bentoml.api(route="/classify_batch", **BATCHING)
+    def classify_batch(self, tickets: t.List[str]) -> Answers:
         """Classify several images: multipart file fields 'images'. Query parameters as /classify."""
-        return self.catalog.infer(items)
+        return self.catalog.infer(TICKETS.take(tickets))
 
 
 ImageClassifier.add_asgi_middleware(FrontDoor, max_inflight=SETTINGS.max_inflight)

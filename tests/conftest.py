@@ -1,6 +1,7 @@
 """Shared fixtures. Every test gets its own BentoML home, cache and runs folder: nothing touches ~/bentoml."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -34,7 +35,7 @@ def lab_env(tmp_path) -> dict:
     env = dict(os.environ)
     env.update(BENTOML_HOME=str(tmp_path / "bentoml"), LAB_CACHE_DIR=str(tmp_path / "cache"),
                LAB_RUNS_DIR=str(tmp_path / "runs"), BENTOML_DO_NOT_TRACK="True",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
     env.pop("LAB_DATA_ROOT", None)
     return env
 
@@ -63,7 +64,8 @@ def store(tmp_path_factory) -> dict:
     """A private model store with the smoke model and a copy whose ONNX file was tampered with."""
     root = tmp_path_factory.mktemp("service")
     env = dict(os.environ, BENTOML_HOME=str(root / "bentoml"), LAB_CACHE_DIR=str(root / "cache"),
-               LAB_RUNS_DIR=str(root / "runs"), BENTOML_DO_NOT_TRACK="True", PYTHONUNBUFFERED="1")
+               LAB_RUNS_DIR=str(root / "runs"), BENTOML_DO_NOT_TRACK="True", PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(REPO))
     from tests.fakedata import CIFAR_CLASSES, write_cifar_pickles, write_image_folder
 
     data = write_cifar_pickles(root / "data")
@@ -73,6 +75,12 @@ def store(tmp_path_factory) -> dict:
     run_dir = proc.stdout.strip().splitlines()[-1].split("run folder: ")[1]
     run_all(["--preset", "smoke", "--data-root", str(data), "--only", "publish", "--run-dir", run_dir,
              "--store-name", "tampered-model"], env, check=True)
+    run_all(["--preset", "smoke", "--data-root", str(data), "--only", "publish", "--run-dir", run_dir,
+             "--store-name", "bad-card-model"], env, check=True)
+    bad_card = next((root / "bentoml" / "models" / "bad-card-model").glob("*/card.json"))
+    card = json.loads(bad_card.read_text())
+    del card["classes"]  # a card that would load, then fail every request, if it were not validated
+    bad_card.write_text(json.dumps(card))
     tampered = next((root / "bentoml" / "models" / "tampered-model").glob("*/model.sim.onnx"))
     blob = bytearray(tampered.read_bytes())
     blob[-100] ^= 0xFF

@@ -12,7 +12,7 @@ from bench.load_test import run_locust
 from bench.loadgen import closed_loop, run
 from bench.samples import cifar_test_samples
 from bench.server import free_port
-from serving.card import read_card
+from lab.card import read_card
 from tests.conftest import REPO
 
 
@@ -60,7 +60,7 @@ def test_load_test_refuses_remote_hosts():
 
 def test_accuracy_report_matches_direct_evaluation(store, tmp_path):
     from models import create_model, with_tta
-    from serving.preprocess import Preprocessing
+    from lab.preprocess import Preprocessing
     from training.data import load_dataset
     from training.evaluate import predict_torch
 
@@ -68,12 +68,11 @@ def test_accuracy_report_matches_direct_evaluation(store, tmp_path):
                  "--out", str(tmp_path))
     rep = json.loads((tmp_path / "accuracy.json").read_text())
     card = read_card(store["model_dir"])
-    net = create_model(card["architecture"]["name"], **card["architecture"]["kwargs"])
+    net = create_model(card.architecture.name, **card.architecture.kwargs)
     net.load_state_dict(torch.load(store["model_dir"] / "model.pth", weights_only=True))
     test = load_dataset("cifar10", "test", store["data"], progress=False)
     assert len(test) == 100
-    logits = predict_torch(with_tta(net, card["tta_level"]).eval(), test,
-                           Preprocessing.from_dict(card["preprocessing"]))
+    logits = predict_torch(with_tta(net, card.tta_level).eval(), test, card.preprocessing)
     direct = float((logits.argmax(1) == test.labels.numpy()).mean())
     assert rep["backends"]["torch"]["accuracy"] == pytest.approx(direct)
     assert rep["backends"]["onnx"]["accuracy"] == pytest.approx(direct)
@@ -86,10 +85,10 @@ def test_accuracy_report_matches_direct_evaluation(store, tmp_path):
 
 def test_int8_record_in_the_card(store):
     card = read_card(store["model_dir"])
-    i8 = card["int8"]
+    i8 = card.int8
     assert i8["calibration"].startswith("training images")
     assert 0 <= i8["accuracy"] <= 1 and i8["drop"] == pytest.approx(i8["fp32_accuracy"] - i8["accuracy"])
-    assert card["backends"]["onnx_int8"] == "model.int8.onnx" and "model.int8.onnx" in card["files"]
+    assert card.backends["onnx_int8"] == "model.int8.onnx" and "model.int8.onnx" in card.files
 
 
 def test_combined_report_end_to_end(store, server, tmp_path):

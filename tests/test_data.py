@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from serving.preprocess import Preprocessing
+from lab.preprocess import Preprocessing
 from tests.conftest import SHARED_DATA, real_cifar, real_mnist
 from tests.fakedata import CIFAR_CLASSES, write_image_folder, write_mnist
 from training import data as D

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from models import create_model
-from serving.preprocess import Preprocessing
+from lab.preprocess import Preprocessing
 from tests.fakedata import _class_images
 from training.data import ArrayDataset
 from training.engine import CheckpointError, TrainConfig, train
 from training.optim import ConfigError, Muon, build_optimizers, lr_factor
+from training.recipes import make_config
 
 SPEC = Preprocessing(size=(16, 16), channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
 
@@ -31,7 +32,7 @@ def tiny_cnn():
 @pytest.mark.parametrize("optimizer,lr", [("sgd", 0.01), ("adam", 3e-3), ("adamw", 3e-3),
                                           ("rmsprop", 1e-3), ("adamax", 3e-3), ("rprop", 1e-3)])
 def test_a_few_epochs_lower_the_loss(optimizer, lr):
-    cfg = TrainConfig(epochs=4, batch_size=32, optimizer=optimizer, lr=lr, schedule="constant",
+    cfg = TrainConfig(epochs=4, batch_size=32, optimizer=optimizer, lr=lr, momentum=0.9, nesterov=True, schedule="constant",
                       weight_decay=0.0, precision="fp32")
     res = train(tiny_cnn(), tiny_dataset(), SPEC, cfg, progress=False, log=lambda *_: None)
     losses = [r["train_loss"] for r in res.history]
@@ -41,9 +42,8 @@ def test_a_few_epochs_lower_the_loss(optimizer, lr):
 def test_muon_recipe_trains_airbench_and_reports_eval_sets():
     torch.manual_seed(0)
     net = create_model("airbench", num_classes=4, widths=(8, 16, 16))
-    cfg = TrainConfig(epochs=4, batch_size=32, optimizer="muon", lr=0.24, bias_lr=1.7, head_lr=21,
-                      weight_decay=0.004, schedule="linear", warmup=0, label_smoothing=0.2,
-                      translate=2, flip=True, whiten_images=64, whiten_bias_epochs=1)
+    cfg = make_config("airbench94_muon", epochs=4, batch_size=32, whiten_images=64, whiten_bias_epochs=1)
+    assert cfg.bias_lr == pytest.approx(0.053 * 32) and cfg.head_lr == pytest.approx(0.67 * 32)  # batch-scaled
     ds = tiny_dataset()
     res = train(net, ds, SPEC, cfg, eval_sets={"val": tiny_dataset(64, seed=1)}, progress=False,
                 log=lambda *_: None)
@@ -55,7 +55,7 @@ def test_muon_recipe_trains_airbench_and_reports_eval_sets():
 
 @pytest.mark.parametrize("averaging", ["ema", "lookahead"])
 def test_weight_averaging_runs(averaging):
-    cfg = TrainConfig(epochs=2, batch_size=32, optimizer="sgd", lr=0.05, averaging=averaging,
+    cfg = TrainConfig(epochs=2, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.9, averaging=averaging,
                       ema_every=2, precision="fp32")
     res = train(tiny_cnn(), tiny_dataset(), SPEC, cfg, progress=False, log=lambda *_: None)
     assert len(res.history) == 2
@@ -66,7 +66,7 @@ class Interrupt(Exception):
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
-    cfg = TrainConfig(epochs=3, batch_size=32, optimizer="sgd", lr=0.05, translate=1, flip=True,
+    cfg = TrainConfig(epochs=3, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.9, translate=1, flip=True,
                       precision="fp32", label_smoothing=0.1)
     ds = tiny_dataset()
     full = train(tiny_cnn(), ds, SPEC, cfg, run_dir=None, progress=False, log=lambda *_: None)

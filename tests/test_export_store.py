@@ -11,7 +11,7 @@ import torch
 from onnx import numpy_helper
 
 from models import create_model
-from serving.card import IntegrityError, read_card, verify_files
+from lab.card import Card, IntegrityError, read_card, verify_files
 from tests.conftest import REPO
 from training import export as E
 
@@ -70,21 +70,24 @@ def _publish_inputs(tmp_path):
     batch = np.random.default_rng(0).normal(size=(8, 3, 32, 32)).astype(np.float32)
     out = E.export_verified(trained_like_airbench(), 0, batch, tmp_path / "export")
     card = {"schema": 1, "name": "x", "architecture": {"name": "airbench", "kwargs": {"widths": [8, 16, 16]}},
-            "tta_level": 0, "classes": [str(i) for i in range(10)], "metrics": {"test_accuracy": 0.5}}
+            "tta_level": 0, "classes": [str(i) for i in range(10)], "metrics": {"test_accuracy": 0.5},
+            "preprocessing": {"size": [32, 32], "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3},
+            "backends": {}, "parameters": 1, "flops_per_image": 1}
     return {k: str(v) for k, v in out["files"].items()}, card
 
 
 def test_publish_puts_a_verified_model_in_the_store(tmp_path, monkeypatch):
     import bentoml
-    from training.store import publish
+    from lab.store import publish
 
     files, card = _publish_inputs(tmp_path)
-    tag = publish("unit-published", {k: Path(v) for k, v in files.items()}, card)
+    tag = publish("unit-published", {k: Path(v) for k, v in files.items()}, Card.from_dict(card, require_files=False))
     model = bentoml.models.get(tag)
     stored = read_card(model.path)
-    assert stored["metrics"]["test_accuracy"] == 0.5
-    assert set(stored["files"]) == set(files)
-    assert model.info.metadata["files"]["model.pth"]["sha256"] == stored["files"]["model.pth"]["sha256"]
+    assert stored.metrics["test_accuracy"] == 0.5
+    assert set(stored.files) == set(files)
+    assert model.info.metadata["files"]["model.pth"]["sha256"] == stored.files["model.pth"].sha256
+    assert stored.backends["onnx"] == "model.sim.onnx" and stored.backends["torch"] == "model.pth"
     verify_files(model.path, stored)
     # a tampered file no longer verifies
     with open(Path(model.path) / "model.sim.onnx", "r+b") as f:
@@ -98,8 +101,8 @@ def test_a_killed_publish_leaves_nothing_servable(tmp_path, lab_env):
     files, card = _publish_inputs(tmp_path)
     script = f"""
 import json, shutil, sys, time
-sys.path.insert(0, {str(REPO)!r})
-import training.store as S
+import lab.store as S
+from lab.card import Card
 real = shutil.copyfile
 def slow(src, dst, *a, **k):
     r = real(src, dst, *a, **k)
@@ -108,7 +111,7 @@ def slow(src, dst, *a, **k):
     return r
 shutil.copyfile = slow
 S.publish("killed-model", {{k: S.Path(v) for k, v in json.loads({json.dumps(json.dumps(files))}).items()}},
-          json.loads({json.dumps(json.dumps(card))}))
+          Card.from_dict(json.loads({json.dumps(json.dumps(card))}), require_files=False))
 """
     proc = subprocess.Popen([sys.executable, "-c", script], env=lab_env, stdout=subprocess.PIPE, text=True)
     try:
@@ -124,8 +127,7 @@ S.publish("killed-model", {{k: S.Path(v) for k, v in json.loads({json.dumps(json
     assert not list(models_dir.glob("killed-model/*/*")) if models_dir.exists() else True
     # the leftovers sit in the staging area, which the next run_all.py clears
     code = f"""
-import sys; sys.path.insert(0, {str(REPO)!r})
-from training.store import clean_staging; print(clean_staging())
+from lab.store import clean_staging; print(clean_staging())
 """
     out = subprocess.run([sys.executable, "-c", code], env=lab_env, capture_output=True, text=True, check=True)
     assert int(out.stdout.strip()) >= 1

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.card import read_card, verify_files
+from lab.card import read_card, verify_files
 from tests.conftest import REPO, run_all
 
 
@@ -36,11 +36,11 @@ def test_smoke_end_to_end(cifar_root, lab_env):
     assert len(cards) == 1
     card = read_card(cards[0].parent)
     verify_files(cards[0].parent, card)
-    assert card["name"] == "cifar10-airbench-smoke"
-    assert 0.0 <= card["metrics"]["test_accuracy"] <= 1.0
-    assert card["preprocessing"]["size"] == [32, 32] and len(card["preprocessing"]["mean"]) == 3
-    assert card["parity"]["onnx_simplified"]["ok"] and card["flops_per_image"] > 0
-    assert {"torch", "onnx", "onnxruntime"} <= set(card["versions"])
+    assert card.name == "cifar10-airbench-smoke"
+    assert 0.0 <= card.metrics["test_accuracy"] <= 1.0
+    assert card.preprocessing.size == (32, 32) and len(card.preprocessing.mean) == 3
+    assert card.parity["onnx_simplified"]["ok"] and card.flops_per_image > 0
+    assert {"torch", "onnx", "onnxruntime"} <= set(card.versions)
     listed = subprocess.run([sys.executable, "-m", "bentoml", "models", "list", "-o", "json"],
                             env=lab_env, capture_output=True, text=True, check=True)
     assert "cifar10-airbench-smoke" in listed.stdout

@@ -1,6 +1,7 @@
 """The service, tested as users meet it: a real `bentoml serve` on 127.0.0.1 and real HTTP requests."""
 from __future__ import annotations
 
+import json
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -10,9 +11,10 @@ import numpy as np
 import pytest
 import requests
 
-from serving.backends import OnnxBackend, softmax
-from serving.card import read_card
-from serving.preprocess import Preprocessing, preprocess_bytes
+from lab.backends import softmax
+from lab.backends.onnx import OnnxBackend
+from lab.card import read_card
+from lab.preprocess import Preprocessing, preprocess_bytes
 from tests.conftest import MAX_BODY, SHARED_DATA, has_real_cifar
 from tests.images import awkward_valid, broken, decompression_bomb, encode, gradient
 from bench.server import REPO, Server
@@ -131,7 +133,13 @@ def test_malformed_multipart_and_batches(server):
     assert requests.post(url, files={"other": ("a.png", good_image())}, timeout=30).status_code == 400
     mixed = requests.post(url, files=[("images", ("ok.png", good_image())), ("images", ("bad.jpg", b"garbage"))],
                           timeout=30)
-    assert mixed.status_code == 415 and "image 1 (bad.jpg)" in mixed.json()["error"]
+    assert mixed.status_code == 200, mixed.text  # each image answers for itself
+    ok, bad = mixed.json()["results"]
+    assert ok["filename"] == "ok.png" and ok["predictions"]
+    assert bad["status"] == 415 and "image 1 (bad.jpg)" in bad["error"] and "predictions" not in bad
+    assert mixed.json()["errors"] == 1
+    all_bad = requests.post(url, files=[("images", ("a.jpg", b"garbage")), ("images", ("b.jpg", b""))], timeout=30)
+    assert all_bad.status_code == 415 and len(all_bad.json()["results"]) == 2
     two_files = requests.post(f"{server.url}/classify", files=[("image", ("a.png", good_image())),
                                                                 ("image", ("b.png", good_image()))], timeout=30)
     assert two_files.status_code == 400
@@ -160,8 +168,8 @@ def test_awkward_but_valid_images_are_classified(server, name):
 
 def _expected(store, images: list[bytes]) -> list[np.ndarray]:
     card = read_card(store["model_dir"])
-    spec = Preprocessing.from_dict(card["preprocessing"])
-    onnx = OnnxBackend(store["model_dir"] / card["backends"]["onnx"], threads=1)
+    spec = card.preprocessing
+    onnx = OnnxBackend(store["model_dir"] / card.backends["onnx"], threads=1)
     return [softmax(onnx.predict(preprocess_bytes(b, spec)[None]))[0] for b in images]
 
 
@@ -226,23 +234,6 @@ def test_onnx_only_deployment_serves_without_torch(store, tmp_path):
         s.stop()
 
 
-def test_greedy_batching_caps_the_learned_wait():
-    from bentoml._internal.marshal import dispatcher
-
-    from serving import batching
-
-    stock = dispatcher.Optimizer(max_latency=5.0)
-    batching.install(0)
-    greedy = dispatcher.Optimizer(max_latency=5.0)
-    assert isinstance(greedy, batching.GreedyOptimizer)
-    for opt in (stock, greedy):
-        for _ in range(20):  # batches that each waited 200 ms in the queue, as after a burst
-            opt.log_outbound(n=64, wait=0.2, duration=0.25)
-        opt.trigger_refresh()
-    assert stock.wait > 0.1  # BentoML's own optimizer would now hold even a lone request back
-    assert greedy.wait == 0.0
-
-
 def test_no_queueing_at_low_load_after_a_burst(server):
     images = [encode(gradient(32, 32).rotate(i * 3.0), "PNG") for i in range(64)]
     with ThreadPoolExecutor(64) as pool:
@@ -289,3 +280,27 @@ def test_bentoml_build_accepts_the_bentofile(store, tmp_path):
     bento = next((Path(store["env"]["BENTOML_HOME"]) / "bentos" / "image_classifier").glob("*/bento.yaml")).parent
     assert (bento / "src" / "serving" / "service.py").exists() and (bento / "src" / "models" / "airbench.py").exists()
     assert "tag: cifar10-airbench-smoke:" in (bento / "bento.yaml").read_text()  # the model, by tag
+
+
+def test_a_bad_card_is_refused_with_one_line_and_never_500s(server):
+    info = requests.get(f"{server.url}/models/", timeout=10).json()
+    assert "bad-card-model" not in info["models"]
+    (tag, why), = [(t, w) for t, w in info["refused"].items() if t.startswith("bad-card-model:")]
+    assert "lacks classes" in why and "\n" not in why
+    r = classify(server, good_image(), "image/png", model="bad-card-model")
+    assert r.status_code == 404 and "lacks classes" in r.json()["error"], r.text
+    assert "refusing model bad-card-model" in server.log()
+    assert_still_serving(server)
+
+
+def test_openapi_describes_the_http_contract_and_every_backend(server):
+    from lab.backends import list_backends
+
+    spec = requests.get(f"{server.url}/docs.json", timeout=10).json()
+    single = spec["paths"]["/classify"]["post"]
+    assert "image/*" in single["requestBody"]["content"]
+    form = single["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    assert form["backend"]["enum"] == list_backends() and "image" in form
+    batch = spec["paths"]["/classify_batch"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert "images" in batch["schema"]["properties"]
+    assert "tickets" not in json.dumps(spec["paths"]["/classify"])

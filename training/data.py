@@ -1,14 +1,15 @@
 """Datasets as uint8 tensors: decode once, cache, split reproducibly, augment batch-wise.
 
 Readers:
-  cifar10        torchvision's CIFAR10 reader when the canonical pickles are in the data root
-                 (cifar-10-batches-py/), else an image-folder tree (cifar10-jpg/{train,test}/<class>/)
+  cifar10        the canonical pickles when they are in the data root (cifar-10-batches-py/, read
+                 here: the format is a documented dict per batch), else an image-folder tree
+                 (cifar10-jpg/{train,test}/<class>/)
   mnist          torchvision's MNIST reader (MNIST/raw/ idx files)
   fashion_mnist  torchvision's FashionMNIST reader (FashionMNIST/raw/)
   imagefolder    any <root>/{train,test}/<class>/<image> tree (Stanford Cars, say), resized by the
                  preprocessing rule that then travels in the model card
 
-Every image is decoded through serving.preprocess (the serving path), so the cached pixels are the
+Every image is decoded through lab.preprocess (the serving path), so the cached pixels are the
 pixels the service would compute from the same file.
 """
 from __future__ import annotations
@@ -25,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from serving.preprocess import ImageError, Preprocessing, decode_uint8
-from training.paths import default_cache_dir, default_data_root  # noqa: F401  (re-exported)
+from lab.paths import default_cache_dir, default_data_root  # noqa: F401  (re-exported)
+from lab.preprocess import ImageError, Preprocessing, decode_uint8
 
 DATASETS = ("cifar10", "mnist", "fashion_mnist", "imagefolder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -82,7 +83,9 @@ def load_dataset(name: str, split: str, root: Path | str | None = None, *, image
     if name == "cifar10":
         pickles = root / "cifar-10-batches-py"
         if pickles.is_dir() or (download and not (root / "cifar10-jpg").is_dir()):
-            return _torchvision_dataset("CIFAR10", root, split, download, cache_dir)
+            if download and not pickles.is_dir():
+                _torchvision_download("CIFAR10", root)
+            return _cifar_pickles(pickles, split, cache_dir)
         return _image_folder(root / "cifar10-jpg", split, "cifar10", image_size, cache_dir, progress,
                              hint=f"expected {pickles}/ (canonical pickles) or "
                                   f"{root / 'cifar10-jpg'}/{{train,test}}/<class>/*.jpg")
@@ -100,14 +103,54 @@ def _missing(what: str, looked: str) -> DataError:
         f"(the offline copies live in ../shared/data), or pass --download where there is network.")
 
 
+def _torchvision_download(cls_name: str, root: Path) -> None:
+    import torchvision
+
+    try:
+        getattr(torchvision.datasets, cls_name)(str(root), train=True, download=True)
+    except Exception as e:  # URLError, HTTPError, socket errors
+        raise DataError(f"could not download {cls_name} into {root}: {type(e).__name__}: {e}. "
+                        f"There may be no network; use an offline copy with --data-root DIR.") from None
+
+
+def _cifar_pickles(folder: Path, split: str, cache_dir: Path) -> ArrayDataset:
+    """The canonical CIFAR-10 python batches: data_batch_1..5 / test_batch, each a pickled dict with
+    "data" (N x 3072 uint8, channel-major) and "labels"; batches.meta names the classes."""
+    import pickle
+
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    sources = [folder / n for n in names] + [folder / "batches.meta"]
+    missing = [p.name for p in sources if not p.is_file()]
+    if missing:
+        raise _missing("CIFAR10", f"{folder} lacks {', '.join(missing)}")
+    key = _files_key(sources, extra=f"cifar-pickles-{split}")
+    cached = _cache_read(cache_dir, f"cifar10-{split}", key)
+    if cached is not None:
+        return cached
+    images, labels = [], []
+    try:
+        for p in sources[:-1]:
+            with open(p, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")
+            images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(batch["labels"])
+        with open(sources[-1], "rb") as f:
+            classes = list(pickle.load(f, encoding="latin1")["label_names"])
+    except Exception as e:
+        raise DataError(f"cannot read the CIFAR-10 batches in {folder}: {type(e).__name__}: {e}") from None
+    result = ArrayDataset(torch.from_numpy(np.concatenate(images)), torch.as_tensor(labels, dtype=torch.int64),
+                          classes, "cifar10")
+    _cache_write(cache_dir, f"cifar10-{split}", key, result)
+    return result
+
+
 def _torchvision_dataset(cls_name: str, root: Path, split: str, download: bool,
                          cache_dir: Path) -> ArrayDataset:
+    """MNIST and Fashion-MNIST through torchvision's public dataset classes."""
     import torchvision
 
     cls = getattr(torchvision.datasets, cls_name)
-    if cls_name == "CIFAR10" and not download:
-        cls = _cifar10_present_class()
-    folder = root / ("cifar-10-batches-py" if cls_name == "CIFAR10" else f"{cls_name}/raw")
+    folder = root / f"{cls_name}/raw"
     sources = sorted(p for p in folder.glob("*") if p.is_file()) if folder.is_dir() else []
     key = _files_key(sources, extra=f"{cls_name}-{split}")
     cached = _cache_read(cache_dir, f"{cls_name.lower()}-{split}", key)
@@ -126,31 +169,10 @@ def _torchvision_dataset(cls_name: str, root: Path, split: str, download: bool,
     images = torch.from_numpy(np.ascontiguousarray(data.transpose(0, 3, 1, 2)))
     labels = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
     result = ArrayDataset(images, labels, list(ds.classes), cls_name.lower())
-    if sources or folder.is_dir():  # key over the files now present (a download may have added them)
-        key = _files_key(sorted(p for p in folder.glob("*") if p.is_file()), extra=f"{cls_name}-{split}")
-        _cache_write(cache_dir, f"{cls_name.lower()}-{split}", key, result)
+    # key over the files now present (a download may have added them)
+    key = _files_key(sorted(p for p in folder.glob("*") if p.is_file()), extra=f"{cls_name}-{split}")
+    _cache_write(cache_dir, f"{cls_name.lower()}-{split}", key, result)
     return result
-
-
-def _cifar10_present_class():
-    import torchvision
-
-    class CIFAR10Present(torchvision.datasets.CIFAR10):
-        """torchvision's CIFAR10 reader, asking only that the pickles be present: its md5 check would
-        refuse any re-pickled copy (and the small files the tests write); our cache keys on the files."""
-
-        def _check_integrity(self) -> bool:
-            base = Path(self.root) / self.base_folder
-            return all((base / name).is_file() for name, _ in self.train_list + self.test_list)
-
-        def _load_meta(self) -> None:  # the same, without the md5 check
-            import pickle
-
-            with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as f:
-                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
-            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-
-    return CIFAR10Present
 
 
 def _list_image_folder(folder: Path) -> tuple[list[Path], list[int], list[str]]:
@@ -217,12 +239,29 @@ def _decode_all(files: list[Path], spec: Preprocessing, progress: bool, desc: st
 # ---------------------------------------------------------------- cache
 
 
+def decoder_version() -> str:
+    """A hash of the code that turns source files into cached pixels: editing it invalidates the cache."""
+    import inspect
+
+    import lab.preprocess
+
+    h = hashlib.sha256(inspect.getsource(lab.preprocess).encode())
+    for fn in (_cifar_pickles, _torchvision_dataset, _image_folder, _decode_one, _decode_all, image_folder_spec):
+        h.update(inspect.getsource(fn).encode())
+    return h.hexdigest()[:16]
+
+
 def _files_key(files: list[Path], extra: str = "") -> str:
-    """Changes when any source file is added, removed, resized or touched."""
-    h = hashlib.sha256(extra.encode())
+    """Changes when any source file is added, removed, resized or touched, or the decoding code changes.
+
+    With LAB_CACHE_VERIFY=content the key also covers every file's bytes (slower: reads them all)."""
+    by_content = os.environ.get("LAB_CACHE_VERIFY", "") == "content"
+    h = hashlib.sha256(f"{extra}\0{decoder_version()}\0{by_content}".encode())
     for p in files:
         st = p.stat()
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        if by_content:
+            h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()[:16]
 
 
@@ -273,7 +312,7 @@ def train_val_split(ds: ArrayDataset, val_size: int | float, seed: int
 
 def to_float(images_uint8: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
     """uint8 NCHW -> normalised float32 NCHW, through the serving path's `normalize`."""
-    from serving.preprocess import normalize
+    from lab.preprocess import normalize
 
     nhwc = images_uint8.permute(0, 2, 3, 1).numpy()
     return torch.from_numpy(normalize(nhwc, spec))

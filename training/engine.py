@@ -1,86 +1,87 @@
-"""The training loop: one function, `train`, driven by one `TrainConfig`.
+"""The training loop, torchvision-reference style: small functions with their dependencies passed in.
 
-It picks the device (CUDA when present, else CPU), uses bf16 autocast where the hardware has native
-bf16 (CUDA, or a CPU with AVX-512 BF16 / AMX) and channels_last for conv nets, schedules the LR, keeps
-an EMA or lookahead copy of the weights if asked, logs a per-epoch history (train and eval loss and
-accuracy, seconds) as JSON, and checkpoints every epoch so an interrupted run continues where it
-stopped when started again.
+    train_step(model, x, y, optimizers, ...)          one optimisation step; returns loss and logits
+    train_one_epoch(model, loader, optimizers, ...)   the steps of one epoch, with the LR schedule
+    train(model, train_set, spec, cfg, ...)           device, seeds, data fit, resume, epochs, history
+
+`TrainConfig` is generic: its defaults are plain SGD at a constant LR with nothing else; the recipes
+(training/recipes.py) are where real hyper-parameters live. The engine picks the device (CUDA when
+present), uses bf16 autocast where the hardware has native bf16 and channels_last for conv nets, and
+checkpoints every epoch (training/checkpoint.py) so an interrupted run continues where it stopped.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from serving.preprocess import Preprocessing
+from lab.hardware import cpu_has_native_bf16
+from lab.preprocess import Preprocessing
+from training import checkpoint
+from training.checkpoint import CheckpointError  # noqa: F401  (re-exported)
 from training.data import ArrayDataset, BatchLoader
 from training.optim import build_optimizers, set_lr
 
 
 @dataclass
 class TrainConfig:
-    epochs: float = 10.0              # may be fractional: training stops after ceil(epochs * steps)
-    batch_size: int = 512
+    recipe: str = ""                  # the recipe these settings came from (training/recipes.py)
+    epochs: float = 1.0               # may be fractional: training stops after ceil(epochs * steps)
+    batch_size: int = 128
     optimizer: str = "sgd"            # sgd | adam | adamw | rmsprop | rprop | adamax | muon
-    lr: float = 0.05                  # for "muon": the Muon LR of the conv filters
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "onecycle"        # linear | onecycle | cosine | constant
-    warmup: float = 0.2               # fraction of training spent warming up
+    lr: float = 0.01                  # for "muon": the Muon LR of the conv filters
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"        # linear | onecycle | cosine | constant
+    warmup: float = 0.0               # fraction of training spent warming up
     final_lr: float = 0.0             # LR factor at the end of the schedule
     label_smoothing: float = 0.0
     averaging: str = "none"           # none | ema | lookahead
     ema_decay: float = 0.99           # per averaging update
     ema_every: int = 5                # steps between averaging updates
-    grad_clip: float = 0.0            # max global grad norm; 0 = off
+    grad_clip: float = 0.0            # max global grad norm (clip_grad_norm_); 0 = off
     translate: int = 0                # random translation in pixels (reflect padding)
     flip: bool = False                # alternating horizontal flip
     tta_level: int = 0                # test-time augmentation of the final model (models.tta)
     precision: str = "auto"           # auto | bf16 | fp32
     channels_last: bool | None = None  # None: on for conv nets
     compile: bool = False             # torch.compile the model
-    seed: int = 0
+    seed: int = 0                     # initial weights and batch order (the data split has its own seed)
     threads: int = 0                  # torch intra-op threads; 0 = all cores
-    # Muon recipe (airbench94_muon): SGD for biases and the head, Muon for filters
-    bias_lr: float = 0.05
-    head_lr: float = 0.5
+    # learning rates of the roles a model declares (models/base.py); None = lr
+    head_lr: float | None = None      # the classifier
+    bias_lr: float | None = None      # biases and norm parameters (muon: every non-matrix parameter)
     muon_momentum: float = 0.6
-    whiten_bias_epochs: float = 3.0
-    whiten_images: int = 5000         # training images used to fit a whitening layer
+    whiten_bias_epochs: float = 0.0   # a "whitening_bias" role trains this many epochs, then freezes; 0 = all
+    whiten_images: int = 5000         # training images a data-fitted first layer is fitted to
 
     def key(self) -> str:
         """What must match for a checkpoint to be resumed (not threads or compile)."""
         d = asdict(self)
         for k in ("threads", "compile"):
             d.pop(k)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return checkpoint.run_key(d)
 
 
 @dataclass
 class TrainResult:
     model: nn.Module
     history: list[dict] = field(default_factory=list)
-    train_seconds: float = 0.0        # whitening fit + optimisation steps, without evaluation
+    train_seconds: float = 0.0        # data fit + optimisation steps, without evaluation
     wall_seconds: float = 0.0
     images_per_second: float = 0.0
     device: str = "cpu"
     precision: str = "fp32"
     resumed_from_epoch: int = 0
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 # ---------------------------------------------------------------- hardware
@@ -91,13 +92,7 @@ def pick_device() -> torch.device:
 
 
 def native_bf16(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -148,7 +143,56 @@ class WeightAveraging:
         return model
 
 
-# ---------------------------------------------------------------- evaluation during training
+# ---------------------------------------------------------------- the step and the epoch
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizers: list[torch.optim.Optimizer], *,
+               precision: str, label_smoothing: float = 0.0, grad_clip: float = 0.0,
+               after_backward: Callable[[nn.Module], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, loss, backward, (clip), step. Returns the detached loss and logits."""
+    with autocast(x.device, precision):
+        out = model(x)
+    loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
+    loss.backward()
+    if after_backward is not None:
+        after_backward(model)               # e.g. a study reading per-layer gradient norms
+    if grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), out.detach()
+
+
+def train_one_epoch(model: nn.Module, forward: nn.Module, loader: BatchLoader, optimizers, cfg: TrainConfig,
+                    precision: str, device: torch.device, step: int, total_steps: int,
+                    averaging: WeightAveraging | None = None, bar=None,
+                    after_backward: Callable[[nn.Module], None] | None = None) -> tuple[dict, int]:
+    """The steps of one epoch (up to total_steps). Returns the epoch's train loss/accuracy and the new step."""
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for x, y in loader:
+        if step >= total_steps:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        set_lr(optimizers, step / total_steps, cfg)
+        loss, out = train_step(forward, x, y, optimizers, precision=precision, label_smoothing=cfg.label_smoothing,
+                               grad_clip=cfg.grad_clip, after_backward=after_backward)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the training loss became {loss.item()} at step {step + 1}: the learning "
+                                     f"rate ({cfg.lr:g}) is probably too high for this model and recipe")
+        step += 1
+        if averaging is not None:
+            averaging.update(model, step, step / total_steps)
+        loss_sum += loss * len(y)
+        correct += (out.argmax(1) == y).sum()
+        seen += len(y)
+        if bar is not None:
+            bar.update(1)
+    return {"train_loss": loss_sum.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1),
+            "images": seen}, step
 
 
 @torch.no_grad()
@@ -166,36 +210,20 @@ def evaluate_loss_acc(model: nn.Module, loader: BatchLoader, device: torch.devic
     return loss_sum / max(n, 1), correct / max(n, 1)
 
 
-# ---------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------- the run
 
 
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {reason}); "
-                              f"delete it or start fresh (run_all.py --fresh)") from None
-
-
-# ---------------------------------------------------------------- the loop
+def fit_to_data(model: nn.Module, loader: BatchLoader, cfg: TrainConfig, device: torch.device) -> bool:
+    """The model's data-dependent initialisation (if it declares one) on cfg.whiten_images training images."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    pick = torch.randperm(len(loader.images), generator=g)[:cfg.whiten_images]
+    return model.fit_to_data(loader.images[pick].to(device))
 
 
 def train(model: nn.Module, train_set: ArrayDataset, spec: Preprocessing, cfg: TrainConfig, *,
           eval_sets: dict[str, ArrayDataset] | None = None, run_dir: Path | None = None,
-          progress: bool = True, log=print, context: dict | None = None) -> TrainResult:
+          progress: bool = True, log=print, context: dict | None = None,
+          after_backward: Callable[[nn.Module], None] | None = None) -> TrainResult:
     """Train `model` on `train_set`; evaluate on each of `eval_sets` after every epoch.
 
     With `run_dir`, writes history.json and checkpoint.pt there every epoch, and resumes from
@@ -204,12 +232,14 @@ def train(model: nn.Module, train_set: ArrayDataset, spec: Preprocessing, cfg: T
     """
     from tqdm import tqdm
 
+    from lab.runfiles import write_json_atomic
+
     wall0 = time.perf_counter()
     device = pick_device()
     precision = resolve_precision(cfg.precision, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # dropout and any other randomness inside the steps
     channels_last = has_conv(model) if cfg.channels_last is None else cfg.channels_last
     model = model.to(device)
     if channels_last:
@@ -223,91 +253,45 @@ def train(model: nn.Module, train_set: ArrayDataset, spec: Preprocessing, cfg: T
                     for name, ds in (eval_sets or {}).items()}
     total_steps = max(1, math.ceil(cfg.epochs * len(loader)))
     n_epochs = math.ceil(total_steps / len(loader))
-    run_key = hashlib.sha256(json.dumps([cfg.key(), precision, len(train_set), context or {}], sort_keys=True,
-                                        default=str).encode()).hexdigest()[:16]
+    key = checkpoint.run_key(cfg.key(), precision, len(train_set), context or {})
+    ckpt = run_dir / checkpoint.FILE if run_dir else None
+    resume = ckpt is not None and ckpt.exists()
 
     train_seconds, history, start_epoch, step = 0.0, [], 0, 0
-    ckpt_path = run_dir / "checkpoint.pt" if run_dir else None
-    resume = ckpt_path is not None and ckpt_path.exists()
-    if hasattr(model, "fit_whitening") and not resume:
+    if not resume:
         t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(cfg.seed)
-        pick = torch.randperm(len(loader.images), generator=g)[:cfg.whiten_images]
-        model.fit_whitening(loader.images[pick].to(device))
+        fit_to_data(model, loader, cfg, device)
         train_seconds += time.perf_counter() - t0
-
     optimizers = build_optimizers(model, cfg)
     averaging = (WeightAveraging(model, cfg.averaging, cfg.ema_decay, cfg.ema_every)
                  if cfg.averaging != "none" else None)
-
     if resume:
-        state = load_checkpoint(ckpt_path)
-        if state.get("config_key") != run_key:
-            raise CheckpointError(f"{ckpt_path} was written by a run with a different configuration (recipe, "
-                                  f"precision, data or model); start fresh (run_all.py --fresh) or restore it")
-        try:
-            model.load_state_dict(state["model"])
-            for opt, s in zip(optimizers, state["optimizers"]):
-                opt.load_state_dict(s)
-            if averaging is not None:
-                averaging.shadow.load_state_dict(state["averaging"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise CheckpointError(f"{ckpt_path} does not fit this model: {e}") from None
-        torch.set_rng_state(state["rng"])
-        start_epoch, step = state["epoch"], state["step"]
-        history, train_seconds = state["history"], state["train_seconds"]
-        log(f"resuming from {ckpt_path}: epoch {start_epoch}/{n_epochs} done")
+        state = checkpoint.restore(ckpt, key, model, optimizers, averaging)
+        start_epoch, step, history, train_seconds = (state["epoch"], state["step"], state["history"],
+                                                     state["train_seconds"])
+        log(f"resuming from {ckpt}: epoch {start_epoch}/{n_epochs} done")
 
-    train_model = torch.compile(model) if cfg.compile else model
+    forward = torch.compile(model) if cfg.compile else model
     for epoch in range(start_epoch, n_epochs):
         loader.set_epoch(epoch)
-        model.train()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
         bar = tqdm(total=min(len(loader), total_steps - step), desc=f"epoch {epoch + 1}/{n_epochs}",
                    disable=not progress, file=sys.stderr, leave=False, mininterval=1.0)
-        for x, y in loader:
-            if step >= total_steps:
-                break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            set_lr(optimizers, step / total_steps, cfg)
-            with autocast(device, precision):
-                out = train_model(x)
-            loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            for opt in optimizers:
-                opt.step()
-            model.zero_grad(set_to_none=True)
-            step += 1
-            if averaging is not None:
-                averaging.update(model, step, step / total_steps)
-            loss_sum += loss.detach() * len(y)
-            correct += (out.detach().argmax(1) == y).sum()
-            seen += len(y)
-            bar.update(1)
+        t0 = time.perf_counter()
+        stats, step = train_one_epoch(model, forward, loader, optimizers, cfg, precision, device, step,
+                                      total_steps, averaging, bar, after_backward)
         bar.close()
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
-
-        record = {"epoch": epoch + 1, "train_loss": loss_sum.item() / max(seen, 1),
-                  "train_acc": correct.item() / max(seen, 1), "seconds": epoch_seconds,
-                  "train_seconds": train_seconds, "images": seen}
+        record = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
+                  "seconds": epoch_seconds, "train_seconds": train_seconds, "images": stats["images"]}
         eval_model = averaging.shadow if averaging is not None else model
         for name, ev in eval_loaders.items():
-            record[f"{name}_loss"], record[f"{name}_acc"] = evaluate_loss_acc(eval_model, ev, device,
-                                                                                precision)
+            record[f"{name}_loss"], record[f"{name}_acc"] = evaluate_loss_acc(eval_model, ev, device, precision)
         history.append(record)
         if run_dir is not None:
             write_json_atomic(run_dir / "history.json", history)
-            _save_atomic({"config_key": run_key, "model": model.state_dict(),
-                          "optimizers": [o.state_dict() for o in optimizers],
-                          "averaging": averaging.shadow.state_dict() if averaging else {},
-                          "rng": torch.get_rng_state(), "epoch": epoch + 1, "step": step,
-                          "history": history, "train_seconds": train_seconds}, ckpt_path)
+            checkpoint.save(ckpt, key, model, optimizers, averaging, epoch=epoch + 1, step=step,
+                            history=history, train_seconds=train_seconds)
         log("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
 
     if averaging is not None:
@@ -317,5 +301,4 @@ def train(model: nn.Module, train_set: ArrayDataset, spec: Preprocessing, cfg: T
     return TrainResult(model=model, history=history, train_seconds=train_seconds,
                        wall_seconds=time.perf_counter() - wall0,
                        images_per_second=images / max(sum(r["seconds"] for r in history), 1e-9),
-                       device=str(device), precision=precision,
-                       resumed_from_epoch=start_epoch)
+                       device=str(device), precision=precision, resumed_from_epoch=start_epoch)

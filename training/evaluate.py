@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from serving.preprocess import Preprocessing
+from lab.preprocess import Preprocessing
 from training.data import ArrayDataset, BatchLoader
 from training.engine import autocast, has_conv
 
@@ -60,8 +60,8 @@ def predict_torch(model: nn.Module, ds: ArrayDataset, spec: Preprocessing, *, pr
 
 
 def predict_backend(backend, ds: ArrayDataset, spec: Preprocessing, batch_size: int = 500) -> np.ndarray:
-    """Logits from a serving backend (serving.backends.OnnxBackend / TorchBackend)."""
-    from serving.preprocess import normalize
+    """Logits from a backend of the registry (lab.backends), batch by batch."""
+    from lab.preprocess import normalize
 
     images = ds.images.permute(0, 2, 3, 1).numpy()
     out = [backend.predict(normalize(images[i:i + batch_size], spec))

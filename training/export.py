@@ -3,6 +3,12 @@
 The verification runs the simplified graph in onnxruntime on a held-out batch of real images and
 compares it with the torch model: the largest |logit difference| must be within `atol` and every
 top-1 must agree, or `ExportError` is raised and nothing is published.
+
+Export hooks make the files of further backends (lab.backends): a hook gets the verified fp32 export
+and returns the file it made for publishing (or None when it is not good enough) and its record:
+
+    @export_hook("int8")
+    def int8(ctx: ExportContext) -> tuple[str | None, dict]: ...
 """
 from __future__ import annotations
 
@@ -11,13 +17,14 @@ import os
 from contextlib import redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from lab.backends.onnx import OnnxBackend
 from models import with_tta
-from serving.backends import OnnxBackend
 
 OPSET = 18
 PARITY_ATOL = 1e-3  # fp32 torch vs fp32 onnxruntime logits
@@ -116,3 +123,35 @@ def export_verified(net: nn.Module, tta_level: int, batch: np.ndarray, out_dir: 
                 f"{path.name} disagrees with torch on {p.images} held-out images: max |logit diff| "
                 f"{p.max_abs_diff:.3g} (tolerance {atol:g}), top-1 agreement {100 * p.top1_agreement:.2f}%")
     return {"files": {"model.pth": pth, "model.onnx": raw, "model.sim.onnx": sim}, "parity": parity}
+
+
+# ---------------------------------------------------------------- hooks for further backends
+
+
+@dataclass
+class ExportContext:
+    """What a hook gets: the verified fp32 export and the data it may calibrate or check against."""
+    net: nn.Module
+    tta_level: int
+    out_dir: Path                 # holds model.pth, model.onnx, model.sim.onnx
+    spec: Any                     # lab.preprocess.Preprocessing
+    train_set: Any                # training.data.ArrayDataset (calibration data: never the test set)
+    test: Any                     # the test split, to measure accuracy
+    parity_batch: np.ndarray      # held-out real test images, normalised (float32 NCHW)
+    fp32: OnnxBackend             # the simplified fp32 model
+    fp32_logits: np.ndarray       # its logits on `test`
+    settings: dict                # the preset's knobs (calibration_images, int8_max_drop, ...)
+    log: Callable[[str], None] = print
+
+
+ExportHook = Callable[[ExportContext], "tuple[str | None, dict]"]
+EXPORT_HOOKS: dict[str, ExportHook] = {}
+
+
+def export_hook(name: str) -> Callable[[ExportHook], ExportHook]:
+    def register(fn: ExportHook) -> ExportHook:
+        if name in EXPORT_HOOKS:
+            raise ValueError(f"export hook {name!r} registered twice")
+        EXPORT_HOOKS[name] = fn
+        return fn
+    return register

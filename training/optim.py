@@ -1,7 +1,8 @@
 """Optimizers by name, the Muon optimizer, and learning-rate schedules.
 
 `build_optimizers(model, cfg)` returns one optimizer, or two for "muon" (Muon for the convolution
-filters, Nesterov SGD for biases and the head, as in airbench94_muon). Each param group carries
+filters, Nesterov SGD for biases and the head, as in airbench94_muon). Parameters are grouped by the
+roles the model declares (`param_roles()`, models/base.py), never guessed. Each param group carries
 `initial_lr` and a `schedule_end` (fraction of training at which its LR reaches its final value), so
 `set_lr(optimizers, progress, cfg)` can drive all of them.
 """
@@ -64,65 +65,76 @@ class Muon(torch.optim.Optimizer):
                 p.add_(update.to(p.dtype), alpha=-group["lr"])
 
 
-def _head_params(model: nn.Module) -> list[nn.Parameter]:
-    head = getattr(model, "head", None)
-    if isinstance(head, nn.Linear):
-        return [p for p in head.parameters() if p.requires_grad]
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return [p for p in linears[-1].parameters() if p.requires_grad] if linears else []
+def _role_groups(model: nn.Module, cfg) -> list[dict]:
+    """Parameter groups by the roles the model declares (models/base.py): the head at cfg.head_lr, the
+    biases and norm parameters at cfg.bias_lr, the rest at cfg.lr (a None role LR means cfg.lr)."""
+    roles = model.param_roles()
+    head_ids = {id(p) for p in roles.get("head", [])}
+    params = [p for p in model.parameters() if p.requires_grad]
+    head = [p for p in params if id(p) in head_ids]
+    biases = [p for p in params if id(p) not in head_ids and p.ndim < 2]
+    rest = [p for p in params if id(p) not in head_ids and p.ndim >= 2]
+    groups = [dict(params=rest, lr=cfg.lr),
+              dict(params=biases, lr=cfg.bias_lr if cfg.bias_lr is not None else cfg.lr),
+              dict(params=head, lr=cfg.head_lr if cfg.head_lr is not None else cfg.lr)]
+    return [g for g in groups if g["params"]]
 
 
 def build_optimizers(model: nn.Module, cfg) -> list[torch.optim.Optimizer]:
     name = cfg.optimizer.lower()
     if name not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    wd = cfg.weight_decay
     if name == "muon":
         return _build_muon(model, cfg)
+    groups, wd = _role_groups(model, cfg), cfg.weight_decay
     if name == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                              weight_decay=wd)
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                              nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=wd)
     elif name == "adam":
-        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=wd)
+        opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=wd)
     elif name == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=wd)
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=wd)
     elif name == "rmsprop":
-        opt = torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd)
+        opt = torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd)
     elif name == "rprop":
-        opt = torch.optim.Rprop(params, lr=cfg.lr)  # full-batch method; no weight decay
+        opt = torch.optim.Rprop(groups, lr=cfg.lr)  # a full-batch method; no weight decay
     else:
-        opt = torch.optim.Adamax(params, lr=cfg.lr, weight_decay=wd)
+        opt = torch.optim.Adamax(groups, lr=cfg.lr, weight_decay=wd)
     for g in opt.param_groups:
         g["initial_lr"], g["schedule_end"] = g["lr"], 1.0
     return [opt]
 
 
 def _build_muon(model: nn.Module, cfg) -> list[torch.optim.Optimizer]:
-    head = _head_params(model)
-    head_ids = {id(p) for p in head}
-    whiten_bias = []
-    if isinstance(getattr(model, "whiten", None), nn.Conv2d) and model.whiten.bias is not None:
-        whiten_bias = [model.whiten.bias]
-    taken = head_ids | {id(p) for p in whiten_bias}
-    filters = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2 and id(p) not in taken]
-    others = [p for p in model.parameters()
-              if p.requires_grad and p.ndim < 2 and id(p) not in taken]
+    """Muon for the weight matrices (conv filters); Nesterov SGD for the head, the biases and a
+    "whitening_bias" role, which trains only for its first cfg.whiten_bias_epochs epochs."""
+    if cfg.bias_lr is None or cfg.head_lr is None:
+        raise ConfigError("the muon optimizer needs bias_lr and head_lr (the SGD part of the recipe)")
+    roles = model.param_roles()
+    head = [p for p in roles.get("head", []) if p.requires_grad]
+    whiten_bias = [p for p in roles.get("whitening_bias", []) if p.requires_grad]
+    taken = {id(p) for p in head + whiten_bias}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+    filters = [p for p in params if p.ndim >= 2]
+    others = [p for p in params if p.ndim < 2]
     wd = cfg.weight_decay
     groups = [dict(params=others, lr=cfg.bias_lr, weight_decay=wd / cfg.bias_lr, schedule_end=1.0),
               dict(params=head, lr=cfg.head_lr, weight_decay=wd / cfg.head_lr, schedule_end=1.0)]
     if whiten_bias:
-        end = min(1.0, cfg.whiten_bias_epochs / cfg.epochs) if cfg.epochs else 1.0
+        end = min(1.0, cfg.whiten_bias_epochs / cfg.epochs) if cfg.epochs and cfg.whiten_bias_epochs else 1.0
         groups.append(dict(params=whiten_bias, lr=cfg.bias_lr, weight_decay=wd / cfg.bias_lr,
                            schedule_end=end))
     sgd = torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.bias_lr, momentum=cfg.momentum,
-                          nesterov=True)
-    muon = Muon(filters, lr=cfg.lr, momentum=cfg.muon_momentum, nesterov=True)
-    muon.param_groups[0]["schedule_end"] = 1.0
-    for opt in (sgd, muon):
+                          nesterov=cfg.momentum > 0)
+    optimizers = [sgd]
+    if filters:
+        muon = Muon(filters, lr=cfg.lr, momentum=cfg.muon_momentum, nesterov=True)
+        muon.param_groups[0]["schedule_end"] = 1.0
+        optimizers.append(muon)
+    for opt in optimizers:
         for g in opt.param_groups:
             g["initial_lr"] = g["lr"]
-    return [sgd, muon]
+    return optimizers
 
 
 def lr_factor(progress: float, schedule: str, warmup: float = 0.0, final: float = 0.0) -> float:

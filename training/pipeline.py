@@ -1,15 +1,14 @@
-"""The stages of run_all.py. Each reads its inputs from, and writes its outputs to, one run folder:
+"""The stages of run_all.py. Each reads its inputs from, and writes its outputs to, one run folder
+(lab/runfiles.py lists the files), so a stage can run alone on an earlier run folder
+(run_all.py --only export --run-dir runs/...):
 
   train     trained.pth, trained.json, history.json, learning_curves.png (checkpoint.pt while running)
   evaluate  metrics.json, confusion.png, per-class accuracy in the log
-  export    export/model.pth, model.onnx, model.sim.onnx, parity.json and the served accuracy
-  publish   the BentoML model (all of export/ plus card.json), published.json
-
-so a stage can run alone on an earlier run folder (run_all.py --only export --run-dir runs/...).
+  export    export/model.pth, model.onnx, model.sim.onnx (+ each export hook's file), export/export.json
+  publish   the BentoML model (the exported files plus card.json), published.json
 """
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -19,12 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lab.card import Architecture, Card
+from lab.preprocess import Preprocessing
+from lab.runfiles import (EvalRecord, ExportRecord, MissingArtifact, PublishedRecord, RunFiles, TrainedRecord,
+                          write_json_atomic)
 from models import count_parameters, create_model, with_tta
 from models.tta import passes
-from serving.card import CARD_SCHEMA
-from serving.preprocess import Preprocessing
 from training import data as D
-from training.engine import CheckpointError, train, write_json_atomic
+from training.checkpoint import CheckpointError, save_atomic
+from training.engine import train
 from training.optim import ConfigError
 from training.presets import Preset
 
@@ -46,70 +48,64 @@ class Run:
         with open(self.dir / "run.log", "a") as f:
             f.write(msg + "\n")
 
+    @property
+    def files(self) -> RunFiles:
+        return RunFiles(self.dir)
+
     def path(self, name: str) -> Path:
         return self.dir / name
 
-    def read_json(self, name: str) -> dict:
-        p = self.path(name)
-        if not p.exists():
-            raise CheckpointError(f"{p} is missing: run the stage that makes it first "
-                                  f"(or point --run-dir at a run that has it)")
-        return json.loads(p.read_text())
-
-    def write_json(self, name: str, obj) -> Path:
-        p = self.path(name)
-        write_json_atomic(p, obj)  # a kill mid-write never leaves half a file
-        return p
-
     def stages_done(self) -> list[str]:
+        import json
+
         p = self.path("stages.json")
         return json.loads(p.read_text()) if p.exists() else []
 
     def mark_done(self, stage: str) -> None:
         done = self.stages_done()
         if stage not in done:
-            self.write_json("stages.json", done + [stage])
+            write_json_atomic(self.path("stages.json"), done + [stage])
 
 
 # ---------------------------------------------------------------- data
 
 
 def load_splits(run: Run) -> tuple[D.ArrayDataset, D.ArrayDataset | None, D.ArrayDataset]:
+    """The training, validation and test splits: a function of the data and `data_seed` only, never of
+    the training seed, so runs with different seeds see the same images."""
     p = run.preset
-    seed = p.train.seed
     train_all = D.load_dataset(p.dataset, "train", run.data_root, image_size=p.image_size,
                                download=run.download, progress=run.progress)
     test = D.load_dataset(p.dataset, "test", run.data_root, image_size=p.image_size,
                           download=run.download, progress=run.progress)
-    train_set, val_set = D.train_val_split(D.shuffled(train_all, seed), p.val_size, seed)
+    train_set, val_set = D.train_val_split(D.shuffled(train_all, p.data_seed), p.val_size, p.data_seed)
     if p.train_limit:
         train_set = train_set.subset(slice(0, p.train_limit))
     if p.test_limit:
-        test = D.shuffled(test, seed + 1).subset(slice(0, p.test_limit))
+        test = D.shuffled(test, p.data_seed + 1).subset(slice(0, p.test_limit))
     return train_set, val_set, test
 
 
-def make_spec(train_set: D.ArrayDataset, p: Preset) -> Preprocessing:
+def make_spec(train_set: D.ArrayDataset) -> Preprocessing:
     mean, std = train_set.mean_std()
     return Preprocessing(size=train_set.size, channels=train_set.channels,
                          mean=tuple(round(m, 4) for m in mean), std=tuple(round(s, 4) for s in std))
 
 
-def build_model(meta: dict) -> torch.nn.Module:
-    return create_model(meta["architecture"]["name"], **meta["architecture"]["kwargs"])
+def build_model(arch: dict) -> torch.nn.Module:
+    return create_model(arch["name"], **arch["kwargs"])
 
 
-def load_trained(run: Run) -> tuple[torch.nn.Module, dict]:
-    meta = run.read_json("trained.json")
-    net = build_model(meta)
+def load_trained(run: Run) -> tuple[torch.nn.Module, TrainedRecord]:
+    meta = run.files.trained()
+    net = build_model(meta.architecture)
     path = run.path("trained.pth")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        net.load_state_dict(state)
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing: run the train stage first") from None
     except RuntimeError as e:
-        raise CheckpointError(f"{path} does not fit {meta['architecture']['name']}: "
+        raise CheckpointError(f"{path} does not fit {meta.architecture['name']}: "
                               f"{str(e).splitlines()[0]}") from None
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable state_dict: {type(e).__name__}: {e}") from None
@@ -122,44 +118,48 @@ def load_trained(run: Run) -> tuple[torch.nn.Module, dict]:
 def stage_train(run: Run) -> None:
     from training.evaluate import plot_learning_curves
 
-    p = run.preset
+    p, cfg = run.preset, run.preset.config()
     train_set, val_set, test = load_splits(run)
-    spec = make_spec(train_set, p)
+    spec = make_spec(train_set)
     if p.model_kwargs.get("num_classes", len(train_set.classes)) != len(train_set.classes):
         raise ValueError(f"the model is asked for {p.model_kwargs['num_classes']} classes but "
                          f"{p.dataset} has {len(train_set.classes)}")
     kwargs = dict(p.model_kwargs, num_classes=len(train_set.classes), in_channels=train_set.channels)
     kwargs.setdefault("image_size", train_set.size[0])
     try:
-        net = create_model(p.model, **kwargs)
+        net = create_model(p.model, seed=cfg.seed, **kwargs)
     except TypeError as e:  # an argument the architecture does not take
         raise ConfigError(str(e)) from None
+    except ValueError as e:  # a knob out of range, an input size it cannot take
+        raise ConfigError(f"model {p.model!r} cannot be built for {p.dataset} with {kwargs}: {e}") from None
     run.log(f"data: {p.dataset} from {run.data_root}: {len(train_set)} train, "
             f"{len(val_set) if val_set else 0} validation, {len(test)} test images, "
-            f"{len(train_set.classes)} classes")
-    run.log(f"model: {p.model} {kwargs}: {count_parameters(net):,} parameters")
+            f"{len(train_set.classes)} classes (data seed {p.data_seed})")
+    run.log(f"model: {p.model} {kwargs}: {count_parameters(net):,} parameters (seed {cfg.seed})")
+    run.log(f"recipe: {cfg.recipe}: optimizer {cfg.optimizer}, lr {cfg.lr:g}, batch {cfg.batch_size}, "
+            f"{cfg.epochs:g} epochs")
     eval_sets = {"val": val_set} if val_set is not None else {}
     eval_sets["test"] = test
-    result = train(net, train_set, spec, p.train, eval_sets=eval_sets, run_dir=run.dir,
+    result = train(net, train_set, spec, cfg, eval_sets=eval_sets, run_dir=run.dir,
                    progress=run.progress, log=run.log,
-                   context={"dataset": p.dataset, "model": p.model, "kwargs": kwargs, "val_size": p.val_size})
-    torch.save({k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()},
-               run.path("trained.pth"))
-    run.write_json("trained.json", {
-        "architecture": {"name": p.model, "kwargs": kwargs},
-        "tta_level": p.train.tta_level,
-        "classes": train_set.classes,
-        "preprocessing": spec.to_dict(),
-        "dataset": {"name": p.dataset, "root": str(run.data_root), "train_images": len(train_set),
-                    "val_images": len(val_set) if val_set else 0, "test_images": len(test)},
-        "training": {"preset": p.name, "config": asdict(p.train), "epochs": len(result.history),
-                     "train_seconds": round(result.train_seconds, 2),
-                     "wall_seconds": round(result.wall_seconds, 2),
-                     "images_per_second": round(result.images_per_second, 1),
-                     "device": result.device, "precision": result.precision,
-                     "resumed_from_epoch": result.resumed_from_epoch},
-        "history": result.history,
-    })
+                   context={"dataset": p.dataset, "model": p.model, "kwargs": kwargs, "val_size": p.val_size,
+                            "data_seed": p.data_seed})
+    save_atomic({k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()},
+                run.path("trained.pth"))
+    run.files.write(TrainedRecord(
+        architecture={"name": p.model, "kwargs": kwargs},
+        tta_level=cfg.tta_level,
+        classes=train_set.classes,
+        preprocessing=spec.to_dict(),
+        dataset={"name": p.dataset, "root": str(run.data_root), "train_images": len(train_set),
+                 "val_images": len(val_set) if val_set else 0, "test_images": len(test),
+                 "data_seed": p.data_seed},
+        training={"preset": p.name, "recipe": cfg.recipe, "config": asdict(cfg), "epochs": len(result.history),
+                  "train_seconds": round(result.train_seconds, 2), "wall_seconds": round(result.wall_seconds, 2),
+                  "images_per_second": round(result.images_per_second, 1), "device": result.device,
+                  "precision": result.precision, "resumed_from_epoch": result.resumed_from_epoch,
+                  "world_size": 1},
+        history=result.history))
     plot_learning_curves(result.history, run.path("learning_curves.png"), f"{p.model} on {p.dataset}")
     run.path("checkpoint.pt").unlink(missing_ok=True)
     run.log(f"trained in {result.train_seconds:.1f} s ({result.images_per_second:.0f} images/s, "
@@ -167,15 +167,14 @@ def stage_train(run: Run) -> None:
 
 
 def stage_evaluate(run: Run) -> None:
-    from training.evaluate import (classification_metrics, per_class_lines, plot_confusion,
-                                   predict_torch)
+    from training.evaluate import classification_metrics, per_class_lines, plot_confusion, predict_torch
 
     net, meta = load_trained(run)
-    spec = Preprocessing.from_dict(meta["preprocessing"])
+    spec = Preprocessing.from_dict(meta.preprocessing)
     *_, test = load_splits(run)
     _check_classes(meta, test)
     out = {}
-    for level in sorted({0, meta["tta_level"]}):
+    for level in sorted({0, meta.tta_level}):
         t0 = time.perf_counter()
         logits = predict_torch(with_tta(net, level), test, spec, precision="fp32")
         m = classification_metrics(test.labels.numpy(), logits.argmax(1), test.classes)
@@ -183,107 +182,74 @@ def stage_evaluate(run: Run) -> None:
         out[f"tta{level}"] = m
         run.log(f"test accuracy (torch fp32, TTA level {level}): {100 * m['accuracy']:.2f}% "
                 f"macro-F1 {m['macro_f1']:.4f} ({m['seconds']:.1f} s)")
-    final = out[f"tta{meta['tta_level']}"]
-    for line in per_class_lines(final):
+    record = EvalRecord(out)
+    for line in per_class_lines(record.final(meta.tta_level)):
         run.log(line)
-    run.write_json("metrics.json", out)
-    plot_confusion(final, test.classes, run.path("confusion.png"),
-                   f"{meta['architecture']['name']}: test accuracy {100 * final['accuracy']:.2f}%")
+    run.files.write(record)
+    plot_confusion(record.final(meta.tta_level), test.classes, run.path("confusion.png"),
+                   f"{meta.architecture['name']}: test accuracy {100 * record.final(meta.tta_level)['accuracy']:.2f}%")
 
 
 def stage_export(run: Run) -> None:
-    from serving.backends import OnnxBackend
+    import training.export_hooks  # noqa: F401  (registers the hooks)
+    from lab.backends.onnx import OnnxBackend
     from training.evaluate import classification_metrics, predict_backend
-    from training.export import export_verified
+    from training.export import EXPORT_HOOKS, ExportContext, export_verified
 
     net, meta = load_trained(run)
-    spec = Preprocessing.from_dict(meta["preprocessing"])
+    spec = Preprocessing.from_dict(meta.preprocessing)
     train_set, _, test = load_splits(run)
     _check_classes(meta, test)
+    run.path(ExportRecord.FILE).unlink(missing_ok=True)  # a failed export must not leave the last record
     # the parity batch: real test images, never seen in training
     held_out = D.shuffled(test, 1234).subset(slice(0, run.preset.parity_images))
     batch = D.to_float(held_out.images, spec).numpy()
     out_dir = run.path("export")
-    result = export_verified(net, meta["tta_level"], batch, out_dir)
+    result = export_verified(net, meta.tta_level, batch, out_dir)
     for name, par in result["parity"].items():
         run.log(f"parity {name}: max |logit diff| {par['max_abs_diff']:.2e} (atol {par['atol']:g}), "
                 f"top-1 agreement {100 * par['top1_agreement']:.1f}% on {par['images']} images")
     # the accuracy as served: the simplified ONNX through the card's preprocessing
     t0 = time.perf_counter()
-    fp32 = OnnxBackend(out_dir / "model.sim.onnx")
+    fp32 = OnnxBackend(out_dir / OnnxBackend.file)
     logits = predict_backend(fp32, test, spec)
     served = classification_metrics(test.labels.numpy(), logits.argmax(1), test.classes)
     served["seconds"] = round(time.perf_counter() - t0, 2)
     run.log(f"test accuracy as served (model.sim.onnx, onnxruntime): {100 * served['accuracy']:.2f}%")
-    record = {"parity": result["parity"], "served": served}
-    if run.preset.calibration_images:
-        record["int8"] = _export_int8(run, out_dir, spec, train_set, test, batch, fp32, logits)
-    run.write_json("export/parity.json", record)
-
-
-def _export_int8(run: Run, out_dir: Path, spec: Preprocessing, train_set: D.ArrayDataset, test: D.ArrayDataset,
-                 parity_batch: np.ndarray, fp32, fp32_logits: np.ndarray) -> dict:
-    """INT8 model calibrated on training images; published if it loses at most the preset's int8_max_drop."""
-    from serving.backends import OnnxBackend
-    from training.evaluate import classification_metrics, predict_backend
-    from training.quantize import quantize_int8
-
-    calib = D.to_float(D.shuffled(train_set, 99).images[:run.preset.calibration_images], spec).numpy()
-    t0 = time.perf_counter()
-    path = quantize_int8(out_dir / "model.sim.onnx", calib, out_dir / "model.int8.onnx")
-    seconds = time.perf_counter() - t0
-    int8 = OnnxBackend(path)
-    logits = predict_backend(int8, test, spec)
-    m = classification_metrics(test.labels.numpy(), logits.argmax(1), test.classes)
-    fp32_acc = float((fp32_logits.argmax(1) == test.labels.numpy()).mean())
-    ref = fp32.predict(parity_batch)
-    got = int8.predict(parity_batch)
-    drop = fp32_acc - m["accuracy"]
-    rec = {"accuracy": m["accuracy"], "fp32_accuracy": fp32_acc, "drop": drop,
-           "per_class_accuracy": m["per_class_accuracy"], "macro_f1": m["macro_f1"],
-           "top1_disagreements_vs_fp32": int((logits.argmax(1) != fp32_logits.argmax(1)).sum()),
-           "test_images": m["images"], "calibration_images": len(calib), "calibration": "training images, MinMax",
-           "parity_batch": {"max_abs_diff": float(np.abs(got - ref).max()),
-                            "top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
-                            "images": len(parity_batch)},
-           "quantize_seconds": round(seconds, 1), "bytes": path.stat().st_size,
-           "accepted": drop <= run.preset.int8_max_drop}
-    run.log(f"INT8 (static, per-channel, {len(calib)} training images): test accuracy "
-            f"{100 * m['accuracy']:.2f}% vs {100 * fp32_acc:.2f}% fp32 ({100 * drop:+.2f} points lost), "
-            f"{rec['top1_disagreements_vs_fp32']} top-1 changes"
-            + ("" if rec["accepted"] else
-               f"; NOT published: more than {100 * run.preset.int8_max_drop:.1f} points lost"))
-    return rec
+    files = list(result["files"])
+    ctx = ExportContext(net=net, tta_level=meta.tta_level, out_dir=out_dir, spec=spec, train_set=train_set,
+                        test=test, parity_batch=batch, fp32=fp32, fp32_logits=logits, log=run.log,
+                        settings={"calibration_images": run.preset.calibration_images,
+                                  "int8_max_drop": run.preset.int8_max_drop})
+    hooks = {}
+    for name, hook in EXPORT_HOOKS.items():
+        made, hooks[name] = hook(ctx)
+        if made:
+            files.append(made)
+    run.files.write(ExportRecord(parity=result["parity"], served=served, files=files, hooks=hooks))
 
 
 def stage_publish(run: Run) -> str:
-    from training.store import publish
+    from lab.store import models_dir, publish
 
-    meta = run.read_json("trained.json")
-    exported = run.read_json("export/parity.json")
-    metrics = run.read_json("metrics.json") if run.path("metrics.json").exists() else {}
-    card = make_card(run, meta, exported, metrics)
-    files = {name: run.path(f"export/{name}") for name in ("model.pth", "model.onnx", "model.sim.onnx")}
-    if exported.get("int8", {}).get("accepted"):
-        files["model.int8.onnx"] = run.path("export/model.int8.onnx")
+    meta, exported = run.files.trained(), run.files.export()
+    card = make_card(run, meta, exported, run.files.metrics())
+    files = {name: run.path(f"export/{name}") for name in exported.files}
+    missing = [n for n, p in files.items() if not p.is_file()]
+    if missing:
+        raise MissingArtifact(f"export/{', export/'.join(missing)} missing: rerun the export stage")
     tag = publish(run.preset.model_name_in_store, files, card,
-                  labels={"preset": run.preset.name, "dataset": meta["dataset"]["name"],
-                          "architecture": meta["architecture"]["name"]})
-    run.write_json("published.json", {"tag": tag})
-    run.log(f"published {tag} to the BentoML model store ({_store_dir()})")
+                  labels={"preset": run.preset.name, "dataset": meta.dataset["name"],
+                          "architecture": meta.architecture["name"]})
+    run.files.write(PublishedRecord(tag))
+    run.log(f"published {tag} to the BentoML model store ({models_dir()})")
     return tag
 
 
-def _store_dir() -> str:
-    from training.store import models_dir
-
-    return str(models_dir())
-
-
-def _check_classes(meta: dict, test: D.ArrayDataset) -> None:
-    if list(meta["classes"]) != list(test.classes):
-        raise ValueError(f"the trained model knows {len(meta['classes'])} classes, the test data has "
-                         f"{len(test.classes)}: {meta['classes']} vs {test.classes}")
+def _check_classes(meta: TrainedRecord, test: D.ArrayDataset) -> None:
+    if list(meta.classes) != list(test.classes):
+        raise ValueError(f"the trained model knows {len(meta.classes)} classes, the test data has "
+                         f"{len(test.classes)}: {meta.classes} vs {test.classes}")
 
 
 # ---------------------------------------------------------------- the card
@@ -302,46 +268,38 @@ def count_flops(net: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
 def versions() -> dict:
     import onnx
     import onnxruntime
-    import onnxsim
     import torchvision
 
-    return {"python": platform.python_version(), "torch": str(torch.__version__),
-            "torchvision": str(torchvision.__version__), "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "onnxsim": onnxsim.__version__,
-            "numpy": np.__version__}
+    out = {"python": platform.python_version(), "torch": str(torch.__version__),
+           "torchvision": str(torchvision.__version__), "onnx": onnx.__version__,
+           "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+    try:
+        import onnxsim
+
+        out["onnxsim"] = onnxsim.__version__
+    except ImportError:
+        pass
+    return out
 
 
-def make_card(run: Run, meta: dict, exported: dict, metrics: dict) -> dict:
-    net = build_model(meta)
-    pre = meta["preprocessing"]
-    shape = (pre["channels"], *pre["size"])
-    flops = count_flops(net, shape)
-    served = exported["served"]
+def make_card(run: Run, meta: TrainedRecord, exported: ExportRecord, metrics: EvalRecord | None) -> Card:
+    net = build_model(meta.architecture)
+    pre = Preprocessing.from_dict(meta.preprocessing)
+    flops = count_flops(net, (pre.channels, *pre.size))
+    served = exported.served
     card_metrics = {"test_accuracy": served["accuracy"], "test_macro_f1": served["macro_f1"],
                     "per_class_accuracy": served["per_class_accuracy"],
                     "confusion_matrix": served["confusion_matrix"], "test_images": served["images"],
                     "measured_with": "model.sim.onnx in onnxruntime, card preprocessing"}
     if metrics:
-        card_metrics["torch_test_accuracy"] = {k: v["accuracy"] for k, v in metrics.items()}
-    return {
-        "schema": CARD_SCHEMA,
-        "name": run.preset.model_name_in_store,
-        "architecture": meta["architecture"],
-        "tta_level": meta["tta_level"],
-        "classes": meta["classes"],
-        "preprocessing": pre,
-        "dataset": meta["dataset"],
-        "metrics": card_metrics,
-        "training": {k: v for k, v in meta["training"].items()},
-        "parameters": count_parameters(net),
-        "flops_per_image": flops,
-        "flops_per_image_with_tta": flops * passes(meta["tta_level"]),
-        "parity": exported["parity"],
-        "int8": exported.get("int8"),
-        "backends": {"torch": "model.pth", "onnx": "model.sim.onnx",
-                     **({"onnx_int8": "model.int8.onnx"} if exported.get("int8", {}).get("accepted") else {})},
-        "versions": versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "run_dir": str(run.dir),
-    }
-
+        card_metrics["torch_test_accuracy"] = {k: v["accuracy"] for k, v in metrics.levels.items()}
+    return Card(
+        name=run.preset.model_name_in_store,
+        architecture=Architecture(meta.architecture["name"], meta.architecture["kwargs"]),
+        classes=list(meta.classes), preprocessing=pre, tta_level=meta.tta_level,
+        backends={},  # filled in by lab.store.publish from the files it publishes
+        metrics=card_metrics, dataset=meta.dataset, training=meta.training,
+        parameters=count_parameters(net), flops_per_image=flops,
+        flops_per_image_with_tta=flops * passes(meta.tta_level), parity=exported.parity,
+        int8=exported.hooks.get("int8"), versions=versions(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), run_dir=str(run.dir))

@@ -1,8 +1,8 @@
 """Static INT8 quantization of the simplified ONNX model with onnxruntime.quantization.
 
 QDQ format, per-channel int8 weights, uint8 activations (the u8 x s8 kernels are the fast ones on x86)
-with MinMax ranges calibrated on *training*
-images (never test images). The TTA views are part of the graph, so calibration sees them too.
+with MinMax ranges calibrated on *training* images (never test images). The TTA views are part of the
+graph, so calibration sees them too. The export hook that runs it is in training/export_hooks.py.
 """
 from __future__ import annotations
 
@@ -43,3 +43,4 @@ def quantize_int8(fp32_onnx: Path, calibration: np.ndarray, out: Path) -> Path:
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
     return out
+

@@ -2,19 +2,20 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
+from lab.runfiles import EvalRecord, ExportRecord, PublishedRecord, RunFiles, TrainedRecord
 from training.evaluate import per_class_lines
-
-
-def _load(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def write_summary(run) -> Path:
     d = run.dir
-    meta, metrics = _load(d / "trained.json"), _load(d / "metrics.json")
-    exported, published = _load(d / "export/parity.json"), _load(d / "published.json")
+    files = RunFiles(d)
+    meta = asdict(files.trained()) if files.has(TrainedRecord) else None
+    metrics = files.metrics().levels if files.has(EvalRecord) else None
+    exported = files.export() if files.has(ExportRecord) else None
+    published = asdict(files.published()) if files.has(PublishedRecord) else None
     p = run.preset
     lines = [f"# Run {d.name}", "", f"Preset **{p.name}**: {p.description}", ""]
     if meta:
@@ -29,7 +30,7 @@ def write_summary(run) -> Path:
             f"({t['images_per_second']:.0f} images/s, {t['precision']} on {t['device']}); "
             f"{t['wall_seconds']:.1f} s wall-clock with per-epoch evaluation",
             f"- optimizer {t['config']['optimizer']}, batch {t['config']['batch_size']}, "
-            f"lr {t['config']['lr']}, schedule {t['config']['schedule']}, "
+            f"lr {t['config']['lr']}, schedule {t['config']['schedule']}, recipe {t.get('recipe', '')}, "
             f"label smoothing {t['config']['label_smoothing']}", "",
         ]
         hist = meta["history"]
@@ -49,13 +50,13 @@ def write_summary(run) -> Path:
         lines += ["", "```", *per_class_lines(final), "```", "", "![confusion matrix](confusion.png)", ""]
     if exported:
         lines += ["## Export", ""]
-        for name, par in exported["parity"].items():
+        for name, par in exported.parity.items():
             lines.append(f"- {name}: max |logit diff| {par['max_abs_diff']:.2e} (tolerance {par['atol']:g}), "
                          f"top-1 agreement {100 * par['top1_agreement']:.1f}% on {par['images']} held-out images")
-        s = exported["served"]
+        s = exported.served
         lines += [f"- accuracy as served (model.sim.onnx, onnxruntime, card preprocessing): "
                   f"**{100 * s['accuracy']:.2f}%** on {s['images']} test images"]
-        i8 = exported.get("int8")
+        i8 = exported.int8
         if i8:
             lines += [f"- INT8 (model.int8.onnx, calibrated on {i8['calibration_images']} training images): "
                       f"{100 * i8['accuracy']:.2f}% ({100 * i8['drop']:+.2f} points lost, "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -21,26 +22,22 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as a script: make models/, training/, serving/ importable
-    sys.path.insert(0, str(REPO))
-
-import os  # noqa: E402
-
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from lab.paths import default_runs_dir
     from training.optim import OPTIMIZERS
     from training.pipeline import STAGES
     from training.presets import PRESETS
+    from training.recipes import RECIPES
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="quick", help=f"one of: {', '.join(PRESETS)} (default quick)")
     ap.add_argument("--data-root", type=Path, default=None,
                     help="data folder (default: $LAB_DATA_ROOT, else ../shared/data, else ./data)")
     ap.add_argument("--download", action="store_true", help="let torchvision download missing data")
-    ap.add_argument("--runs-dir", type=Path, default=Path(os.environ.get("LAB_RUNS_DIR", REPO / "runs")))
+    ap.add_argument("--runs-dir", type=Path, default=default_runs_dir())
     ap.add_argument("--run-dir", type=Path, default=None,
                     help="continue or reuse this run folder instead of making a new one")
     ap.add_argument("--fresh", action="store_true", help="never resume an unfinished run")
@@ -53,13 +50,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="--report, plus load tests against a service it starts and stops itself")
     g = ap.add_argument_group("overrides of the preset")
     g.add_argument("--dataset")
-    g.add_argument("--model")
+    g.add_argument("--model", help="a registry model; its own recipe and store name follow unless given")
     g.add_argument("--model-kwargs", type=json.loads, default=None, help='JSON, e.g. \'{"n_layers": 3}\'')
+    g.add_argument("--recipe", help=f"one of: {', '.join(RECIPES)} (default: the model's own)")
     g.add_argument("--optimizer", help=f"one of: {', '.join(OPTIMIZERS)}")
     g.add_argument("--epochs", type=float)
     g.add_argument("--batch-size", type=int)
     g.add_argument("--lr", type=float)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=int, help="initial weights and batch order")
+    g.add_argument("--data-seed", type=int, help="the validation split and test subset (default 0)")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"))
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--threads", type=int, help="torch threads (default: all cores)")
@@ -74,8 +73,11 @@ def resolve_preset(args):
     from training.data import DATASETS, DataError
     from training.optim import OPTIMIZERS, ConfigError
     from training.presets import get_preset
+    from training.recipes import get_recipe
 
     p = get_preset(args.preset)
+    if args.recipe:
+        get_recipe(args.recipe)  # a one-line error naming the valid ones
     if args.dataset and args.dataset not in DATASETS:
         raise DataError(f"unknown dataset {args.dataset!r}; valid datasets: {', '.join(DATASETS)}")
     if args.model and args.model not in list_models():
@@ -89,33 +91,70 @@ def resolve_preset(args):
     over = {}
     if args.dataset:
         over["dataset"] = args.dataset
-    if args.model:
-        over["model"] = args.model
-        over["model_kwargs"] = {}
+    if args.model and args.model != p.model:  # another model: its own recipe, kwargs and store name
+        over.update(model=args.model, model_kwargs={}, recipe="", store_name="")
+        # the preset's settings that belong to its own model's recipe go too (LRs, optimizer)
+        over["overrides"] = {k: v for k, v in p.overrides.items() if k in _RECIPE_NEUTRAL}
+    if args.recipe:
+        over["recipe"] = args.recipe
     if args.model_kwargs is not None:
         over["model_kwargs"] = args.model_kwargs
     if args.train_limit is not None:
         over["train_limit"] = args.train_limit
+    if args.data_seed is not None:
+        over["data_seed"] = args.data_seed
     if args.store_name:
         over["store_name"] = args.store_name
-    return replace(p, train=replace(p.train, **train_over), **over)
+    p = replace(p, **over)
+    p = replace(p, overrides={**p.overrides, **train_over})
+    p.config()  # unknown settings and recipes fail here, before any work
+    return p
 
 
-def choose_run_dir(args, preset) -> Path:
+# Preset settings that mean the same for every recipe: they survive a --model override.
+_RECIPE_NEUTRAL = ("epochs", "batch_size", "whiten_images", "whiten_bias_epochs", "precision", "threads")
+
+
+def choose_run_dir(args, preset) -> tuple[Path, object]:
+    """The run folder and the lock that makes it this process's alone while it runs."""
     if args.run_dir:
         args.run_dir.mkdir(parents=True, exist_ok=True)
-        return args.run_dir
+        lock = _lock_run_dir(args.run_dir)
+        if lock is None:
+            raise ValueError(f"another run_all.py is using {args.run_dir}; wait for it or pick another folder")
+        return args.run_dir, lock
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     if not args.fresh:  # an unfinished run of the same preset and recipe continues
         for d in sorted(args.runs_dir.glob(f"*-{preset.name}"), reverse=True):
             cfg = d / "config.json"
             if cfg.exists() and not (d / "DONE").exists():
                 if json.loads(cfg.read_text()).get("preset") == _preset_dict(preset):
-                    return d
+                    lock = _lock_run_dir(d)
+                    if lock is not None:  # else another process is running it: start a new folder
+                        return d, lock
             break  # only the latest run is a candidate
-    d = args.runs_dir / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{preset.name}"
-    d.mkdir(parents=True, exist_ok=False)
-    return d
+    stamp = datetime.now().strftime('%Y%m%d-%H%M%S')
+    for i in range(1000):
+        d = args.runs_dir / (f"{stamp}-{preset.name}" if i == 0 else f"{stamp}.{i}-{preset.name}")
+        try:
+            d.mkdir(parents=True, exist_ok=False)  # atomic: two processes never get the same folder
+        except FileExistsError:
+            continue
+        return d, _lock_run_dir(d)
+    raise ValueError(f"could not create a run folder under {args.runs_dir}")
+
+
+def _lock_run_dir(d: Path):
+    """An exclusive lock on d/.lock held for the life of the process; None if another process holds it."""
+    import fcntl
+
+    f = open(d / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
 
 
 def _preset_dict(preset) -> dict:
@@ -126,8 +165,9 @@ def _preset_dict(preset) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from lab.runfiles import write_json_atomic
+    from lab.store import clean_staging, repair_latest, store_lock
     from training import pipeline as P
-    from training.store import clean_staging, repair_latest, store_lock
 
     preset = resolve_preset(args)
     stages = [s.strip() for s in args.only.split(",") if s.strip()] or list(P.STAGES)
@@ -139,13 +179,13 @@ def main(argv=None) -> int:
     from training.data import default_data_root
 
     data_root = args.data_root or default_data_root()
-    run_dir = choose_run_dir(args, preset)
+    run_dir, _run_lock = choose_run_dir(args, preset)
     run = P.Run(dir=run_dir, preset=preset, data_root=data_root, download=args.download,
                 progress=not args.no_progress and sys.stderr.isatty())
     done = run.stages_done()
     resuming = bool(done) or (run_dir / "checkpoint.pt").exists()
     if not (run_dir / "config.json").exists():
-        run.write_json("config.json", {"preset": _preset_dict(preset), "argv": sys.argv[1:]})
+        write_json_atomic(run.path("config.json"), {"preset": _preset_dict(preset), "argv": sys.argv[1:]})
     run.log(f"== run_all.py --preset {preset.name}: {preset.description}")
     run.log(f"run folder: {run_dir}" + (f" (resuming; done: {', '.join(done) or 'none'})" if resuming else ""))
 
@@ -184,32 +224,42 @@ def main(argv=None) -> int:
 
 
 def write_report(run, args) -> None:
-    """The combined report of bench/report.py for the model this run published."""
-    from bench.report import build_report, parser
+    """The combined report of bench/report.py for the model this run published (a subprocess: the
+    training side never imports bench/)."""
+    import subprocess
 
-    tag = run.read_json("published.json")["tag"]
-    rargs = ["--model", tag, "--out", str(run.dir / "report")]
+    tag = run.files.published().tag
+    cmd = [sys.executable, "-m", "bench.report", "--model", tag, "--out", str(run.dir / "report")]
     if args.data_root:
-        rargs += ["--data-root", str(args.data_root)]
+        cmd += ["--data-root", str(args.data_root)]
     if not args.report_load:
-        rargs.append("--no-load")
-    run.log("-- report")
-    out = build_report(parser().parse_args(rargs), log=run.log)
-    run.log(f"-- report done: {out / 'report.html'}")
+        cmd.append("--no-load")
+    run.log("-- report: " + " ".join(cmd[1:]))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        run.log(line)
+    if proc.returncode != 0:
+        raise ReportError(f"the report failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+    run.log(f"-- report done: {run.dir / 'report'}")
+
+
+class ReportError(RuntimeError):
+    pass
 
 
 def cli(argv=None) -> int:
     """main() with every expected failure turned into one clear line and exit status 2."""
+    from lab.card import IntegrityError
+    from lab.runfiles import MissingArtifact
+    from lab.store import StoreBusyError
     from models.registry import UnknownModelError
-    from serving.card import IntegrityError
+    from training.checkpoint import CheckpointError
     from training.data import DataError
-    from training.engine import CheckpointError
     from training.export import ExportError
     from training.optim import ConfigError
-    from training.store import StoreBusyError
 
-    expected = (DataError, UnknownModelError, ConfigError, CheckpointError, StoreBusyError,
-                ExportError, IntegrityError, ValueError)
+    expected = (DataError, UnknownModelError, ConfigError, CheckpointError, StoreBusyError, MissingArtifact,
+                ExportError, IntegrityError, ValueError, ReportError, FloatingPointError)
     try:
         return main(argv)
     except expected as e:

@@ -1,4 +1,4 @@
-"""Where the project reads data and keeps caches (no torch: the load generators import this too)."""
+"""Where the project reads data and keeps caches, runs and models (no torch: the load generators import this)."""
 from __future__ import annotations
 
 import os
@@ -18,3 +18,16 @@ def default_data_root() -> Path:
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("LAB_CACHE_DIR", REPO / ".cache"))
+
+
+def default_runs_dir() -> Path:
+    return Path(os.environ.get("LAB_RUNS_DIR", REPO / "runs"))
+
+
+def bentoml_home() -> Path:
+    """BentoML's documented home: $BENTOML_HOME, else ~/bentoml. Its model store is <home>/models."""
+    return Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml").expanduser()
+
+
+def models_dir() -> Path:
+    return bentoml_home() / "models"
