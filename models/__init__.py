@@ -15,4 +15,4 @@ from .registry import (  # noqa: F401
     register_model,
 )
 
-from . import mlp, simple_cnn, airbench  # noqa: F401,E402
+from . import mlp, simple_cnn, airbench, custom_cnn  # noqa: F401,E402
