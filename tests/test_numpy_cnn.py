@@ -227,7 +227,8 @@ def test_speed_comparison_reports_both(tmp_path):
 
     images, labels = fake_digits(64)
     model = N.NumpyCNN(channels=(4, 8), hidden=16, seed=0)
-    r = compare_speed(model, images, labels, batch_size=16, n_batches=4, warmup=1, threads=1, verbose=False)
+    r = compare_speed(model, images, labels, batch_size=16, n_batches=4, warmup=1, threads=1, repeats=2,
+                      verbose=False)
     assert set(r["images_per_s"]) == {"numpy_forward", "torch_forward", "numpy_forward_backward",
                                       "torch_forward_backward"}
     assert all(v > 0 for v in r["images_per_s"].values())
@@ -253,6 +254,16 @@ def test_run_numpy_cnn_end_to_end(tmp_path):
     assert r["train_images"] == 64 and r["test_images"] == 64 and r["steps"] == 8
     assert 0 <= r["test_accuracy"] <= 1 and r["train_seconds"] > 0
     assert {"images_per_s", "ratio_torch_over_numpy", "threads"} <= set(r["speed"])
+    assert r["speed_1_thread"]["threads"]["torch"] == 1
     assert (out / "numpy_cnn.npz").exists() and (out / "numpy_cnn_loss.png").stat().st_size > 1000
     assert (out / "numpy_cnn.json").exists()
     assert N.load(out / "numpy_cnn.npz").channels == (4, 8)
+
+
+def test_blas_threads_can_be_read_and_set():
+    n = N.blas_threads()
+    if n is None:
+        pytest.skip("this NumPy's BLAS does not report its threads")
+    assert N.set_blas_threads(1) and N.blas_threads() == 1
+    N.set_blas_threads(n)
+    assert N.blas_threads() == n

@@ -15,12 +15,14 @@ Model:       NumpyCNN = conv3x3-relu-pool2, conv3x3-relu-pool2, flatten, linear-
 Training:    train(model, images, labels, ...) with a tqdm bar; batches holding NaN/inf raise
              NonFiniteError instead of being trained on; so does a non-finite loss or gradient.
 Data:        read_idx / load_mnist: MNIST's IDX files read with NumPy (no torchvision).
+Threads:     blas_threads / set_blas_threads: NumPy's OpenBLAS thread count (its only parallelism).
 
 Bad input to a layer or to predict (wrong rank, channel count, size or dtype) raises ValueError naming
 what was expected.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import time
@@ -607,6 +609,38 @@ def train(model: NumpyCNN, images: np.ndarray, labels: np.ndarray, epochs: int =
 
 def accuracy(model: NumpyCNN, images: np.ndarray, labels: np.ndarray) -> float:
     return float((model.predict(images).argmax(axis=1) == labels).mean())
+
+
+# ----------------------------------------------------------------------------------------------- threads
+
+def _openblas(suffix: str):
+    """OpenBLAS's `openblas_<suffix>` function in the library NumPy loaded (None when not found)."""
+    try:
+        with open("/proc/self/maps") as f:
+            libs = sorted({line.split()[-1] for line in f if "openblas" in line.lower()})
+        for lib in libs:
+            handle = ctypes.CDLL(lib)
+            for name in (f"scipy_openblas_{suffix}64_", f"openblas_{suffix}64_", f"openblas_{suffix}"):
+                if hasattr(handle, name):
+                    return getattr(handle, name)
+    except OSError:
+        pass
+    return None
+
+
+def blas_threads() -> int | None:
+    """The thread count of the OpenBLAS NumPy uses (None when it cannot be asked)."""
+    fn = _openblas("get_num_threads")
+    return int(fn()) if fn else None
+
+
+def set_blas_threads(n: int) -> bool:
+    """Set NumPy's OpenBLAS thread count; False when this NumPy's BLAS cannot be told."""
+    fn = _openblas("set_num_threads")
+    if fn is None:
+        return False
+    fn(ctypes.c_int(n))
+    return True
 
 
 # ----------------------------------------------------------------------------------------------- data

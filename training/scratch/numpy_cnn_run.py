@@ -57,8 +57,12 @@ def plot_loss(history: dict, path: Path, title: str) -> Path:
 def run_numpy_cnn(data_root=None, out_dir=None, epochs: int = DEFAULTS["epochs"], train_limit: int | None = None,
                   seed: int = 0, batch_size: int = DEFAULTS["batch_size"], lr: float = DEFAULTS["lr"],
                   channels: tuple[int, int] = DEFAULTS["channels"], hidden: int = DEFAULTS["hidden"],
-                  speed: bool = True, speed_batches: int = 30, progress: bool = True) -> dict:
-    """Train, save, plot, test and (speed=True) time the NumPy CNN; returns the figures as a dict."""
+                  speed: bool = True, speed_batches: int = 30, progress: bool = True,
+                  numpy_threads: int | None = None) -> dict:
+    """Train, save, plot, test and (speed=True) time the NumPy CNN; returns the figures as a dict.
+
+    numpy_threads: OpenBLAS threads for training and testing (default: as they are, every core unless
+    OPENBLAS_NUM_THREADS says otherwise); the speed comparisons set their own."""
     data_root = Path(data_root) if data_root else default_data_root()
     out_dir = Path(out_dir) if out_dir else REPO / "runs" / "numpy_cnn"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -67,6 +71,9 @@ def run_numpy_cnn(data_root=None, out_dir=None, epochs: int = DEFAULTS["epochs"]
     if train_limit:
         x_train, y_train = x_train[:train_limit], y_train[:train_limit]
 
+    if numpy_threads:
+        N.set_blas_threads(numpy_threads)
+    train_blas_threads = N.blas_threads()
     model = N.NumpyCNN(channels, hidden, seed=seed)
     history = N.train(model, x_train, y_train, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                       progress=progress)
@@ -95,6 +102,7 @@ def run_numpy_cnn(data_root=None, out_dir=None, epochs: int = DEFAULTS["epochs"]
         "parameters": n_params,
         "train_seconds": history["seconds"],
         "train_images_per_s": history["images_per_s"],
+        "train_blas_threads": train_blas_threads,
         "test_seconds": test_seconds,
         "epoch_loss": history["epoch_loss"],
         "final_step_loss": history["step_loss"][-1],
@@ -104,8 +112,11 @@ def run_numpy_cnn(data_root=None, out_dir=None, epochs: int = DEFAULTS["epochs"]
     if speed:
         from training.scratch.torch_twin import compare_speed
 
+        # every core for both (the headline), then one thread each (per-core cost; steadier on a busy machine)
         result["speed"] = compare_speed(model, x_test, y_test, batch_size=batch_size, n_batches=speed_batches,
                                         verbose=False)
+        result["speed_1_thread"] = compare_speed(model, x_test, y_test, batch_size=batch_size,
+                                                 n_batches=speed_batches, threads=1, numpy_threads=1, verbose=False)
     (out_dir / "numpy_cnn.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -120,20 +131,25 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     ap.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     ap.add_argument("--speed-batches", type=int, default=30)
-    ap.add_argument("--no-speed", action="store_true", help="skip the torch speed comparison")
+    ap.add_argument("--no-speed", action="store_true", help="skip the torch speed comparisons")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--numpy-threads", type=int, default=None,
+                    help="OpenBLAS threads for training (default: as set, i.e. every core)")
     args = ap.parse_args(argv)
     r = run_numpy_cnn(args.data_root, args.out_dir, epochs=args.epochs, train_limit=args.train_limit, seed=args.seed,
                       batch_size=args.batch_size, lr=args.lr, speed=not args.no_speed,
-                      speed_batches=args.speed_batches, progress=not args.no_progress)
+                      speed_batches=args.speed_batches, progress=not args.no_progress,
+                      numpy_threads=args.numpy_threads)
     print(f"test accuracy {100 * r['test_accuracy']:.2f}% on {r['test_images']:,} MNIST test images")
     print(f"trained on {r['train_images']:,} images x {r['epochs']} epochs ({r['steps']} steps) in "
-          f"{r['train_seconds']:.1f} s ({r['train_images_per_s']:.0f} img/s); epoch losses "
+          f"{r['train_seconds']:.1f} s ({r['train_images_per_s']:.0f} img/s, OpenBLAS threads "
+          f"{r['train_blas_threads']}); epoch losses "
           + ", ".join(f"{x:.4f}" for x in r["epoch_loss"]))
     if "speed" in r:
         from training.scratch.torch_twin import format_speed
 
         print(format_speed(r["speed"]))
+        print(format_speed(r["speed_1_thread"]))
     print(f"files: {r['files']['weights']}, {r['files']['loss_curve']}")
     return 0
 

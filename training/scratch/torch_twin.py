@@ -9,7 +9,6 @@ parallelism is its BLAS (OpenBLAS) in the matrix products, whose thread count is
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import time
 
@@ -19,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from training.scratch import numpy_cnn as N
+from training.scratch.numpy_cnn import blas_threads, set_blas_threads
 
 
 class TorchTwin(nn.Module):
@@ -52,22 +52,6 @@ class TorchTwin(nn.Module):
         return twin
 
 
-def blas_threads() -> int | None:
-    """The thread count of the OpenBLAS NumPy uses (None when it cannot be asked)."""
-    try:
-        with open("/proc/self/maps") as f:
-            libs = sorted({line.split()[-1] for line in f if "openblas" in line.lower()})
-        for lib in libs:
-            handle = ctypes.CDLL(lib)
-            for name in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
-                         "openblas_get_num_threads"):
-                if hasattr(handle, name):
-                    return int(getattr(handle, name)())
-    except OSError:
-        pass
-    return None
-
-
 def _rate(fn, batches: list, warmup: int) -> float:
     for b in batches[:warmup]:
         fn(*b)
@@ -79,13 +63,17 @@ def _rate(fn, batches: list, warmup: int) -> float:
 
 
 def compare_speed(model: N.NumpyCNN, images: np.ndarray, labels: np.ndarray, batch_size: int = 64,
-                  n_batches: int = 30, threads: int | None = None, warmup: int = 3,
-                  verbose: bool = True) -> dict:
+                  n_batches: int = 30, threads: int | None = None, numpy_threads: int | None = None,
+                  warmup: int = 3, repeats: int = 3, verbose: bool = True) -> dict:
     """Images/s of NumpyCNN and its TorchTwin on the same `n_batches` batches of `batch_size` images.
 
     images: uint8 (N, 28, 28), labels: int (N,), N >= batch_size * n_batches. Both models are float32
-    with identical weights. Returns the four rates, the ratios torch/NumPy, the thread counts and the
-    largest logit difference between the two on the first batch.
+    with identical weights. `threads`: torch's threads (default: every core); `numpy_threads`:
+    OpenBLAS's threads for the timing (default: as they are, which is every core unless
+    OPENBLAS_NUM_THREADS says otherwise). Each of the four timings runs `repeats` times, interleaved, and the best
+    rate counts (as timeit does: on a shared machine the slower runs measure the neighbours). Returns
+    the four rates, the ratios torch/NumPy, the thread counts and the largest logit difference between
+    the two on the first batch.
     """
     need = batch_size * n_batches
     if len(images) < need:
@@ -97,8 +85,10 @@ def compare_speed(model: N.NumpyCNN, images: np.ndarray, labels: np.ndarray, bat
     np_batches = [(x_np[i:i + batch_size], y_np[i:i + batch_size]) for i in range(0, need, batch_size)]
     t_batches = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in np_batches]
 
-    old_threads = torch.get_num_threads()
+    old_threads, old_blas = torch.get_num_threads(), blas_threads()
     torch.set_num_threads(threads or os.cpu_count() or 1)
+    if numpy_threads:
+        set_blas_threads(numpy_threads)
     try:
         twin = TorchTwin.from_numpy(model)
         with torch.no_grad():
@@ -120,23 +110,25 @@ def compare_speed(model: N.NumpyCNN, images: np.ndarray, labels: np.ndarray, bat
             twin.zero_grad(set_to_none=True)
             F.cross_entropy(twin(x), y).backward()
 
-        rates = {
-            "numpy_forward": _rate(np_forward, np_batches, warmup),
-            "torch_forward": _rate(t_forward, t_batches, warmup),
-            "numpy_forward_backward": _rate(np_train, np_batches, warmup),
-            "torch_forward_backward": _rate(t_train, t_batches, warmup),
-        }
-        torch_threads = torch.get_num_threads()
+        runs = {"numpy_forward": (np_forward, np_batches), "torch_forward": (t_forward, t_batches),
+                "numpy_forward_backward": (np_train, np_batches), "torch_forward_backward": (t_train, t_batches)}
+        rates = {k: 0.0 for k in runs}
+        for _ in range(max(1, repeats)):
+            for k, (fn, batches) in runs.items():
+                rates[k] = max(rates[k], _rate(fn, batches, warmup))
+        torch_threads, numpy_blas = torch.get_num_threads(), blas_threads()
     finally:
         torch.set_num_threads(old_threads)
+        if numpy_threads and old_blas:
+            set_blas_threads(old_blas)
     out = {
         "images_per_s": rates,
         "ratio_torch_over_numpy": {
             "forward": rates["torch_forward"] / rates["numpy_forward"],
             "forward_backward": rates["torch_forward_backward"] / rates["numpy_forward_backward"],
         },
-        "threads": {"torch": torch_threads, "numpy_blas": blas_threads(), "cpu_count": os.cpu_count()},
-        "batch_size": batch_size, "batches": n_batches, "max_logit_diff": max_diff,
+        "threads": {"torch": torch_threads, "numpy_blas": numpy_blas, "cpu_count": os.cpu_count()},
+        "batch_size": batch_size, "batches": n_batches, "repeats": repeats, "max_logit_diff": max_diff,
     }
     if verbose:
         print(format_speed(out))
@@ -145,7 +137,8 @@ def compare_speed(model: N.NumpyCNN, images: np.ndarray, labels: np.ndarray, bat
 
 def format_speed(r: dict) -> str:
     ips, ratio, th = r["images_per_s"], r["ratio_torch_over_numpy"], r["threads"]
-    return (f"speed on {r['batches']} batches of {r['batch_size']} (float32; torch threads {th['torch']}, "
+    return (f"speed, best of {r.get('repeats', 1)} runs over {r['batches']} batches of {r['batch_size']} "
+            f"(float32; torch threads {th['torch']}, "
             f"NumPy OpenBLAS threads {th['numpy_blas']}, {th['cpu_count']} CPUs):\n"
             f"  forward           NumPy {ips['numpy_forward']:8.0f} img/s   torch {ips['torch_forward']:8.0f} img/s"
             f"   torch/NumPy {ratio['forward']:.2f}x\n"
