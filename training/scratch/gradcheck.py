@@ -68,7 +68,7 @@ def check_layers(seed: int = 0) -> list[dict]:
             rng.normal(size=(2, cin, hw, hw)), rng))
 
     rows.append(_compare("ReLU", N.ReLU(f64), torch.relu, rng.normal(size=(2, 3, 5, 5)), rng))
-    rows.append(_compare("Sigmoid (inputs up to +-40)", N.Sigmoid(f64), torch.sigmoid,
+    rows.append(_compare("Sigmoid (inputs ~ N(0, 15^2))", N.Sigmoid(f64), torch.sigmoid,
                          rng.normal(scale=15, size=(2, 3, 5, 5)), rng))
     for k, s, hw in [(2, None, 8), (2, None, 7), (3, 2, 9)]:
         rows.append(_compare(
