@@ -19,7 +19,7 @@ from .registry import (  # noqa: F401
     register_model,
 )
 
-_INFRASTRUCTURE = {"base", "registry", "tta", "receptive_field", "__main__"}
+_INFRASTRUCTURE = {"base", "registry", "tta", "receptive_field", "custom_layers", "__main__"}
 for _m in pkgutil.iter_modules(__path__):
     if _m.name not in _INFRASTRUCTURE and not _m.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_m.name}")
