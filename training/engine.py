@@ -223,8 +223,12 @@ def fit_to_data(model: nn.Module, loader: BatchLoader, cfg: TrainConfig, device:
 def train(model: nn.Module, train_set: ArrayDataset, spec: Preprocessing, cfg: TrainConfig, *,
           eval_sets: dict[str, ArrayDataset] | None = None, run_dir: Path | None = None,
           progress: bool = True, log=print, context: dict | None = None,
-          after_backward: Callable[[nn.Module], None] | None = None) -> TrainResult:
+          after_backward: Callable[[nn.Module], None] | None = None,
+          on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
     """Train `model` on `train_set`; evaluate on each of `eval_sets` after every epoch.
+
+    `on_epoch(record)` sees each epoch's record (losses, accuracies, seconds) as soon as it is made;
+    an exception it raises (e.g. optuna.TrialPruned) ends the training there.
 
     With `run_dir`, writes history.json and checkpoint.pt there every epoch, and resumes from
     checkpoint.pt if one with the same config, precision, data size and `context` (what else must
@@ -293,6 +297,8 @@ def train(model: nn.Module, train_set: ArrayDataset, spec: Preprocessing, cfg: T
             checkpoint.save(ckpt, key, model, optimizers, averaging, epoch=epoch + 1, step=step,
                             history=history, train_seconds=train_seconds)
         log("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        if on_epoch is not None:
+            on_epoch(record)
 
     if averaging is not None:
         model = averaging.final(model)

@@ -53,6 +53,23 @@ RECIPES: dict[str, dict] = {
         tta_level=0,
         scale_with_batch=("lr",),
     ),
+    # The studies' common recipe: one optimizer and schedule for every architecture compared, no
+    # augmentation and no weight decay unless a variant is about them (the regularised residual net).
+    "study_sgd": dict(
+        epochs=4,
+        batch_size=128,
+        optimizer="sgd",
+        lr=0.05,                     # peak LR per mean loss over a batch of 128 (scales with batch)
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=0.0,
+        schedule="onecycle", warmup=0.2, final_lr=0.0,
+        label_smoothing=0.0,
+        translate=0,
+        flip=False,
+        tta_level=0,
+        scale_with_batch=("lr",),
+    ),
     # Adam at a constant LR: the seeds' choice for fully connected nets.
     "adam_mlp": dict(
         epochs=10,

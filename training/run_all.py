@@ -1,14 +1,18 @@
 #!/usr/bin/env python
-"""The main job: train, evaluate, export and publish the served model (and, later, the studies).
+"""The main job: train, evaluate, export and publish the served model, then run the studies.
 
-    python training/run_all.py                      # the quick preset on real CIFAR-10
+    python training/run_all.py                      # everything on the quick preset (real data, this CPU)
     python training/run_all.py --preset smoke       # seconds, tiny slices
+    python training/run_all.py --only model         # the served model: train, evaluate, export, publish
+    python training/run_all.py --only studies       # every study stage (or name them: --only kernels,depth)
     python training/run_all.py --only export --run-dir runs/20261126-130000-quick
     python training/run_all.py --skip publish --epochs 4
 
-Each run writes one folder under runs/ (its path is printed at the end) with summary.md, the plots
-and run.log. Rerunning after an interruption continues the unfinished run of the same preset from
-its last checkpoint (--fresh starts over).
+The model stages write one folder under runs/ (its path is printed at the end) with summary.md, the
+plots and run.log; rerunning after an interruption continues the unfinished run of the same preset
+from its last checkpoint (--fresh starts over). The study stages write runs/studies-<preset>/ (report.md,
+report.html, a folder per stage) and keep every trained cell in one results database, so a rerun
+skips what is done.
 """
 from __future__ import annotations
 
@@ -41,13 +45,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--run-dir", type=Path, default=None,
                     help="continue or reuse this run folder instead of making a new one")
     ap.add_argument("--fresh", action="store_true", help="never resume an unfinished run")
-    ap.add_argument("--only", default="", help=f"comma-separated stages to run ({', '.join(STAGES)})")
+    from training.studies import STAGES as STUDY_STAGES
+
+    ap.add_argument("--only", default="", help=f"comma-separated stages to run: {', '.join(STAGES)}, "
+                                               f"{', '.join(STUDY_STAGES)}; or the groups 'model', 'studies'")
     ap.add_argument("--skip", default="", help="comma-separated stages to skip")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--report", action="store_true",
                     help="at the end, write the combined report (bench/report.py) for the published model")
     ap.add_argument("--report-load", action="store_true",
                     help="--report, plus load tests against a service it starts and stops itself")
+    st = ap.add_argument_group("studies")
+    st.add_argument("--studies-dir", type=Path, default=None,
+                    help="where the study report and results go (default: <runs dir>/studies-<preset>)")
+    st.add_argument("--study-storage", default=None,
+                    help="results database URL shared by study workers (default: sqlite:///<studies dir>/results.db); "
+                         "e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    st.add_argument("--study-workers", type=int, default=1,
+                    help="worker processes on this machine per grid (more machines: start the same command there)")
+    st.add_argument("--restart-studies", action="store_true",
+                    help="discard the finished cells of the selected study stages and run them again")
     g = ap.add_argument_group("overrides of the preset")
     g.add_argument("--dataset")
     g.add_argument("--model", help="a registry model; its own recipe and store name follow unless given")
@@ -169,16 +186,29 @@ def main(argv=None) -> int:
     from lab.store import clean_staging, repair_latest, store_lock
     from training import pipeline as P
 
+    from training.studies import STAGES as STUDY_STAGES
+
     preset = resolve_preset(args)
-    stages = [s.strip() for s in args.only.split(",") if s.strip()] or list(P.STAGES)
-    skip = [s.strip() for s in args.skip.split(",") if s.strip()]
-    for s in stages + skip:
-        if s not in P.STAGES:
-            raise ValueError(f"unknown stage {s!r}; valid stages: {', '.join(P.STAGES)}")
+    groups = {"model": list(P.STAGES), "studies": list(STUDY_STAGES)}
+    valid = list(P.STAGES) + list(STUDY_STAGES)
+
+    def expand(text: str) -> list[str]:
+        names = [n for part in text.split(",") if part.strip() for n in groups.get(part.strip(), [part.strip()])]
+        for n in names:
+            if n not in valid:
+                raise ValueError(f"unknown stage {n!r}; valid stages: {', '.join(valid)}; groups: model, studies")
+        return names
+
+    stages = expand(args.only) or valid
+    skip = expand(args.skip)
     stages = [s for s in stages if s not in skip]
+    study_stages = [s for s in stages if s in STUDY_STAGES]
+    stages = [s for s in stages if s in P.STAGES]
     from training.data import default_data_root
 
     data_root = args.data_root or default_data_root()
+    if not stages:
+        return run_studies(args, preset, study_stages, data_root)
     run_dir, _run_lock = choose_run_dir(args, preset)
     run = P.Run(dir=run_dir, preset=preset, data_root=data_root, download=args.download,
                 progress=not args.no_progress and sys.stderr.isatty())
@@ -218,9 +248,57 @@ def main(argv=None) -> int:
         (run_dir / "DONE").write_text(datetime.now().isoformat())
     if args.report or args.report_load:
         write_report(run, args)
+    if study_stages:
+        run_studies(args, preset, study_stages, data_root, log=run.log)
     run.log(f"== finished in {time.perf_counter() - t0:.1f} s; summary: {summary}")
     run.log(f"run folder: {run_dir}")
     return 0
+
+
+def run_studies(args, preset, stages: list[str], data_root: Path, log=None) -> int:
+    """The study stages: each runs (or resumes) its grid and writes its section; then the report."""
+    from training.studies import STAGES, write_report as write_study_report
+    from training.studies.common import STUDY_PRESETS, StudyContext, get_study_preset
+    from lab.paths import default_runs_dir
+
+    study_preset = get_study_preset(preset.name if preset.name in STUDY_PRESETS else "quick")
+    out = args.studies_dir or (args.runs_dir or default_runs_dir()) / f"studies-{study_preset.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    storage = args.study_storage or f"sqlite:///{(out / 'results.db').resolve()}"
+    log = log or _printer(out / "studies.log")
+    ctx = StudyContext(study_preset, data_root, out, storage, command="", fresh=args.restart_studies,
+                       progress=not args.no_progress and sys.stderr.isatty(), log=log,
+                       data_seed=args.data_seed or 0, workers=max(1, args.study_workers))
+    t0 = time.perf_counter()
+    for stage in stages:
+        command = _study_command(args, stage)
+        log(f"-- study {stage}: {command}")
+        ts = time.perf_counter()
+        STAGES[stage](ctx, command)
+        log(f"-- study {stage} done in {time.perf_counter() - ts:.0f} s")
+    report = write_study_report(ctx)
+    log(f"== studies finished in {time.perf_counter() - t0:.0f} s; report: {report}")
+    log(f"studies folder: {out}")
+    return 0
+
+
+def _study_command(args, stage: str) -> str:
+    cmd = f"python training/run_all.py --preset {args.preset} --only {stage}"
+    if args.data_root:
+        cmd += f" --data-root {args.data_root}"
+    if args.study_storage:
+        cmd += f" --study-storage '{args.study_storage}'"
+    if args.data_seed:
+        cmd += f" --data-seed {args.data_seed}"
+    return cmd
+
+
+def _printer(path: Path):
+    def log(msg: str = "") -> None:
+        print(msg, flush=True)
+        with open(path, "a") as f:
+            f.write(msg + "\n")
+    return log
 
 
 def write_report(run, args) -> None:
@@ -258,8 +336,10 @@ def cli(argv=None) -> int:
     from training.export import ExportError
     from training.optim import ConfigError
 
+    from training.studies.runner import StudyError
+
     expected = (DataError, UnknownModelError, ConfigError, CheckpointError, StoreBusyError, MissingArtifact,
-                ExportError, IntegrityError, ValueError, ReportError, FloatingPointError)
+                ExportError, IntegrityError, ValueError, ReportError, FloatingPointError, StudyError)
     try:
         return main(argv)
     except expected as e:

@@ -1,0 +1,57 @@
+"""The studies: run_all.py stages that train grids of models over seeds and write the study report.
+
+    python training/run_all.py --only architectures,kernels,depth,blocks     # issue 10's four stages
+    python training/run_all.py --only kernels --study-storage postgresql+psycopg://postgres@127.0.0.1/test
+
+Each stage writes <studies dir>/<stage>/section.md with its plots; `write_report` joins the sections
+present into report.md and a self-contained report.html. The results of every cell live in one
+database (SQLite file <studies dir>/results.db by default): a rerun skips finished cells.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from training.studies.common import StudyContext
+
+# stage name -> function(ctx, command) -> Section; filled in below, in report order
+STAGES: dict[str, Callable] = {}
+
+
+def _register() -> None:
+    from training.studies import architectures
+
+    STAGES.update(architectures.STAGES)
+    try:  # stages that arrive with later work register themselves here
+        from training.studies import optimizers
+        STAGES.update(optimizers.STAGES)
+    except ImportError:
+        pass
+    try:
+        from training.studies import scratch
+        STAGES.update(scratch.STAGES)
+    except ImportError:
+        pass
+
+
+_register()
+
+
+def write_report(ctx: StudyContext, title: str = "Model lab: studies") -> Path:
+    """report.md (and report.html) from the sections written so far, in stage order."""
+    parts = [f"# {title}", "",
+             f"Preset **{ctx.preset.name}**: {ctx.preset.description}. Every figure is mean ± standard deviation "
+             f"over seeds {', '.join(map(str, ctx.preset.seeds))} (initial weights and batch order differ; the data "
+             f"split is fixed by data seed {ctx.data_seed}), with the command that reproduces its section.", ""]
+    for stage in STAGES:
+        section = ctx.out_dir / stage / "section.md"
+        if section.exists():
+            parts += [section.read_text(), ""]
+    md = ctx.out_dir / "report.md"
+    md.write_text("\n".join(parts))
+    try:
+        from lab.report_html import write_html
+    except ImportError:  # the HTML renderer arrives with the report pages
+        return md
+    write_html(md, ctx.out_dir / "report.html", title=title)
+    return md

@@ -1,0 +1,322 @@
+"""What every study stage shares: its presets, its data, one trained cell, statistics over seeds, plots,
+and the report section it writes.
+
+A cell is one training run: a registry model on a dataset with a seed, through the engine
+(training/engine.py), measured the same way everywhere:
+  test_acc, test_loss        on the study's test images, eval mode, after the last epoch
+  train_eval_acc             on as many training images, eval mode: the overfitting gap is the difference
+  history                    per epoch: train loss/accuracy, train_eval and test loss/accuracy, seconds
+  train_seconds              optimisation time (no evaluation)
+  infer_ms_b1, infer_ms_b256 forward time per image at batch 1 and batch 256 (fp32, median of repeats)
+  params, macro_f1, confusion
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from models import count_parameters, create_model
+
+
+@dataclass(frozen=True)
+class StudyPreset:
+    name: str
+    seeds: tuple[int, ...]                 # every figure is over these (>= 3 that really differ)
+    train_limit: dict[str, int]            # training images per dataset (0 = all)
+    test_limit: int                        # test images (0 = all 10,000)
+    epochs: dict[str, float]               # per stage (key "default" for the rest)
+    batch_size: int = 128
+    timing_reps: tuple[int, int] = (20, 3)  # forward repeats timed at batch 1 and at batch 256
+    description: str = ""
+
+    def epochs_for(self, stage: str) -> float:
+        return self.epochs.get(stage, self.epochs["default"])
+
+
+STUDY_PRESETS = {
+    "smoke": StudyPreset("smoke", seeds=(0, 1, 2), train_limit={"cifar10": 192, "mnist": 192}, test_limit=96,
+                         epochs={"default": 1}, batch_size=64, timing_reps=(2, 1),
+                         description="seconds: 192 training and 96 test images per dataset, 1 epoch (for the tests)"),
+    "quick": StudyPreset("quick", seeds=(0, 1, 2), train_limit={"cifar10": 8000, "mnist": 8000}, test_limit=2000,
+                         epochs={"default": 4, "architectures": 4},
+                         description="this 2-core CPU: 8,000 training images per dataset (of 50,000 / 60,000), "
+                                     "2,000 test images (of 10,000), 4 epochs, 3 seeds"),
+    "full": StudyPreset("full", seeds=(0, 1, 2, 3, 4), train_limit={"cifar10": 0, "mnist": 0}, test_limit=0,
+                        epochs={"default": 30}, batch_size=128,
+                        description="for a GPU: all training and test images, 30 epochs, 5 seeds"),
+}
+
+
+def get_study_preset(name: str) -> StudyPreset:
+    try:
+        return STUDY_PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown study preset {name!r}; valid: {', '.join(STUDY_PRESETS)}") from None
+
+
+# ---------------------------------------------------------------- the context of a stage
+
+
+@dataclass
+class StudyContext:
+    """Where a stage reads data, keeps results and writes its section."""
+    preset: StudyPreset
+    data_root: Path
+    out_dir: Path                          # the study report folder
+    storage: str                           # the results database URL
+    command: str                           # the command that reproduces the report (top of each section)
+    fresh: bool = False
+    progress: bool = True
+    log: Callable[[str], None] = print
+    data_seed: int = 0
+    workers: int = 1                       # local worker processes per grid (this one included)
+    is_worker: bool = False                # a helper process: runs cells, writes no report
+    _data: dict = field(default_factory=dict, repr=False)
+
+    def stage_dir(self, stage: str) -> Path:
+        d = self.out_dir / stage
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def data(self, dataset: str):
+        """(train, train_eval, test, spec) of a dataset under this preset: the same images for every
+        cell and seed (the split depends on data_seed only)."""
+        if dataset not in self._data:
+            from training import data as D
+            from training.pipeline import make_spec
+
+            train = D.shuffled(D.load_dataset(dataset, "train", self.data_root, progress=self.progress),
+                               self.data_seed)
+            test = D.load_dataset(dataset, "test", self.data_root, progress=self.progress)
+            limit = self.preset.train_limit.get(dataset, 0)
+            if limit:
+                train = train.subset(slice(0, limit))
+            if self.preset.test_limit:
+                test = D.shuffled(test, self.data_seed + 1).subset(slice(0, self.preset.test_limit))
+            train_eval = train.subset(slice(0, len(test)))
+            self._data[dataset] = (train, train_eval, test, make_spec(train))
+        return self._data[dataset]
+
+
+# ---------------------------------------------------------------- running a grid from a stage
+
+
+class WorkerDone(Exception):
+    """Raised in a helper worker process once its grid is done: the stage's report is not its job."""
+
+
+def grid(ctx: StudyContext, spec) -> dict[str, dict]:
+    """Run (or resume) a stage's grid with ctx.workers processes on this machine; cell id -> record."""
+    import os
+    import subprocess
+    import sys
+
+    from lab.hardware import cores
+    from training.studies.runner import run_grid
+
+    torch.set_num_threads(max(1, cores() // ctx.workers))
+    helpers = []
+    if not ctx.is_worker:
+        for _ in range(ctx.workers - 1):
+            cmd = [sys.executable, "-m", "training.studies.worker", spec.name, "--preset", ctx.preset.name,
+                   "--storage", ctx.storage, "--data-root", str(ctx.data_root), "--data-seed", str(ctx.data_seed),
+                   "--workers", str(ctx.workers), "--out", str(ctx.out_dir)]
+            helpers.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=dict(os.environ)))
+    try:
+        records = run_grid(spec, ctx.storage, fresh=ctx.fresh and not ctx.is_worker, progress=ctx.progress,
+                           log=ctx.log, wait_for_others=not ctx.is_worker)
+    finally:
+        for h in helpers:
+            h.wait()
+    if ctx.is_worker:
+        raise WorkerDone
+    return records
+
+
+# ---------------------------------------------------------------- one cell
+
+
+def train_cell(ctx: StudyContext, dataset: str, model: str, kwargs: dict, seed: int, *, recipe: str,
+               train: dict | None = None, stage: str = "default",
+               after_backward: Callable[[torch.nn.Module], None] | None = None,
+               inspect: Callable[[torch.nn.Module, object], dict] | None = None) -> dict:
+    """Train one cell through the engine and measure it (see the module docstring)."""
+    from training.engine import train as run_training
+    from training.evaluate import classification_metrics, predict_torch
+    from training.recipes import make_config
+
+    train_set, train_eval, test, spec = ctx.data(dataset)
+    overrides = {"epochs": ctx.preset.epochs_for(stage), "batch_size": ctx.preset.batch_size,
+                 **(train or {}), "seed": seed}
+    cfg = make_config(recipe, dataset=dataset, **overrides)
+    net = create_model(model, seed=seed, num_classes=len(train_set.classes), in_channels=train_set.channels,
+                       image_size=train_set.size[0], **kwargs)
+    result = run_training(net, train_set, spec, cfg, eval_sets={"train_eval": train_eval, "test": test},
+                          progress=False, log=lambda *_: None, after_backward=after_backward)
+    net = result.model.eval()
+    logits = predict_torch(net, test, spec, precision="fp32")
+    m = classification_metrics(test.labels.numpy(), logits.argmax(1), test.classes)
+    last = result.history[-1]
+    record = {
+        "dataset": dataset, "model": model, "kwargs": kwargs, "seed": seed, "recipe": recipe,
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("threads", "compile")},
+        "params": count_parameters(net), "history": result.history,
+        "test_acc": m["accuracy"], "test_loss": last["test_loss"], "macro_f1": m["macro_f1"],
+        "train_eval_acc": last["train_eval_acc"], "gap": last["train_eval_acc"] - m["accuracy"],
+        "confusion": m["confusion_matrix"], "per_class_accuracy": m["per_class_accuracy"],
+        "train_seconds": result.train_seconds, "precision": result.precision,
+        "train_images": len(train_set), "test_images": len(test),
+        **inference_ms(net, test, spec, *ctx.preset.timing_reps),
+    }
+    if inspect is not None:
+        record["inspect"] = inspect(net, test)
+    return record
+
+
+@torch.no_grad()
+def inference_ms(net: torch.nn.Module, test, spec, reps1: int = 20, reps256: int = 3) -> dict:
+    """Forward time per image, fp32, at batch 1 and 256 (median of repeats, after a warm-up)."""
+    from training import data as D
+
+    x = D.to_float(test.images[:256], spec)  # fewer on a tiny test set: ms per image all the same
+    net = net.eval().float()
+    out = {}
+    for batch, reps in ((1, reps1), (256, reps256)):
+        xb = x[:batch]
+        net(xb)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            net(xb)
+            times.append(time.perf_counter() - t0)
+        out[f"infer_ms_b{batch}"] = 1000 * statistics.median(times) / len(xb)
+    return out
+
+
+# ---------------------------------------------------------------- statistics over seeds
+
+
+@dataclass(frozen=True)
+class Spread:
+    mean: float
+    std: float
+    min: float
+    max: float
+    n: int
+
+    @classmethod
+    def of(cls, values) -> "Spread":
+        v = [float(x) for x in values]
+        return cls(statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, min(v), max(v), len(v))
+
+    def pct(self, digits: int = 1) -> str:
+        """'71.2 ± 0.4%' (mean ± sample std over seeds)."""
+        return f"{100 * self.mean:.{digits}f} ± {100 * self.std:.{digits}f}%"
+
+    def fmt(self, fmt: str = ".3g", unit: str = "") -> str:
+        return f"{self.mean:{fmt}} ± {self.std:{fmt}}{unit}"
+
+
+def group(records: dict[str, dict], *keys: str) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for r in records.values():
+        out.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return out
+
+
+def compare(name_a: str, a: list[float], name_b: str, b: list[float], unit: str = "%") -> str:
+    """A sentence with both figures and whether the difference is outside the seed spread."""
+    sa, sb = Spread.of(a), Spread.of(b)
+    scale = 100 if unit == "%" else 1
+    fa = f"{scale * sa.mean:.1f} ± {scale * sa.std:.1f}{unit}"
+    fb = f"{scale * sb.mean:.1f} ± {scale * sb.std:.1f}{unit}"
+    diff = scale * (sa.mean - sb.mean)
+    apart = sa.min > sb.max or sb.min > sa.max
+    verdict = ("outside the spread: every seed of one beats every seed of the other" if apart else
+               "inside the spread: their seed ranges overlap, so this difference is not established")
+    return (f"{name_a}: {fa} vs {name_b}: {fb} ({sa.n} and {sb.n} seeds); difference "
+            f"{diff:+.1f}{' points' if unit == '%' else unit}, {verdict}.")
+
+
+# ---------------------------------------------------------------- plots
+
+
+def plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    return pyplot
+
+
+def band(ax, curves: list[list[float]], label: str, x=None, scale: float = 1.0, color=None):
+    """Mean curve over seeds with a min-max band."""
+    n = min(len(c) for c in curves)
+    a = np.array([c[:n] for c in curves], dtype=float) * scale
+    x = np.arange(1, n + 1) if x is None else np.asarray(x)[:n]
+    line, = ax.plot(x, a.mean(0), "o-", ms=3, label=f"{label} ({len(curves)} seeds)", color=color)
+    ax.fill_between(x, a.min(0), a.max(0), alpha=0.2, color=line.get_color())
+    return line
+
+
+def curves_figure(groups: dict[str, list[dict]], path: Path, title: str) -> Path:
+    """Test accuracy and training loss per epoch, mean over seeds with a min-max band, per group."""
+    p = plt()
+    fig, (a1, a2) = p.subplots(1, 2, figsize=(11, 4))
+    for label, recs in groups.items():
+        line = band(a1, [[h["test_acc"] for h in r["history"]] for r in recs], label, scale=100)
+        band(a2, [[h["train_loss"] for h in r["history"]] for r in recs], label, color=line.get_color())
+    a1.set(xlabel="epoch", ylabel="test accuracy, %", title="test accuracy (mean, min-max band)")
+    a2.set(xlabel="epoch", ylabel="training loss", title="training loss (mean, min-max band)")
+    for ax in (a1, a2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    p.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- the report section
+
+
+@dataclass
+class Section:
+    stage: str
+    title: str
+    command: str
+    lines: list[str] = field(default_factory=list)
+
+    def add(self, *lines: str) -> "Section":
+        self.lines.extend(lines)
+        return self
+
+    def table(self, header: list[str], rows: list[list]) -> "Section":
+        self.lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        self.lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+        self.lines.append("")
+        return self
+
+    def image(self, path: Path, alt: str) -> "Section":
+        self.lines += [f"![{alt}]({self.stage}/{path.name})", ""]
+        return self
+
+    def write(self, ctx: StudyContext, seconds: float, records: dict | None = None) -> Path:
+        head = [f"## {self.title}", "", f"Reproduce: `{self.command}`", "",
+                f"Preset **{ctx.preset.name}**: {ctx.preset.description}. Wall time of this stage: "
+                f"{seconds:.0f} s.", ""]
+        d = ctx.stage_dir(self.stage)
+        path = d / "section.md"
+        path.write_text("\n".join(head + self.lines) + "\n")
+        if records is not None:
+            (d / "cells.json").write_text(json.dumps(records, indent=1, default=float))
+        return path
