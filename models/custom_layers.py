@@ -65,6 +65,16 @@ class _DualPath(nn.Module):
             return self.training and torch.is_grad_enabled()
         return self.mode == "function"
 
+    def run_function(self, fn, *args):
+        """fn.apply(*args), in float32 while autocast is on: each hand-written backward is written for the
+        dtype of its forward, and autocast would run the forward's products in bf16 but not the backward's."""
+        device = args[0].device.type
+        if torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return fn.apply(*(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                  for a in args))
+        return fn.apply(*args)
+
     def extra_repr(self) -> str:
         return f"mode={self.mode}"
 
@@ -146,7 +156,8 @@ class WSConv2d(_DualPath):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_function():
-            return WSConv2dFunction.apply(x, self.weight, self.gain, self.bias, self.stride, self.padding, self.eps)
+            return self.run_function(WSConv2dFunction, x, self.weight, self.gain, self.bias, self.stride,
+                                     self.padding, self.eps)
         return ws_conv2d_reference(x, self.weight, self.gain, self.bias, self.stride, self.padding, self.eps)
 
 
@@ -194,7 +205,7 @@ class SqueezeExcite(_DualPath):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         args = (x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         if self.use_function():
-            return SqueezeExciteFunction.apply(*args)
+            return self.run_function(SqueezeExciteFunction, *args)
         return squeeze_excite_reference(*args)
 
 
@@ -221,7 +232,7 @@ class Swish(_DualPath):
     """Swish / SiLU, x * sigmoid(x)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return SwishFunction.apply(x) if self.use_function() else swish_reference(x)
+        return self.run_function(SwishFunction, x) if self.use_function() else swish_reference(x)
 
 
 # ----------------------------------------------------------------------------------------------- (d) SoftPool
@@ -273,7 +284,7 @@ class SoftPool2d(_DualPath):
             raise ValueError(f"SoftPool2d: input {tuple(x.shape[-2:])} is smaller than the "
                              f"{self.kernel_size}x{self.kernel_size} window")
         if self.use_function():
-            return SoftPoolFunction.apply(x, self.kernel_size)
+            return self.run_function(SoftPoolFunction, x, self.kernel_size)
         return soft_pool2d_reference(x, self.kernel_size)
 
     def extra_repr(self) -> str:

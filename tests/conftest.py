@@ -100,3 +100,18 @@ def server(store):
     s.stop()
 
 
+
+
+POSTGRES_URL = os.environ.get("LAB_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """The project's PostgreSQL (trust auth, database test); tests that need it skip, saying so, without it."""
+    import psycopg
+
+    try:
+        psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", connect_timeout=3).close()
+    except Exception as e:
+        pytest.skip(f"no PostgreSQL server answers at 127.0.0.1:5432 ({type(e).__name__}: {e})")
+    return POSTGRES_URL

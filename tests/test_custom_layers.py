@@ -215,3 +215,16 @@ def test_custom_cnn_exports_and_passes_the_parity_gate(tmp_path):
     # onnxsim folded the weight standardisation: every Conv reads a constant weight
     inits = {i.name for i in model.graph.initializer}
     assert all(n.input[1] in inits for n in model.graph.node if n.op_type == "Conv")
+
+
+def test_custom_cnn_trains_under_bf16_autocast():
+    """The hand-written backward passes run in float32 under autocast (run_function), so a training step in
+    bf16 autocast works and gives finite gradients for every parameter."""
+    from models import create_model
+
+    net = create_model("custom_cnn", num_classes=10, width=8, seed=0).train()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+    torch.nn.functional.cross_entropy(out.float(), y).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters() if p.requires_grad)

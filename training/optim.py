@@ -13,7 +13,8 @@ import math
 import torch
 import torch.nn as nn
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "rprop", "adamax", "muon")
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "rprop", "adamax", "muon", "adam_scratch", "adamax_scratch")
+# *_scratch: the hand-written Adam and AdaMax of training/scratch/optimizers.py (they match torch's step for step)
 SCHEDULES = ("linear", "onecycle", "cosine", "constant")
 
 
@@ -98,8 +99,12 @@ def build_optimizers(model: nn.Module, cfg) -> list[torch.optim.Optimizer]:
         opt = torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd)
     elif name == "rprop":
         opt = torch.optim.Rprop(groups, lr=cfg.lr)  # a full-batch method; no weight decay
-    else:
+    elif name == "adamax":
         opt = torch.optim.Adamax(groups, lr=cfg.lr, weight_decay=wd)
+    else:
+        from training.scratch import optimizers as scratch
+
+        opt = {"adam_scratch": scratch.Adam, "adamax_scratch": scratch.AdaMax}[name](groups, lr=cfg.lr, weight_decay=wd)
     for g in opt.param_groups:
         g["initial_lr"], g["schedule_end"] = g["lr"], 1.0
     return [opt]

@@ -63,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test")
     st.add_argument("--study-workers", type=int, default=1,
                     help="worker processes on this machine per grid (more machines: start the same command there)")
+    st.add_argument("--image-folder", type=Path, default=None,
+                    help="the image-folder dataset of the scratch stage's ResNet-50 (default <data root>/cifar10-jpg; "
+                         "Stanford Cars: a <root>/{train,test}/<class>/ tree)")
     st.add_argument("--restart-studies", action="store_true",
                     help="discard the finished cells of the selected study stages and run them again")
     g = ap.add_argument_group("overrides of the preset")
@@ -268,7 +271,8 @@ def run_studies(args, preset, stages: list[str], data_root: Path, log=None) -> i
     log = log or _printer(out / "studies.log")
     ctx = StudyContext(study_preset, data_root, out, storage, command="", fresh=args.restart_studies,
                        progress=not args.no_progress and sys.stderr.isatty(), log=log,
-                       data_seed=args.data_seed or 0, workers=max(1, args.study_workers))
+                       data_seed=args.data_seed or 0, workers=max(1, args.study_workers),
+                       image_folder=args.image_folder)
     t0 = time.perf_counter()
     for stage in stages:
         command = _study_command(args, stage)

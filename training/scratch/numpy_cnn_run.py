@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.paths import REPO, default_data_root
+from lab.paths import REPO, default_data_root
 from training.scratch import numpy_cnn as N
 
 DEFAULTS = dict(epochs=3, batch_size=64, lr=1e-3, channels=(16, 32), hidden=128)

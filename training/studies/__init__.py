@@ -27,6 +27,8 @@ def _register() -> None:
         STAGES.update(optimizers.STAGES)
     except ImportError:
         pass
+    from training.tuning import tuning_stage
+    STAGES["tuning"] = tuning_stage
     try:
         from training.studies import scratch
         STAGES.update(scratch.STAGES)

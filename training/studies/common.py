@@ -34,6 +34,7 @@ class StudyPreset:
     epochs: dict[str, float]               # per stage (key "default" for the rest)
     batch_size: int = 128
     timing_reps: tuple[int, int] = (20, 3)  # forward repeats timed at batch 1 and at batch 256
+    val_images: int = 2000                  # held out of training (LR sweeps, tuning); never the test set
     description: str = ""
 
     def epochs_for(self, stage: str) -> float:
@@ -41,15 +42,15 @@ class StudyPreset:
 
 
 STUDY_PRESETS = {
-    "smoke": StudyPreset("smoke", seeds=(0, 1, 2), train_limit={"cifar10": 192, "mnist": 192}, test_limit=96,
-                         epochs={"default": 1}, batch_size=64, timing_reps=(2, 1),
-                         description="seconds: 192 training and 96 test images per dataset, 1 epoch (for the tests)"),
+    "smoke": StudyPreset("smoke", seeds=(0, 1, 2), train_limit={"cifar10": 64, "mnist": 64}, test_limit=32,
+                         epochs={"default": 1}, batch_size=32, timing_reps=(1, 1), val_images=32,
+                         description="seconds: 64 training and 32 test images per dataset, 1 epoch (for the tests)"),
     "quick": StudyPreset("quick", seeds=(0, 1, 2), train_limit={"cifar10": 8000, "mnist": 8000}, test_limit=2000,
                          epochs={"default": 4, "architectures": 4},
                          description="this 2-core CPU: 8,000 training images per dataset (of 50,000 / 60,000), "
                                      "2,000 test images (of 10,000), 4 epochs, 3 seeds"),
     "full": StudyPreset("full", seeds=(0, 1, 2, 3, 4), train_limit={"cifar10": 0, "mnist": 0}, test_limit=0,
-                        epochs={"default": 30}, batch_size=128,
+                        epochs={"default": 30}, batch_size=128, val_images=5000,
                         description="for a GPU: all training and test images, 30 epochs, 5 seeds"),
 }
 
@@ -76,6 +77,7 @@ class StudyContext:
     progress: bool = True
     log: Callable[[str], None] = print
     data_seed: int = 0
+    image_folder: Path | None = None       # the "imagefolder" dataset's root (default <data root>/cifar10-jpg)
     workers: int = 1                       # local worker processes per grid (this one included)
     is_worker: bool = False                # a helper process: runs cells, writes no report
     _data: dict = field(default_factory=dict, repr=False)
@@ -88,20 +90,28 @@ class StudyContext:
     def data(self, dataset: str):
         """(train, train_eval, test, spec) of a dataset under this preset: the same images for every
         cell and seed (the split depends on data_seed only)."""
+        return self._load(dataset)[:4]
+
+    def val(self, dataset: str):
+        """Held-out training images (never trained on, never the test set): for choosing LRs and trials."""
+        return self._load(dataset)[4]
+
+    def _load(self, dataset: str):
         if dataset not in self._data:
             from training import data as D
             from training.pipeline import make_spec
 
-            train = D.shuffled(D.load_dataset(dataset, "train", self.data_root, progress=self.progress),
-                               self.data_seed)
-            test = D.load_dataset(dataset, "test", self.data_root, progress=self.progress)
-            limit = self.preset.train_limit.get(dataset, 0)
-            if limit:
-                train = train.subset(slice(0, limit))
+            root = (self.image_folder or self.data_root / "cifar10-jpg") if dataset == "imagefolder" else self.data_root
+            pool = D.shuffled(D.load_dataset(dataset, "train", root, progress=self.progress), self.data_seed)
+            test = D.load_dataset(dataset, "test", root, progress=self.progress)
+            n_val = min(self.preset.val_images, len(pool) // 5)
+            val = pool.subset(slice(len(pool) - n_val, len(pool)))     # the pool's end: held out
+            limit = self.preset.train_limit.get(dataset, 0) or len(pool) - n_val
+            train = pool.subset(slice(0, min(limit, len(pool) - n_val)))
             if self.preset.test_limit:
                 test = D.shuffled(test, self.data_seed + 1).subset(slice(0, self.preset.test_limit))
             train_eval = train.subset(slice(0, len(test)))
-            self._data[dataset] = (train, train_eval, test, make_spec(train))
+            self._data[dataset] = (train, train_eval, test, make_spec(train), val)
         return self._data[dataset]
 
 
@@ -146,29 +156,46 @@ def grid(ctx: StudyContext, spec) -> dict[str, dict]:
 def train_cell(ctx: StudyContext, dataset: str, model: str, kwargs: dict, seed: int, *, recipe: str,
                train: dict | None = None, stage: str = "default",
                after_backward: Callable[[torch.nn.Module], None] | None = None,
-               inspect: Callable[[torch.nn.Module, object], dict] | None = None) -> dict:
-    """Train one cell through the engine and measure it (see the module docstring)."""
+               inspect: Callable[[torch.nn.Module, object], dict] | None = None,
+               on_epoch: Callable[[dict], None] | None = None, evaluate_on: str = "test",
+               epoch_f1: bool = False) -> dict:
+    """Train one cell through the engine and measure it (see the module docstring). With
+    evaluate_on="val", the "test" figures are on held-out training images instead (for choosing settings), and
+    the history's evaluation keys are val_acc / val_loss."""
     from training.engine import train as run_training
     from training.evaluate import classification_metrics, predict_torch
     from training.recipes import make_config
 
     train_set, train_eval, test, spec = ctx.data(dataset)
+    if evaluate_on == "val":
+        test = ctx.val(dataset)
     overrides = {"epochs": ctx.preset.epochs_for(stage), "batch_size": ctx.preset.batch_size,
                  **(train or {}), "seed": seed}
     cfg = make_config(recipe, dataset=dataset, **overrides)
     net = create_model(model, seed=seed, num_classes=len(train_set.classes), in_channels=train_set.channels,
                        image_size=train_set.size[0], **kwargs)
-    result = run_training(net, train_set, spec, cfg, eval_sets={"train_eval": train_eval, "test": test},
-                          progress=False, log=lambda *_: None, after_backward=after_backward)
+    hook = on_epoch
+    if epoch_f1:  # macro-F1 on the evaluation set after every epoch, in the epoch's record
+        def hook(record):
+            was = net.training
+            logits = predict_torch(net, test, spec, precision=cfg.precision if cfg.precision != "auto" else "fp32")
+            record[f"{evaluate_on}_macro_f1"] = classification_metrics(
+                test.labels.numpy(), logits.argmax(1), test.classes)["macro_f1"]
+            net.train(was)
+            if on_epoch is not None:
+                on_epoch(record)
+    result = run_training(net, train_set, spec, cfg, eval_sets={"train_eval": train_eval, evaluate_on: test},
+                          progress=False, log=lambda *_: None, after_backward=after_backward, on_epoch=hook)
     net = result.model.eval()
     logits = predict_torch(net, test, spec, precision="fp32")
     m = classification_metrics(test.labels.numpy(), logits.argmax(1), test.classes)
     last = result.history[-1]
     record = {
         "dataset": dataset, "model": model, "kwargs": kwargs, "seed": seed, "recipe": recipe,
+        "evaluated_on": evaluate_on,
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("threads", "compile")},
         "params": count_parameters(net), "history": result.history,
-        "test_acc": m["accuracy"], "test_loss": last["test_loss"], "macro_f1": m["macro_f1"],
+        "test_acc": m["accuracy"], "test_loss": last[f"{evaluate_on}_loss"], "macro_f1": m["macro_f1"],
         "train_eval_acc": last["train_eval_acc"], "gap": last["train_eval_acc"] - m["accuracy"],
         "confusion": m["confusion_matrix"], "per_class_accuracy": m["per_class_accuracy"],
         "train_seconds": result.train_seconds, "precision": result.precision,
@@ -320,3 +347,37 @@ class Section:
         if records is not None:
             (d / "cells.json").write_text(json.dumps(records, indent=1, default=float))
         return path
+
+
+# ---------------------------------------------------------------- publishing a model a study found
+
+
+def publish_model(ctx: StudyContext, store_name: str, dataset: str, model: str, kwargs: dict, *, recipe: str,
+                  train: dict, description: str) -> dict:
+    """Train `model` with these settings on the study's training images through the model pipeline (train,
+    evaluate, export with its parity gate, publish) and put it in the BentoML store as `store_name`.
+
+    Returns {"tag", "served_accuracy", "epochs", "run_dir"}. The test split is the whole test set."""
+    from datetime import datetime
+
+    from lab.store import clean_staging, store_lock
+    from training import pipeline as P
+    from training.presets import Preset
+
+    preset = Preset(name=f"study-{ctx.preset.name}", dataset=dataset, model=model, model_kwargs=dict(kwargs),
+                    recipe=recipe, overrides={"batch_size": ctx.preset.batch_size, **train},
+                    data_seed=ctx.data_seed, train_limit=ctx.preset.train_limit.get(dataset, 0), test_limit=0,
+                    store_name=store_name, description=description,
+                    calibration_images=min(512, ctx.preset.train_limit.get(dataset, 0) or 512))
+    run_dir = ctx.out_dir / "published" / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{store_name}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = P.Run(dir=run_dir, preset=preset, data_root=ctx.data_root, progress=ctx.progress)
+    ctx.log(f"  publishing {store_name}: {model} {kwargs} {train} (run folder {run_dir})")
+    for stage in ("train", "evaluate", "export"):
+        getattr(P, f"stage_{stage}")(run)
+    with store_lock():
+        clean_staging()
+        tag = P.stage_publish(run)
+    served = run.files.export().served["accuracy"]
+    ctx.log(f"  published {tag}: served accuracy {100 * served:.2f}%")
+    return {"tag": tag, "served_accuracy": served, "epochs": preset.config().epochs, "run_dir": str(run_dir)}

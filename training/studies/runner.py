@@ -25,7 +25,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
-HEARTBEAT_S, GRACE_S = 10, 30   # a silent worker's cell is queued again after GRACE_S seconds
+# A worker beats every HEARTBEAT_S; one silent for GRACE_S is dead: its cell is queued again.
+GRACE_S = int(os.environ.get("LAB_STUDY_GRACE_S", "30"))
+HEARTBEAT_S = max(1, GRACE_S // 3)
 
 
 class StudyError(RuntimeError):
@@ -134,6 +136,11 @@ def records(study) -> dict[str, dict]:
     return out
 
 
+def _cell_of(trial) -> str | None:
+    """The cell a trial is (or will be) about: its parameter, or its queued parameter."""
+    return trial.params.get("cell") or trial.system_attrs.get("fixed_params", {}).get("cell")
+
+
 def run_grid(spec: GridSpec, url: str, *, fresh: bool = False, progress: bool = True, log=print,
              wait_for_others: bool = True) -> dict[str, dict]:
     """Run every cell of the grid not yet done (by this or any other worker); returns cell id -> record."""
@@ -168,10 +175,14 @@ def run_grid(spec: GridSpec, url: str, *, fresh: bool = False, progress: bool = 
         missing = wanted - set(records(study))
         if not missing:
             break
-        running = {t.params.get("cell") for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-        if missing - running or waiting:
-            study.optimize(objective, n_trials=len(missing), catch=())
+        trials = study.get_trials(deepcopy=False)
+        busy = {_cell_of(t) for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)}
+        tried = {_cell_of(t) for t in trials}
+        for cid in sorted((missing & tried) - busy):  # failed before (a crash, an error): queue it again,
+            study.enqueue_trial({"cell": cid})        # the grid sampler counts a failed cell as visited
+        todo = missing - {_cell_of(t) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        if todo:
+            study.optimize(objective, n_trials=len(todo), catch=())
             continue
         if not wait_for_others:
             break

@@ -1,0 +1,156 @@
+"""The studies (issues 10-12): every stage on smoke, the grid runner's resume and workers, bad input."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_all
+
+STAGE_FILES = {
+    "architectures": ["curves_mnist.png", "curves_cifar10.png", "confusion_cifar10.png"],
+    "kernels": ["curves.png", "first_layer.png"],
+    "depth": ["accuracy_vs_depth.png", "gradient_norms.png", "feature_maps.png"],
+    "blocks": ["curves.png"],
+    "optimizers": ["curves_mnist.png", "curves_cifar10.png"],
+    "tuning": ["history.png", "intermediate.png"],
+    "scratch": ["numpy_cnn_loss.png", "resnet50_adamax_vs_adam.png"],
+}
+
+
+@pytest.fixture(scope="module")
+def study_data(tmp_path_factory) -> Path:
+    """CIFAR-10 pickles, MNIST idx files and a CIFAR-like image folder, all small, in the real formats."""
+    from tests.fakedata import CIFAR_CLASSES, write_cifar_pickles, write_image_folder, write_mnist
+
+    root = tmp_path_factory.mktemp("studydata")
+    write_cifar_pickles(root)
+    write_mnist(root, train=400, test=200)
+    write_image_folder(root / "cifar10-jpg", classes=CIFAR_CLASSES, per_class=8, size=(32, 32), fmt="jpg")
+    return root
+
+
+def test_every_study_stage_runs_on_smoke_and_writes_its_section(study_data, lab_env):
+    proc = run_all(["--preset", "smoke", "--data-root", str(study_data), "--only", "studies"], lab_env,
+                   timeout=900, check=True)
+    out = Path(proc.stdout.strip().splitlines()[-1].split("studies folder: ")[1])
+    report = (out / "report.md").read_text()
+    for n, (stage, files) in enumerate(STAGE_FILES.items(), 1):
+        section = (out / stage / "section.md").read_text()
+        assert f"Reproduce: `python training/run_all.py --preset smoke --only {stage}" in section or stage == "tuning"
+        assert "Wall time of this stage" in section
+        for f in files:
+            assert (out / stage / f).stat().st_size > 1000, (stage, f)
+        assert section.splitlines()[0] in report
+    assert " ± " in report and "seeds" in report
+    assert "inside the spread" in report or "outside the spread" in report
+    # the NumPy CNN's weights: load(path).predict(uint8 images) -> (N, 10) logits
+    from training.scratch.numpy_cnn import load
+
+    import numpy as np
+
+    model = load(out / "scratch" / "numpy_cnn_seed0" / "numpy_cnn.npz")
+    assert model.predict(np.zeros((3, 28, 28), np.uint8)).shape == (3, 10)
+    listed = subprocess.run([sys.executable, "-m", "bentoml", "models", "list", "-o", "json"], env=lab_env,
+                            capture_output=True, text=True, check=True).stdout
+    assert "cifar10-tuned-cnn" in listed and "cifar10-custom-cnn" in listed
+    # a rerun finds every cell done and trains nothing again
+    again = run_all(["--preset", "smoke", "--data-root", str(study_data), "--only", "kernels"], lab_env, check=True)
+    assert "12/12 cells already done" in again.stdout
+
+
+def test_unknown_stage_names_the_valid_ones(study_data, lab_env):
+    proc = run_all(["--preset", "smoke", "--data-root", str(study_data), "--only", "kernel"], lab_env)
+    assert proc.returncode == 2 and "valid stages: train" in proc.stderr and "kernels" in proc.stderr
+
+
+GRID_SCRIPT = textwrap.dedent("""
+    import json, os, sys, time
+    from pathlib import Path
+    from training.studies.runner import Cell, GridSpec, run_grid
+    marks = Path(sys.argv[2])
+    def run_cell(cell):
+        (marks / f"{cell.variant}-{cell.seed}-{os.getpid()}-{time.time_ns()}").touch()
+        time.sleep(float(sys.argv[3]))
+        return {"test_acc": cell.seed / 10}
+    cells = [Cell("toy", v, s) for v in ("a", "b") for s in (0, 1, 2)]
+    if len(sys.argv) > 5:  # a barrier: start only when this many workers are ready
+        ready = marks.parent / "ready"
+        ready.mkdir(exist_ok=True)
+        (ready / str(os.getpid())).touch()
+        while len(list(ready.iterdir())) < int(sys.argv[5]):
+            time.sleep(0.05)
+    done = run_grid(GridSpec("toy", cells, {"k": sys.argv[4]}, run_cell), sys.argv[1], progress=False,
+                    log=lambda m: print(m, flush=True))
+    print("DONE", len(done), flush=True)
+""")
+
+
+def _grid(tmp_path, storage, marks, sleep="0.3", config="1", env=None):
+    script = tmp_path / "grid.py"
+    script.write_text(GRID_SCRIPT)
+    return subprocess.Popen([sys.executable, str(script), storage, str(marks), sleep, config], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_the_runner_resumes_after_a_kill_without_redoing_finished_cells(tmp_path, lab_env):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    storage = f"sqlite:///{tmp_path / 'results.db'}"
+    env = dict(lab_env, LAB_STUDY_GRACE_S="3")
+    proc = _grid(tmp_path, storage, marks, sleep="1.0", env=env)
+    deadline = time.time() + 120
+    while len(list(marks.iterdir())) < 4 and time.time() < deadline:  # 3 finished, the 4th running
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    started_before = {p.name.rsplit("-", 2)[0] for p in marks.iterdir()}
+    again = _grid(tmp_path, storage, marks, sleep="0.1", env=env)
+    out, _ = again.communicate(timeout=180)
+    assert "DONE 6" in out, out
+    assert "3/6 cells already done" in out, out
+    starts: dict[str, int] = {}
+    for p in marks.iterdir():
+        key = p.name.rsplit("-", 2)[0]
+        starts[key] = starts.get(key, 0) + 1
+    assert len(starts) == 6 and len(started_before) == 4
+    # exactly one cell ran twice: the one killed mid-way (its heartbeat stopped, it was queued again)
+    assert sorted(starts.values()) == [1, 1, 1, 1, 1, 2], starts
+
+
+def test_results_of_another_configuration_are_refused_and_kept(tmp_path, lab_env):
+    storage = f"sqlite:///{tmp_path / 'results.db'}"
+    marks = tmp_path / "m"
+    marks.mkdir()
+    out, _ = _grid(tmp_path, storage, marks, sleep="0", config="1", env=lab_env).communicate(timeout=120)
+    assert "DONE 6" in out
+    out, _ = _grid(tmp_path, storage, marks, sleep="0", config="2", env=lab_env).communicate(timeout=120)
+    assert "StudyError" in out and "another configuration" in out and "--fresh" in out
+    out, _ = _grid(tmp_path, storage, marks, sleep="0", config="1", env=lab_env).communicate(timeout=120)
+    assert "6/6 cells already done" in out  # nothing was lost
+
+
+def test_two_workers_share_one_grid_on_postgresql(tmp_path, lab_env, postgres_url):
+    import optuna
+
+    name = f"toy-{time.time_ns()}"
+    script = tmp_path / "grid.py"
+    script.write_text(GRID_SCRIPT.replace('GridSpec("toy"', f'GridSpec("{name}"'))
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    procs = [subprocess.Popen([sys.executable, str(script), postgres_url, str(marks), "0.5", "1", "2"], cwd=REPO,
+                              env=lab_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert all("DONE 6" in o for o in outs), outs
+    study = optuna.load_study(study_name=name, storage=postgres_url)
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len({t.params["cell"] for t in complete}) == 6
+    assert len({t.user_attrs["worker"] for t in complete}) == 2  # both took cells
+    optuna.delete_study(study_name=name, storage=postgres_url)

@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Optuna tuning from the command line: one study, any number of workers, the best trial published.
+
+    python training/tune.py --preset quick --search-space cnn --n-trials 24
+    python training/tune.py --preset quick --storage postgresql+psycopg://postgres@127.0.0.1:5432/test \\
+        --study-name cnn-pg --n-trials 24 --n-workers 2          # 2 processes here; start more anywhere
+    optuna-dashboard sqlite:///runs/tuning/tuning.db             # watch it (same URL as --storage)
+
+Every worker started with the same --storage and --study-name joins the study; together they finish
+exactly --n-trials trials. Restarting after a kill continues to that count. See training/tuning.py.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+
+
+def parse_args(argv=None):
+    from lab.paths import default_runs_dir
+    from training.tuning import SPACES, TUNE_PRESETS
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="quick", help=f"data sizes, epochs and default trial count: "
+                                                      f"{', '.join(TUNE_PRESETS)} (default quick)")
+    ap.add_argument("--search-space", default="cnn", help=f"one of: {', '.join(SPACES)}")
+    ap.add_argument("--storage", default=None,
+                    help="database URL (default sqlite:///<runs>/tuning/tuning.db); PostgreSQL for many machines")
+    ap.add_argument("--study-name", default=None, help="default: <space>-<preset>")
+    ap.add_argument("--n-trials", type=int, default=None, help="trials the whole study should finish")
+    ap.add_argument("--n-workers", type=int, default=1, help="worker processes on this machine (this one included)")
+    ap.add_argument("--epochs", type=float, default=None, help="epochs per trial (default: the preset's)")
+    ap.add_argument("--data-root", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="report folder (default <runs>/tuning/<study>)")
+    ap.add_argument("--no-publish", action="store_true", help="do not retrain and publish the best trial")
+    ap.add_argument("--fresh", action="store_true", help="delete this study's trials first")
+    ap.add_argument("--worker-only", action="store_true", help="run trials, then exit (no report, no publish)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.preset not in TUNE_PRESETS:
+        ap.error(f"unknown preset {args.preset!r}; valid: {', '.join(TUNE_PRESETS)}")
+    args.runs = default_runs_dir()
+    return args
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    from lab.hardware import cores
+    from lab.paths import default_data_root
+    from training.studies.common import StudyContext, get_study_preset
+    from training.tuning import (TUNE_PRESETS, best_settings, get_space, open_tuning_study, print_statistics,
+                                 run_worker, section, start_workers, statistics, wait_for_running)
+
+    import torch
+
+    space = get_space(args.search_space)
+    preset = TUNE_PRESETS[args.preset]
+    n_trials = args.n_trials or preset["n_trials"]
+    epochs = args.epochs or preset["epochs"]
+    name = args.study_name or f"{space.name}-{args.preset}"
+    storage = args.storage
+    if storage is None:
+        (args.runs / "tuning").mkdir(parents=True, exist_ok=True)
+        storage = f"sqlite:///{(args.runs / 'tuning' / 'tuning.db').resolve()}"
+    out = args.out or args.runs / "tuning" / name
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = StudyContext(get_study_preset(args.preset), args.data_root or default_data_root(), out, storage,
+                       command="", progress=not args.no_progress and sys.stderr.isatty())
+    torch.set_num_threads(max(1, cores() // max(1, args.n_workers)))
+    study = open_tuning_study(space, storage, name, fresh=args.fresh and not args.worker_only)
+    if args.worker_only:
+        run_worker(ctx, space, storage, name, n_trials, epochs, log=ctx.log)
+        return 0
+    t0 = time.perf_counter()
+    helper_argv = [a for a in argv if a != "--fresh"]
+    helpers = start_workers(args.n_workers - 1, helper_argv) if args.n_workers > 1 else []
+    try:
+        run_worker(ctx, space, storage, name, n_trials, epochs, log=ctx.log)
+        wait_for_running(study, ctx.log)
+    finally:
+        for h in helpers:
+            h.wait()
+    seconds = time.perf_counter() - t0
+    stats = statistics(study)
+    print_statistics(stats, ctx.log)
+    published = None
+    if not args.no_publish and "best_value" in stats:
+        from training.studies.common import publish_model
+
+        kwargs, train = best_settings(space, study.best_trial.params)
+        published = publish_model(ctx, f"{space.dataset}-tuned-{space.name}", space.dataset, space.model, kwargs,
+                                  recipe="study_sgd", train={**train, "epochs": epochs},
+                                  description=f"best trial {study.best_trial.number} of Optuna study {name}")
+    command = "python training/tune.py " + " ".join(argv)
+    section(ctx, space, study, name, storage, n_trials, seconds, command, published)
+    ctx.log(f"report section: {out / 'tuning' / 'section.md'}")
+    return 0
+
+
+def cli(argv=None) -> int:
+    from training.studies.runner import StudyError
+
+    try:
+        return main(argv)
+    except StudyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished trials are kept; rerun the same command to continue the study", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
