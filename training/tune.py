@@ -53,8 +53,8 @@ def main(argv=None) -> int:
     from lab.hardware import cores
     from lab.paths import default_data_root
     from training.studies.common import StudyContext, get_study_preset
-    from training.tuning import (TUNE_PRESETS, best_settings, get_space, open_tuning_study, print_statistics,
-                                 run_worker, section, start_workers, statistics, wait_for_running)
+    from training.tuning import (TUNE_PRESETS, best_settings, finish_study, get_space, open_tuning_study,
+                                 print_statistics, run_worker, section, start_workers, statistics)
 
     import torch
 
@@ -80,8 +80,7 @@ def main(argv=None) -> int:
     helper_argv = [a for a in argv if a != "--fresh"]
     helpers = start_workers(args.n_workers - 1, helper_argv) if args.n_workers > 1 else []
     try:
-        run_worker(ctx, space, storage, name, n_trials, epochs, log=ctx.log)
-        wait_for_running(study, ctx.log)
+        study = finish_study(ctx, space, storage, name, n_trials, epochs, log=ctx.log)
     finally:
         for h in helpers:
             h.wait()

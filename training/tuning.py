@@ -180,16 +180,21 @@ def _waiting(study) -> bool:
     return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
-def wait_for_running(study, log=print, poll: float = 5.0) -> None:
-    """Let other workers' running trials finish (or go stale and be queued again, then run them)."""
+def finish_study(ctx: StudyContext, space: SearchSpace, storage_url: str, study_name: str, n_trials: int,
+                 epochs: float, log=print, poll: float = 2.0):
+    """Run trials until the study has its count, then wait for other workers' running trials; a trial that
+    goes stale meanwhile (its worker died) is queued again and run here. Returns the study."""
     import optuna
     from optuna.trial import TrialState
 
-    while study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        time.sleep(poll)
-        optuna.storages.fail_stale_trials(study)
-        if _waiting(study):
-            return
+    study = open_tuning_study(space, storage_url, study_name)
+    while True:
+        run_worker(ctx, space, storage_url, study_name, n_trials, epochs, log)
+        while study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) and not _waiting(study):
+            time.sleep(poll)
+            optuna.storages.fail_stale_trials(study)
+        if not _waiting(study):
+            return study
 
 
 def statistics(study) -> dict:
@@ -336,9 +341,7 @@ def tuning_stage(ctx: StudyContext, command: str) -> Section:
     t0 = time.perf_counter()
     if ctx.fresh:
         open_tuning_study(space, ctx.storage, name, fresh=True)
-    run_worker(ctx, space, ctx.storage, name, preset["n_trials"], preset["epochs"], log=ctx.log)
-    study = open_tuning_study(space, ctx.storage, name)
-    wait_for_running(study, ctx.log)
+    study = finish_study(ctx, space, ctx.storage, name, preset["n_trials"], preset["epochs"], log=ctx.log)
     print_statistics(statistics(study), ctx.log)
     kwargs, train = best_settings(space, study.best_trial.params)
     published = publish_model(ctx, f"{space.dataset}-tuned-{space.name}", space.dataset, space.model, kwargs,

@@ -27,13 +27,19 @@ def _register() -> None:
         STAGES.update(optimizers.STAGES)
     except ImportError:
         pass
-    from training.tuning import tuning_stage
-    STAGES["tuning"] = tuning_stage
+    STAGES["tuning"] = _tuning
     try:
         from training.studies import scratch
         STAGES.update(scratch.STAGES)
     except ImportError:
         pass
+
+
+def _tuning(ctx: StudyContext, command: str):
+    """The Optuna stage (training/tuning.py), imported when it runs: training.tuning imports this package."""
+    from training.tuning import tuning_stage
+
+    return tuning_stage(ctx, command)
 
 
 _register()
