@@ -61,8 +61,9 @@ def _sweep(ctx: StudyContext) -> tuple[dict[tuple[str, str], float], dict[str, d
                          stage="optimizers", evaluate_on="val")
         return dict(rec, optimizer=opt, lr=float(lr))
 
-    cells = [Cell(d, f"{o}@{lr:g}", ctx.preset.seeds[0]) for d in DATASETS for o in OPTIMIZERS for lr in LR_GRID[o]]
-    config = {"stage": "optimizer LR sweep", "optimizers": OPTIMIZERS, "grid": LR_GRID, "model": MODEL,
+    grid_of = {o: LR_GRID[o][1:3] if ctx.preset.name == "smoke" else LR_GRID[o] for o in OPTIMIZERS}  # smoke: 2 LRs
+    cells = [Cell(d, f"{o}@{lr:g}", ctx.preset.seeds[0]) for d in DATASETS for o in OPTIMIZERS for lr in grid_of[o]]
+    config = {"stage": "optimizer LR sweep", "optimizers": OPTIMIZERS, "grid": grid_of, "model": MODEL,
               "preset": ctx.preset.name, "epochs": max(1, ctx.preset.epochs_for("optimizers") / 2),
               "train_limit": ctx.preset.train_limit, "val_images": ctx.preset.val_images, "data_seed": ctx.data_seed}
     recs = grid(ctx, GridSpec("optimizers-lr-sweep", cells, config, run_cell))
