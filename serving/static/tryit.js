@@ -153,6 +153,7 @@ function renderResult(im, answers, truth) {
       ag.top.map(([b, l]) => `${b} says ${l}`).join(", "), truth ? `; the true label is ${truth}.` : ".");
   }
   const thumb = el("img", { class: "thumb", alt: im.name, src: im.url });
+  thumb.addEventListener("error", () => thumb.replaceWith(el("div", { class: "thumb nothumb", text: "the browser cannot show this file" })));
   const backends = Object.keys(answers);
   return el("article", { class: "result", "data-filename": im.name },
     el("div", { class: "head" }, thumb,
@@ -211,12 +212,12 @@ async function run(images) {
   results.replaceChildren(el("p", { class: "working", text: `Classifying ${images.length} image(s) on ${backends.join(", ")} ...` }));
   try {
     const answers = await classify(images, backends);
-    results.replaceChildren(
+    results.replaceChildren(...[
       el("p", { class: "summary" },
         images.length === 1 ? "POST /classify" : `POST /classify_batch with ${images.length} images`,
         ` once per backend (${backends.join(", ")}), model ${$("#model").value}.`),
       images.length > 1 ? renderOverview(images, answers, backends) : null,
-      ...images.map((im, i) => renderResult(im, answers[i], im.label)));
+      ...images.map((im, i) => renderResult(im, answers[i], im.label))].filter(Boolean));
     showExample(images, backends[0]);
   } finally {
     state.busy = false;
@@ -225,12 +226,15 @@ async function run(images) {
   }
 }
 
+const shellQuote = (s) => (/^[\w@%+=:,./-]+$/.test(s) ? s : `'${s.replace(/'/g, "'\\''")}'`);
+
 function showExample(images, backend) {
   const base = `${location.origin}`;
   const q = query(backend);
   const cmd = images.length === 1
-    ? `curl -F image=@${images[0].name} '${base}/classify?${q}'`
-    : `curl ${images.slice(0, 3).map((im) => `-F images=@${im.name}`).join(" ")}${images.length > 3 ? " ..." : ""} '${base}/classify_batch?${q}'`;
+    ? `curl -F ${shellQuote(`image=@${images[0].name}`)} '${base}/classify?${q}'`
+    : `curl ${images.slice(0, 3).map((im) => `-F ${shellQuote(`images=@${im.name}`)}`).join(" ")}` +
+      `${images.length > 3 ? " ..." : ""} '${base}/classify_batch?${q}'`;
   $("#example").replaceChildren("The last request, as a command: ", el("code", { text: cmd }));
 }
 
@@ -246,7 +250,7 @@ function dl(pairs) {
 
 function table(head, rows, cls) {
   return el("table", { class: cls || "" },
-    el("thead", {}, el("tr", {}, head.map((h) => el("th", { text: h })))),
+    el("thead", {}, el("tr", {}, head.map((h, i) => el("th", { text: h, class: i ? "num" : null })))),
     el("tbody", {}, rows.map((r) => el("tr", {}, r.map((c, i) =>
       i === 0 ? el("th", { scope: "row" }, c) : el("td", { class: "num" }, c))))));
 }
