@@ -310,8 +310,8 @@ function renderCard(name) {
     const fp32 = files["model.sim.onnx"];
     const size = i8.bytes && fp32 ? `; file ${bytes(i8.bytes)} vs ${bytes(fp32.bytes)} FP32 (${(fp32.bytes / i8.bytes).toFixed(1)}x smaller)` : "";
     parts.push(el("h3", { text: "INT8 cost" }), el("p", { class: "int8" },
-      `Accuracy ${pct(i8.accuracy)} vs ${pct(i8.fp32_accuracy)} FP32: `,
-      el("strong", { text: `${(-100 * i8.drop).toFixed(2)} points` }),
+      `Accuracy ${pct(i8.accuracy)} vs ${pct(i8.fp32_accuracy)} FP32: INT8 `,
+      el("strong", { text: `${i8.drop > 0 ? "loses" : "gains"} ${Math.abs(100 * i8.drop).toFixed(2)} points` }),
       `; ${count(i8.top1_disagreements_vs_fp32)} of ${count(i8.test_images)} test images change their top-1${size}. ` +
       `Calibrated on ${count(i8.calibration_images)} ${i8.calibration || "images"}. ` +
       (i8.accepted ? "Published as the onnx_int8 backend." : "Not published (it lost too much).")));
