@@ -1,6 +1,6 @@
 # Two commands do all the set-up (see README.md):
 #   make run    install into .venv/ if needed, then train/export/publish the quick preset
-#   make test   install into .venv/ if needed, then run the test suite
+#   make test   install into .venv/ if needed (and Chromium for the browser tests, as root), then run the test suite
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: setup run test serve report
+.PHONY: setup browser run test serve report
 
 setup: $(STAMP)
 
@@ -27,11 +27,28 @@ $(STAMP): requirements.txt pyproject.toml
 run: setup
 	$(PY) training/run_all.py $(ARGS)
 
-test: setup
+# Chromium for the browser tests (tests/test_browser.py): Debian's `chromium`, installed once with apt-get
+# when this runs as root with apt-get; anywhere else (or if apt-get fails) those tests skip and say why.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "note: no Chromium here, and no root + apt-get to install it: the browser tests will skip"; \
+	else \
+	  echo "installing Chromium for the browser tests (apt-get install chromium, once) ..."; \
+	  mkdir -p .cache; \
+	  apt="apt-get -y -q -o DPkg::Lock::Timeout=300"; \
+	  if { DEBIAN_FRONTEND=noninteractive $$apt install chromium || \
+	       { DEBIAN_FRONTEND=noninteractive $$apt update && DEBIAN_FRONTEND=noninteractive $$apt install chromium; }; \
+	     } </dev/null >.cache/chromium-install.log 2>&1; then echo "Chromium is installed: $$(command -v chromium)"; \
+	  else echo "note: apt-get could not install chromium (see .cache/chromium-install.log): the browser tests will skip"; fi; \
+	fi
+
+test: setup browser
 	$(PY) -m pytest $(ARGS)
 
 report: setup
 	$(PY) bench/report.py $(ARGS)
 
 serve: setup
+	@echo "serving on http://$${HOST:-127.0.0.1}:$${PORT:-3000}/ : open it for the try-it page (API docs: /docs)"
 	$(VENV)/bin/bentoml serve --host $${HOST:-127.0.0.1} --port $${PORT:-3000}

@@ -10,7 +10,14 @@
 Each request is named "classify[<backend>]" in Locust's statistics. An answer counts as a failure
 unless it is a 200 whose top-1 label can be read; whether that label is the image's true label is
 tallied separately (accuracy under load), per backend, and written to --accuracy-out at the end
-(workers report their tallies to the master).
+(workers report their tallies to the master). The tally starts afresh with each run (and with Locust's
+"reset stats").
+
+In the web UI (http://127.0.0.1:8089) the tally is the "Accuracy" tab beside Statistics, Charts, ...,
+updated live with the other statistics; GET /accuracy gives it as JSON and /accuracy/csv as CSV
+(also under Download Data). This uses Locust's public web UI extension points: extendedTabs,
+extendedTables and extendedCsvFiles in the page's template arguments, and an "extendedStats" entry
+added to /stats/requests, which the page polls.
 """
 from __future__ import annotations
 
@@ -52,6 +59,66 @@ def _count(backend: str, correct: bool) -> None:
         t = TALLY.setdefault(backend, {"checked": 0, "correct": 0})
         t["checked"] += 1
         t["correct"] += int(correct)
+
+
+def accuracy_rows() -> list[dict]:
+    """The tally as rows for the web UI and /accuracy: one per backend."""
+    with _lock:
+        tally = {b: dict(t) for b, t in sorted(TALLY.items())}
+    rows = [{"backend": b, "checked": t["checked"], "correct": t["correct"],
+             "accuracy": f"{100 * t['correct'] / t['checked']:.2f}%" if t["checked"] else "n/a"}
+            for b, t in tally.items()]
+    if SAMPLES and all(s.label is None for s in SAMPLES):
+        rows.append({"backend": "(none)", "checked": 0, "correct": 0,
+                     "accuracy": "no labelled test images under the data root: answers cannot be checked"})
+    return rows
+
+
+@events.test_start.add_listener
+def _fresh_tally(**_):
+    with _lock:
+        TALLY.clear()
+
+
+@events.reset_stats.add_listener
+def _reset_tally(**_):
+    with _lock:
+        TALLY.clear()
+
+
+@events.init.add_listener
+def _web_ui_accuracy(environment, web_ui=None, **_):
+    """The accuracy tally in Locust's web UI: an "Accuracy" tab, a JSON and a CSV route."""
+    if web_ui is None:
+        return
+    from flask import Response, jsonify, request
+
+    web_ui.template_args["extendedTabs"] = [{"title": "Accuracy", "key": "accuracy"}]
+    web_ui.template_args["extendedTables"] = [{"key": "accuracy", "structure": [
+        {"key": "backend", "title": "Backend"},
+        {"key": "checked", "title": "Answers checked"},
+        {"key": "correct", "title": "Top-1 = true label"},
+        {"key": "accuracy", "title": "Accuracy under load"}]}]
+    web_ui.template_args["extendedCsvFiles"] = [{"href": "./accuracy/csv", "title": "Download accuracy CSV"}]
+
+    @web_ui.app.after_request
+    def _with_accuracy(response):
+        if request.path == "/stats/requests" and response.is_json:
+            data = response.get_json()
+            data["extendedStats"] = [{"key": "accuracy", "data": accuracy_rows()}]
+            response.set_data(json.dumps(data))
+        return response
+
+    @web_ui.app.route("/accuracy")
+    def _accuracy_json():
+        return jsonify(accuracy_rows())
+
+    @web_ui.app.route("/accuracy/csv")
+    def _accuracy_csv():
+        lines = ["backend,checked,correct,accuracy"] + [
+            f"{r['backend']},{r['checked']},{r['correct']},{r['accuracy']}" for r in accuracy_rows()]
+        return Response("\n".join(lines) + "\n", mimetype="text/csv",
+                        headers={"Content-Disposition": "attachment; filename=accuracy.csv"})
 
 
 @events.report_to_master.add_listener

@@ -11,10 +11,9 @@ the parts measured, and the machine it ran on.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
-import re
+import shlex
 import sys
 import time
 from datetime import datetime
@@ -25,6 +24,7 @@ from bench.samples import cifar_test_samples
 from lab.backends import default_backends
 from lab.card import read_card
 from lab.paths import REPO
+from lab.report_html import command_line, render_html
 from lab.store import get_model
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
@@ -36,7 +36,7 @@ def _pct(x) -> str:
 
 def _training_section(card: dict, out: Path) -> list[str]:
     t = card.get("training", {})
-    lines = ["## Training", "",
+    lines = ["## Training", "", command_line(_training_command(card)), "",
              f"- model `{card['architecture']['name']}` {json.dumps(card['architecture']['kwargs'])}: "
              f"{card['parameters']:,} parameters, {card['flops_per_image'] / 1e6:.0f} MFLOPs per image "
              f"({card['flops_per_image_with_tta'] / 1e6:.0f} with TTA level {card['tta_level']})",
@@ -57,8 +57,15 @@ def _training_section(card: dict, out: Path) -> list[str]:
     return lines
 
 
+def _training_command(card: dict) -> list[str]:
+    return ["python", "training/run_all.py", "--preset", str(card.get("training", {}).get("preset", "quick")),
+            "--model", card["architecture"]["name"], "--dataset", str(card.get("dataset", {}).get("name", "cifar10"))]
+
+
 def _export_section(card: dict) -> list[str]:
-    lines = ["## Export parity", "", "| file | max abs logit diff | tolerance | top-1 agreement | images |",
+    lines = ["## Export parity", "", command_line(
+        ["python", "training/run_all.py", "--only", "export,publish", "--run-dir", card.get("run_dir") or "runs/<run>"]) +
+        " (the export stage of the training run above)", "", "| file | max abs logit diff | tolerance | top-1 agreement | images |",
              "|---|---|---|---|---|"]
     for name, p in card.get("parity", {}).items():
         lines.append(f"| {name} | {p['max_abs_diff']:.2e} | {p['atol']:g} | {100 * p['top1_agreement']:.1f}% | {p['images']} |")
@@ -84,8 +91,8 @@ def _load_section(url: str, backends: list[str], out: Path, args, in_process: di
     for b in backends:
         results["sweep"][b] = S.sweep(url, samples, b, duration=args.sweep_seconds, log=log)
     S.plot_sweep(results["sweep"], out / "latency_vs_throughput.png")
-    lines = ["## Serving: concurrency sweep", "",
-             f"`bentoml serve` on this machine, adaptive batching on; each level runs {args.sweep_seconds:.0f} s of "
+    lines = ["## Serving: concurrency sweep", "", command_line(args.command), "",
+             f"`bentoml serve` on this machine, adaptive batching on; each level runs {args.sweep_seconds:g} s of "
              f"closed-loop clients sending real test images; every answer checked against the true label.", "",
              "![latency vs throughput](latency_vs_throughput.png)", "",
              "| backend | concurrency | req/s | p50 ms | p90 ms | p99 ms | errors | mean batch | accuracy |",
@@ -102,7 +109,7 @@ def _load_section(url: str, backends: list[str], out: Path, args, in_process: di
             lines.append(f"- {b}: {c64['throughput_rps']:.0f} req/s vs {1000 / ip:.0f} images/s in process = "
                          f"{100 * c64['throughput_rps'] * ip / 1000:.0f}%")
     log("MLPerf-style scenarios:")
-    lines += ["", "## Serving: MLPerf-style scenarios", "",
+    lines += ["", "## Serving: MLPerf-style scenarios", "", command_line(args.command), "",
               "| backend | scenario | settings | result | accuracy of the answers | errors |", "|---|---|---|---|---|---|"]
     for b in backends:
         c64 = next((r for r in results["sweep"][b] if r["concurrency"] == 64), None)
@@ -126,7 +133,10 @@ def _load_section(url: str, backends: list[str], out: Path, args, in_process: di
         from bench.load_test import run_locust
 
         log("Locust:")
-        lines += ["", "## Locust (headless)", "", "| backend | users | seconds | requests | failures | req/s | p50 ms | "
+        lines += ["", "## Locust (headless)", "", command_line(
+            ["python", "bench/load_test.py", "--host", url, "--backends", ",".join(backends), "--users",
+             str(args.locust_users), "--run-time", str(args.locust_seconds), "--images", str(args.images)]) +
+            " (one headless Locust run per backend)", "", "| backend | users | seconds | requests | failures | req/s | p50 ms | "
                   "p99 ms | accuracy under load |", "|---|---|---|---|---|---|---|---|---|"]
         results["locust"] = {}
         for b in backends:
@@ -154,23 +164,8 @@ def _trial_errors(trials: list[dict]) -> str:
 
 
 def to_html(md: str, folder: Path, title: str) -> str:
-    """Markdown -> one HTML file with every PNG inlined as a data URI."""
-    from markdown_it import MarkdownIt
-
-    html = MarkdownIt("commonmark").enable("table").render(md)
-
-    def inline(m):
-        src = m.group(1)
-        p = folder / src
-        if p.exists() and p.suffix == ".png":
-            return f'src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"'
-        return m.group(0)
-
-    html = re.sub(r'src="([^"]+)"', inline, html)
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.45}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-             "th{background:#f3f3f3}img{max-width:100%}pre{background:#f6f6f6;padding:.6em;overflow:auto}")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head><body>{html}</body></html>"
+    """Markdown -> one HTML page with a table of contents and every image inlined (lab.report_html)."""
+    return render_html(md, folder, title)
 
 
 def build_report(args, log=print) -> Path:
@@ -180,14 +175,19 @@ def build_report(args, log=print) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     mach = machine()
-    md = [f"# Model lab report: `{tag}`", "",
+    if not getattr(args, "command", None):
+        args.command = ["python", "bench/report.py", "--model", args.model]
+    md = [f"# Model lab report: `{tag}`", "", command_line(args.command), "",
           f"Generated {datetime.now().isoformat(timespec='seconds')} on {mach['cpu']} ({mach['cores']} cores), "
           f"{mach['platform']}; " + ", ".join(f"{k} {v}" for k, v in mach["versions"].items()) + ".", ""]
     md += _training_section(card, out)
     md += _export_section(card)
     acc = accuracy_report(tag, out, data_root=args.data_root, limit=args.limit, log=log)
     acc_md = (out / "accuracy.md").read_text().split("\n", 1)[1]
-    md += ["## Accuracy and latency per backend (in process)", "", *acc_md.strip().splitlines(), ""]
+    acc_cmd = ["python", "bench/accuracy_report.py", "--model", tag] + (["--limit", str(args.limit)] if args.limit else []) \
+        + (["--data-root", str(args.data_root)] if args.data_root else [])
+    md += ["## Accuracy and latency per backend (in process)", "", command_line(acc_cmd), "",
+           *(f"#{line}" if line.startswith("## ") else line for line in acc_md.strip().splitlines()), ""]
     results = {"model": tag, "machine": mach, "accuracy": acc}
     if args.load:
         backends = [b for b in args.backends.split(",") if b in acc["backends"]]
@@ -239,6 +239,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    args.command = ["python", "bench/report.py", *(sys.argv[1:] if argv is None else argv)]
     return one_line_errors(lambda: build_report(args))
 
 

@@ -23,6 +23,7 @@ from serving import catalog as C  # noqa: E402
 from serving.config import Settings  # noqa: E402
 from serving.http_io import TICKETS  # noqa: E402
 from serving.middleware import FrontDoor  # noqa: E402
+from serving.tryit import TryIt  # noqa: E402
 
 SETTINGS = Settings.from_env()
 bentoml_compat.cap_learned_batch_wait(SETTINGS.batch_wait_ms)
@@ -74,3 +75,4 @@ class ImageClassifier:
 
 
 ImageClassifier.add_asgi_middleware(FrontDoor, max_inflight=SETTINGS.max_inflight)
+ImageClassifier.add_asgi_middleware(TryIt)  # GET /: the try-it page (serving/static/); /docs: BentoML's UI

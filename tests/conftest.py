@@ -115,3 +115,19 @@ def postgres_url() -> str:
     except Exception as e:
         pytest.skip(f"no PostgreSQL server answers at 127.0.0.1:5432 ({type(e).__name__}: {e})")
     return POSTGRES_URL
+
+
+@pytest.fixture(scope="session")
+def combined_report(store, server, tmp_path_factory) -> Path:
+    """bench/report.py against the smoke model and the test server, with small settings: the folder it
+    wrote (report.md, report.html, report.json, the PNGs). Built once, read by the bench and browser tests."""
+    out = tmp_path_factory.mktemp("combined-report")
+    env = dict(store["env"], LAB_DATA_ROOT=str(store["data"]))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "report.py"), "--model", "cifar10-airbench-smoke", "--limit", "60",
+         "--host", server.url, "--backends", "onnx,onnx_int8", "--images", "40", "--sweep-seconds", "0.5",
+         "--single-stream-queries", "10", "--server-seconds", "1", "--server-steps", "2", "--offline-images", "40",
+         "--locust-seconds", "3", "--locust-users", "2", "--out", str(out)],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return next(p for p in out.iterdir() if (p / "report.md").exists())

@@ -91,18 +91,15 @@ def test_int8_record_in_the_card(store):
     assert card.backends["onnx_int8"] == "model.int8.onnx" and "model.int8.onnx" in card.files
 
 
-def test_combined_report_end_to_end(store, server, tmp_path):
-    bench_script(store, "report.py", "--model", "cifar10-airbench-smoke", "--limit", "60", "--host", server.url,
-                 "--backends", "onnx,onnx_int8", "--images", "40", "--sweep-seconds", "0.5",
-                 "--single-stream-queries", "10", "--server-seconds", "1", "--server-steps", "2",
-                 "--offline-images", "40", "--locust-seconds", "3", "--locust-users", "2", "--out", str(tmp_path))
-    out = next(p for p in tmp_path.iterdir() if (p / "report.md").exists())
+def test_combined_report_end_to_end(combined_report):
+    out = combined_report  # bench/report.py with small settings (tests/conftest.py)
     md = (out / "report.md").read_text()
     for heading in ("## Training", "## Export parity", "## Accuracy and latency per backend",
                     "## Serving: concurrency sweep", "## Serving: MLPerf-style scenarios", "## Locust"):
         assert heading in md, heading
     html = (out / "report.html").read_text()
-    assert "data:image/png;base64," in html and "<table>" in html
+    assert "data:image/png;base64," in html and "<table>" in html and '<nav class="toc"' in html
+    assert md.count("Command: `python ") >= 6  # the report's own command and each section's
     data = json.loads((out / "report.json").read_text())
     assert set(data["sweep"]) == {"onnx", "onnx_int8"}
     for b in ("onnx", "onnx_int8"):
