@@ -43,12 +43,14 @@ def test_every_study_stage_runs_on_smoke_and_writes_its_section(study_data, lab_
     report = (out / "report.md").read_text()
     for n, (stage, files) in enumerate(STAGE_FILES.items(), 1):
         section = (out / stage / "section.md").read_text()
-        assert f"Reproduce: `python training/run_all.py --preset smoke --only {stage}" in section or stage == "tuning"
+        assert f"Command: `python training/run_all.py --preset smoke --only {stage}" in section
         assert "Wall time of this stage" in section
         for f in files:
             assert (out / stage / f).stat().st_size > 1000, (stage, f)
         assert section.splitlines()[0] in report
     assert " ± " in report and "seeds" in report
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= sum(len(f) for f in STAGE_FILES.values()) and "toc" in html
     assert "inside the spread" in report or "outside the spread" in report
     # the NumPy CNN's weights: load(path).predict(uint8 images) -> (N, 10) logits
     from training.scratch.numpy_cnn import load

@@ -38,6 +38,8 @@ def parse_args(argv=None):
     ap.add_argument("--out", type=Path, default=None, help="report folder (default <runs>/tuning/<study>)")
     ap.add_argument("--no-publish", action="store_true", help="do not retrain and publish the best trial")
     ap.add_argument("--fresh", action="store_true", help="delete this study's trials first")
+    ap.add_argument("--sampler", choices=("tpe", "random"), default="tpe")
+    ap.add_argument("--pruner", choices=("median", "none"), default="median")
     ap.add_argument("--worker-only", action="store_true", help="run trials, then exit (no report, no publish)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -72,15 +74,16 @@ def main(argv=None) -> int:
     ctx = StudyContext(get_study_preset(args.preset), args.data_root or default_data_root(), out, storage,
                        command="", progress=not args.no_progress and sys.stderr.isatty())
     torch.set_num_threads(max(1, cores() // max(1, args.n_workers)))
-    study = open_tuning_study(space, storage, name, fresh=args.fresh and not args.worker_only)
+    kw = dict(sampler=args.sampler, pruner=args.pruner)
+    study = open_tuning_study(space, storage, name, fresh=args.fresh and not args.worker_only, **kw)
     if args.worker_only:
-        run_worker(ctx, space, storage, name, n_trials, epochs, log=ctx.log)
+        run_worker(ctx, space, storage, name, n_trials, epochs, log=ctx.log, **kw)
         return 0
     t0 = time.perf_counter()
     helper_argv = [a for a in argv if a != "--fresh"]
     helpers = start_workers(args.n_workers - 1, helper_argv) if args.n_workers > 1 else []
     try:
-        study = finish_study(ctx, space, storage, name, n_trials, epochs, log=ctx.log)
+        study = finish_study(ctx, space, storage, name, n_trials, epochs, log=ctx.log, **kw)
     finally:
         for h in helpers:
             h.wait()

@@ -85,7 +85,10 @@ def _worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def open_tuning_study(space: SearchSpace, storage_url: str, study_name: str, fresh: bool = False):
+def open_tuning_study(space: SearchSpace, storage_url: str, study_name: str, fresh: bool = False,
+                      sampler: str = "tpe", pruner: str = "median"):
+    """The study (created or loaded). sampler "tpe" (Optuna's default) or "random"; pruner "median" or "none"
+    (the benchmark of worker throughput compares like with like: random parameters, no pruning)."""
     import optuna
 
     storage = storage_for(storage_url)
@@ -96,8 +99,11 @@ def open_tuning_study(space: SearchSpace, storage_url: str, study_name: str, fre
             pass
     try:
         study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
-                                    load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=None),
-                                    pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1))
+                                    load_if_exists=True,
+                                    sampler=optuna.samplers.RandomSampler() if sampler == "random"
+                                    else optuna.samplers.TPESampler(),
+                                    pruner=optuna.pruners.NopPruner() if pruner == "none"
+                                    else optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1))
     except Exception as e:  # a database that stops answering between opening and creating
         raise StudyError(f"cannot create or load study {study_name!r}: {type(e).__name__}: {e}") from None
     have = study.user_attrs.get("search_space")
@@ -157,12 +163,12 @@ def objective_for(ctx: StudyContext, space: SearchSpace, n_trials: int, epochs: 
 
 
 def run_worker(ctx: StudyContext, space: SearchSpace, storage_url: str, study_name: str, n_trials: int,
-               epochs: float, log=print) -> int:
+               epochs: float, log=print, **study_kw) -> int:
     """Run trials until the study has n_trials counted; returns how many this worker finished."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_tuning_study(space, storage_url, study_name)
+    study = open_tuning_study(space, storage_url, study_name, **study_kw)
     objective = objective_for(ctx, space, n_trials, epochs, log)
     done = 0
     while True:
@@ -181,15 +187,15 @@ def _waiting(study) -> bool:
 
 
 def finish_study(ctx: StudyContext, space: SearchSpace, storage_url: str, study_name: str, n_trials: int,
-                 epochs: float, log=print, poll: float = 2.0):
+                 epochs: float, log=print, poll: float = 2.0, **study_kw):
     """Run trials until the study has its count, then wait for other workers' running trials; a trial that
     goes stale meanwhile (its worker died) is queued again and run here. Returns the study."""
     import optuna
     from optuna.trial import TrialState
 
-    study = open_tuning_study(space, storage_url, study_name)
+    study = open_tuning_study(space, storage_url, study_name, **study_kw)
     while True:
-        run_worker(ctx, space, storage_url, study_name, n_trials, epochs, log)
+        run_worker(ctx, space, storage_url, study_name, n_trials, epochs, log, **study_kw)
         while study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) and not _waiting(study):
             time.sleep(poll)
             optuna.storages.fail_stale_trials(study)

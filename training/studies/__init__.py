@@ -57,9 +57,7 @@ def write_report(ctx: StudyContext, title: str = "Model lab: studies") -> Path:
             parts += [section.read_text(), ""]
     md = ctx.out_dir / "report.md"
     md.write_text("\n".join(parts))
-    try:
-        from lab.report_html import write_html
-    except ImportError:  # the HTML renderer arrives with the report pages
-        return md
-    write_html(md, ctx.out_dir / "report.html", title=title)
+    from lab.report_html import write_html
+
+    write_html(md, title)  # report.html beside it: self-contained, with a table of contents
     return md

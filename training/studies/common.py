@@ -338,7 +338,9 @@ class Section:
         return self
 
     def write(self, ctx: StudyContext, seconds: float, records: dict | None = None) -> Path:
-        head = [f"## {self.title}", "", f"Reproduce: `{self.command}`", "",
+        from lab.report_html import command_line
+
+        head = [f"## {self.title}", "", command_line(self.command), "",
                 f"Preset **{ctx.preset.name}**: {ctx.preset.description}. Wall time of this stage: "
                 f"{seconds:.0f} s.", ""]
         d = ctx.stage_dir(self.stage)
