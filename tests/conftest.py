@@ -131,3 +131,29 @@ def combined_report(store, server, tmp_path_factory) -> Path:
         env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return next(p for p in out.iterdir() if (p / "report.md").exists())
+
+
+@pytest.fixture(scope="session")
+def study_data(tmp_path_factory) -> Path:
+    """CIFAR-10 pickles, MNIST idx files and a CIFAR-like image folder, all small, in the real formats."""
+    from tests.fakedata import CIFAR_CLASSES, write_cifar_pickles, write_image_folder, write_mnist
+
+    root = tmp_path_factory.mktemp("studydata")
+    write_cifar_pickles(root)
+    write_mnist(root, train=400, test=200)
+    write_image_folder(root / "cifar10-jpg", classes=CIFAR_CLASSES, per_class=8, size=(32, 32), fmt="jpg")
+    return root
+
+
+@pytest.fixture(scope="session")
+def smoke_studies(study_data, tmp_path_factory) -> dict:
+    """Every study stage on the smoke preset, once per session: {"out": studies folder, "env", "stdout"}."""
+    root = tmp_path_factory.mktemp("studies")
+    env = dict(os.environ, BENTOML_HOME=str(root / "bentoml"), LAB_CACHE_DIR=str(root / "cache"),
+               LAB_RUNS_DIR=str(root / "runs"), BENTOML_DO_NOT_TRACK="True", PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(REPO))
+    env.pop("LAB_DATA_ROOT", None)
+    proc = run_all(["--preset", "smoke", "--data-root", str(study_data), "--only", "studies"], env, timeout=1200,
+                   check=True)
+    out = Path(proc.stdout.strip().splitlines()[-1].split("studies folder: ")[1])
+    return {"out": out, "env": env, "stdout": proc.stdout}

@@ -281,6 +281,26 @@ def test_combined_report_renders_with_all_images_and_a_working_toc(page, combine
     assert page.errors == [], page.errors
 
 
+def test_study_report_renders_with_all_images_and_a_working_toc(page, smoke_studies):
+    p = page.page
+    p.goto((smoke_studies["out"] / "report.html").as_uri())
+    p.wait_for_load_state("load")
+    images = p.eval_on_selector_all("main img", "imgs => imgs.map(i => [i.alt, i.complete ? i.naturalWidth : 0])")
+    assert len(images) >= 15, images  # every stage's plots
+    assert all(w > 0 for _, w in images), images
+    links = p.eval_on_selector_all("nav.toc a", "as => as.map(a => a.getAttribute('href'))")
+    assert len(links) >= 7
+    missing = p.evaluate("hrefs => hrefs.filter(h => !document.getElementById(h.slice(1)))", links)
+    assert missing == [], missing
+    without = p.evaluate("""() => [...document.querySelectorAll('main h2')].filter(h =>
+        !(h.nextElementSibling && h.nextElementSibling.matches('p.cmd'))).map(h => h.textContent)""")
+    assert without == [], without  # every stage's section names the command that reproduces it
+    assert page.overflow_x() == 0
+    page.shot("study-report.png", full_page=False)
+    page.shot("study-report-full.png")
+    assert page.errors == [], page.errors
+
+
 # ---------------------------------------------------------------- dashboards
 
 

@@ -24,22 +24,8 @@ STAGE_FILES = {
 }
 
 
-@pytest.fixture(scope="module")
-def study_data(tmp_path_factory) -> Path:
-    """CIFAR-10 pickles, MNIST idx files and a CIFAR-like image folder, all small, in the real formats."""
-    from tests.fakedata import CIFAR_CLASSES, write_cifar_pickles, write_image_folder, write_mnist
-
-    root = tmp_path_factory.mktemp("studydata")
-    write_cifar_pickles(root)
-    write_mnist(root, train=400, test=200)
-    write_image_folder(root / "cifar10-jpg", classes=CIFAR_CLASSES, per_class=8, size=(32, 32), fmt="jpg")
-    return root
-
-
-def test_every_study_stage_runs_on_smoke_and_writes_its_section(study_data, lab_env):
-    proc = run_all(["--preset", "smoke", "--data-root", str(study_data), "--only", "studies"], lab_env,
-                   timeout=900, check=True)
-    out = Path(proc.stdout.strip().splitlines()[-1].split("studies folder: ")[1])
+def test_every_study_stage_runs_on_smoke_and_writes_its_section(smoke_studies, study_data):
+    out, lab_env = smoke_studies["out"], smoke_studies["env"]
     report = (out / "report.md").read_text()
     for n, (stage, files) in enumerate(STAGE_FILES.items(), 1):
         section = (out / stage / "section.md").read_text()
@@ -61,7 +47,7 @@ def test_every_study_stage_runs_on_smoke_and_writes_its_section(study_data, lab_
     assert model.predict(np.zeros((3, 28, 28), np.uint8)).shape == (3, 10)
     listed = subprocess.run([sys.executable, "-m", "bentoml", "models", "list", "-o", "json"], env=lab_env,
                             capture_output=True, text=True, check=True).stdout
-    assert "cifar10-tuned-cnn" in listed and "cifar10-custom-cnn" in listed
+    assert "cifar10-tuned-cnn" in listed and "cifar10-custom-cnn" in listed and "-study" in listed
     # a rerun finds every cell done and trains nothing again
     again = run_all(["--preset", "smoke", "--data-root", str(study_data), "--only", "kernels"], lab_env, check=True)
     assert "12/12 cells already done" in again.stdout
@@ -156,3 +142,19 @@ def test_two_workers_share_one_grid_on_postgresql(tmp_path, lab_env, postgres_ur
     assert len({t.params["cell"] for t in complete}) == 6
     assert len({t.user_attrs["worker"] for t in complete}) == 2  # both took cells
     optuna.delete_study(study_name=name, storage=postgres_url)
+
+
+def test_a_zoo_model_exports_and_is_served_by_the_service(study_data, lab_env, tmp_path):
+    import requests
+
+    from bench.server import Server
+    from tests.test_service import good_image
+
+    run_all(["--preset", "smoke", "--data-root", str(study_data), "--only", "model", "--model", "kernel_cnn",
+             "--model-kwargs", '{"kernel": "1x1+3x3"}'], lab_env, check=True)
+    with Server(lab_env, tmp_path / "serve.log") as s:
+        for backend in ("onnx", "torch"):
+            r = requests.post(f"{s.url}/classify", data=good_image(), headers={"Content-Type": "image/png"},
+                              params={"model": "cifar10-kernel-cnn-smoke", "backend": backend}, timeout=30)
+            assert r.status_code == 200, r.text
+            assert r.json()["model"].startswith("cifar10-kernel-cnn-smoke:")

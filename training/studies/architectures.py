@@ -88,7 +88,7 @@ def architectures(ctx: StudyContext, command: str) -> Section:
     recs = _grid(ctx, "architectures", ("mnist", "cifar10"), ARCHITECTURES)
     sec = Section("architectures", "1. Fully connected vs CNN vs residual CNN", command)
     sec.add(f"Every variant trains with the same recipe (`{RECIPE}`: SGD with Nesterov momentum, one-cycle LR, "
-            f"{ctx.preset.epochs_for('architectures'):g} epochs, batch {ctx.preset.batch_size}); the regularised "
+            f"{ctx.preset.epochs_for('architectures'):g} epoch(s), batch {ctx.preset.batch_size}); the regularised "
             "residual net adds BatchNorm and dropout (in the model) and weight decay 5e-4 with flip and translate "
             "augmentation (in training). Accuracy is mean ± standard deviation over seeds; the gap is training "
             "accuracy (eval mode, as many training images as test images) minus test accuracy.", "")
@@ -111,6 +111,17 @@ def architectures(ctx: StudyContext, command: str) -> Section:
         png = _confusion(median, ctx.stage_dir("architectures") / f"confusion_{ds}.png",
                          f"{ds}: {best}, seed {median['seed']} (the median seed), {100 * median['test_acc']:.1f}%")
         sec.image(png, f"confusion matrix of the best variant on {ds}")
+        if ds == "cifar10":  # the winner goes to the model store, to be served beside the default model
+            from training.studies.common import publish_model
+
+            v = ARCHITECTURES[best]
+            pub = publish_model(ctx, f"cifar10-{v['model'].replace('_', '-')}-study", ds, v["model"], v["kwargs"],
+                                recipe=RECIPE, train={**v.get("train", {}), "epochs": ctx.preset.epochs_for(
+                                    "architectures"), "seed": median["seed"]},
+                                description=f"the best architecture of the study ({best}), seed {median['seed']}")
+            sec.add(f"The best CIFAR-10 variant ({best}) was retrained with seed {median['seed']} through the model "
+                    f"pipeline (export with its parity gate) and published as `{pub['tag']}`: served accuracy "
+                    f"{100 * pub['served_accuracy']:.2f}% on the whole test set (`bentoml models list`).", "")
     sec.write(ctx, time.perf_counter() - t0, recs)
     return sec
 
