@@ -93,3 +93,67 @@ def test_batches_are_the_same_on_every_device(device):
         for (x, y), (xd, yd) in zip(cpu, dev):
             assert xd.device.type == device and yd.device.type == device
             assert torch.equal(x, xd.cpu()) and torch.equal(y, yd.cpu())
+
+
+# ---------------------------------------------------------------- the engine
+
+
+def _tiny(seed=0):
+    from models import create_model
+
+    return create_model("simple_cnn", num_classes=10, image_size=16, n_layers=2, width=8, hidden=16, seed=seed)
+
+
+def _state_equal(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("finite_check", ["epoch", "step"])
+def test_a_diverging_run_names_the_step_where_the_loss_broke(finite_check):
+    from training.engine import TrainConfig, train
+
+    cfg = TrainConfig(epochs=2, batch_size=32, optimizer="sgd", lr=1e12, precision="fp32", finite_check=finite_check)
+    with pytest.raises(FloatingPointError, match=r"became (nan|inf) at step \d+: the learning rate \(1e\+12\)"):
+        train(_tiny(), random_dataset(h=16, w=16), SPEC, cfg, progress=False, log=lambda *_: None)
+
+
+def test_speed_levers_leave_the_result_and_the_resume_key_alone():
+    from training.engine import TrainConfig, train
+
+    ds = random_dataset(h=16, w=16)
+    base = TrainConfig(epochs=2, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.9, translate=2, flip=True,
+                       precision="fp32", seed=3)
+    levers = dict(data_device="cpu", finite_check="step", fused_optim=False, cudnn_benchmark=False,
+                  eval_batch_size=7, compile_mode="reduce-overhead", threads=1)
+    other = TrainConfig(**{**base.__dict__, **levers})
+    assert base.key() == other.key()
+    quiet = dict(progress=False, log=lambda *_: None)
+    a = train(_tiny(), ds, SPEC, base, eval_sets={"val": random_dataset(40, 16, 16, 1)}, **quiet)
+    b = train(_tiny(), ds, SPEC, TrainConfig(**{**base.__dict__, "data_device": "cpu", "finite_check": "step"}),
+              eval_sets={"val": random_dataset(40, 16, 16, 1)}, **quiet)
+    assert _state_equal(a.model, b.model)
+    assert [r["val_acc"] for r in a.history] == [r["val_acc"] for r in b.history]
+    fused = train(_tiny(), ds, SPEC, TrainConfig(**{**base.__dict__, "fused_optim": True}), **quiet)
+    for (k, x), y in zip(a.model.state_dict().items(), fused.model.state_dict().values()):
+        assert torch.allclose(x, y, atol=1e-5), k
+
+
+def test_on_epoch_end_adds_to_the_record_outside_the_training_clock():
+    import time
+
+    from training.engine import TrainConfig, train
+
+    seen = []
+
+    def slow_eval(model, record):
+        assert not model.training
+        time.sleep(0.3)
+        record["extra_acc"] = 0.5
+        seen.append(record["epoch"])
+
+    cfg = TrainConfig(epochs=2, batch_size=50, precision="fp32")
+    res = train(_tiny(), random_dataset(h=16, w=16), SPEC, cfg, progress=False, log=lambda *_: None,
+                on_epoch_end=slow_eval)
+    assert seen == [1, 2] and all(r["extra_acc"] == 0.5 for r in res.history)
+    assert res.train_seconds < res.wall_seconds - 0.5 and res.world_size == 1
