@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -157,3 +159,36 @@ def test_on_epoch_end_adds_to_the_record_outside_the_training_clock():
                 on_epoch_end=slow_eval)
     assert seen == [1, 2] and all(r["extra_acc"] == 0.5 for r in res.history)
     assert res.train_seconds < res.wall_seconds - 0.5 and res.world_size == 1
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def test_predict_torch_on_the_device_matches_the_earlier_host_loop():
+    from models import create_model, with_tta
+    from training.evaluate import predict_torch
+
+    ds = random_dataset(130, 16, 16)
+    net = with_tta(create_model("airbench", widths=(8, 16, 16), seed=0), 2).eval()
+    ref = []
+    with torch.no_grad():  # the earlier predict_torch: host batches of 500, NCHW-then-channels_last input
+        for i in range(0, len(ds), 500):
+            x = D.to_float(ds.images[i:i + 500], SPEC).contiguous(memory_format=torch.channels_last)
+            ref.append(net(x).float())
+    ref = torch.cat(ref).numpy()
+    for bs in (None, 7):
+        got = predict_torch(net, ds, SPEC, batch_size=bs, device="cpu")
+        assert got.shape == (130, 10) and np.allclose(got, ref, atol=1e-5)
+    bf16 = predict_torch(net, ds, SPEC, precision="bf16")
+    assert (bf16.argmax(1) == ref.argmax(1)).mean() > 0.9
+
+
+def test_eval_precision_is_fp32_on_the_cpu_unless_asked(monkeypatch):
+    from training.evaluate import eval_precision
+
+    assert eval_precision(torch.device("cpu")) == "fp32"
+    monkeypatch.setenv("LAB_EVAL_PRECISION", "bf16")
+    assert eval_precision(torch.device("cpu")) == "bf16"
+    monkeypatch.setenv("LAB_EVAL_PRECISION", "fp16")
+    with pytest.raises(ValueError, match="valid: bf16, fp32"):
+        eval_precision(torch.device("cpu"))

@@ -169,18 +169,30 @@ def stage_train(run: Run) -> None:
 def stage_evaluate(run: Run) -> None:
     from training.evaluate import classification_metrics, per_class_lines, plot_confusion, predict_torch
 
+    from training.engine import has_conv, pick_device, synchronize
+    from training.evaluate import eval_precision
+
     net, meta = load_trained(run)
     spec = Preprocessing.from_dict(meta.preprocessing)
     *_, test = load_splits(run)
     _check_classes(meta, test)
+    # on the training device (the GPU when there is one), in bf16 there, batched large
+    device = pick_device()
+    precision = eval_precision(device)
+    net = net.to(device)
+    if has_conv(net):
+        net = net.to(memory_format=torch.channels_last)
+    where = f"torch {precision}" + (f" on {device.type}" if device.type != "cpu" else "")
     out = {}
     for level in sorted({0, meta.tta_level}):
         t0 = time.perf_counter()
-        logits = predict_torch(with_tta(net, level), test, spec, precision="fp32")
+        logits = predict_torch(with_tta(net, level), test, spec, precision=precision, device=device)
+        synchronize(device)
         m = classification_metrics(test.labels.numpy(), logits.argmax(1), test.classes)
         m["seconds"] = round(time.perf_counter() - t0, 2)
+        m["precision"], m["device"] = precision, device.type
         out[f"tta{level}"] = m
-        run.log(f"test accuracy (torch fp32, TTA level {level}): {100 * m['accuracy']:.2f}% "
+        run.log(f"test accuracy ({where}, TTA level {level}): {100 * m['accuracy']:.2f}% "
                 f"macro-F1 {m['macro_f1']:.4f} ({m['seconds']:.1f} s)")
     record = EvalRecord(out)
     for line in per_class_lines(record.final(meta.tta_level)):

@@ -42,7 +42,9 @@ def write_summary(run) -> Path:
                     f"{r[k]:.4f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys) + " |")
             lines += ["", "![learning curves](learning_curves.png)", ""]
     if metrics:
-        lines += ["## Evaluation (torch, fp32)", ""]
+        first = next(iter(metrics.values()))
+        where = first.get("precision", "fp32") + (f" on {first['device']}" if first.get("device", "cpu") != "cpu" else "")
+        lines += [f"## Evaluation (torch, {where})", ""]
         for key, m in metrics.items():
             lines.append(f"- {key}: accuracy **{100 * m['accuracy']:.2f}%**, macro-F1 {m['macro_f1']:.4f} "
                          f"on {m['images']} test images")
