@@ -1,15 +1,18 @@
 """Training at accelerator speed: device-resident batches, no host sync per step, speed levers, evaluation
-on the device, time to accuracy and the GPU script's CPU path. All fast (seconds)."""
+on the device, time to accuracy and the GPU script's CPU path (seconds each; the script's about 30)."""
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 
 import numpy as np
-
 import pytest
 import torch
 
 from lab.preprocess import Preprocessing
+from tests.conftest import REPO
 from training import data as D
 
 SPEC = Preprocessing(size=(16, 12), channels=3, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
@@ -192,3 +195,101 @@ def test_eval_precision_is_fp32_on_the_cpu_unless_asked(monkeypatch):
     monkeypatch.setenv("LAB_EVAL_PRECISION", "fp16")
     with pytest.raises(ValueError, match="valid: bf16, fp32"):
         eval_precision(torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- benchmarks and the GPU script
+
+TINY_BENCH = ["--train-limit", "256", "--test-limit", "100", "--epochs", "2", "--batch-size", "64",
+              "--model-kwargs", '{"widths": [8, 16, 16]}', "--seeds", "3", "--target", "0.05", "--no-airbench"]
+
+
+def test_time_to_accuracy_on_the_cpu(cifar_root, tmp_path, monkeypatch):
+    from bench import time_to_accuracy
+
+    monkeypatch.setenv("LAB_CACHE_DIR", str(tmp_path / "cache"))
+    assert time_to_accuracy.main(TINY_BENCH + ["--data-root", str(cifar_root), "--out", str(tmp_path),
+                                               "--levers", "baseline,sync_every_step", "--lever-epochs", "2",
+                                               "--tta-eval", "--set", "finite_check=epoch"]) == 0
+    r = json.loads((tmp_path / "time_to_accuracy.json").read_text())
+    ours = r["ours"]
+    assert len(ours["runs"]) == 3 and ours["reached"] == 3 and ours["time_to_target"]["n"] == 3
+    assert ours["time_to_target"]["min"] <= ours["time_to_target"]["median"] <= ours["time_to_target"]["max"]
+    for run in ours["runs"]:
+        assert len(run["curve"]) == 2 and run["time_to_target"] == run["curve"][run["epoch_reached"] - 1][0]
+        assert 0 <= run["final_tta_acc"] <= 1 and run["device"] == "cpu"
+    assert len({round(run["final_tta_acc"], 6) for run in ours["runs"]} | {None}) >= 2  # seeds differ
+    assert set(r["levers"]) == {"baseline", "sync_every_step"} and r["levers"]["baseline"]["later_epoch_median"] > 0
+    assert r["tta_eval"]["images"] == 100 and r["tta_eval"]["warm_seconds"] > 0
+    assert "airbench94" not in r
+
+
+def test_airbench_is_measured_on_the_same_images_and_parsed(cifar_root, tmp_path, monkeypatch):
+    """The airbench94 side with a stand-in for the package (it needs CUDA): the same images reach its
+    loader's files in its format, and its printed table becomes the figures."""
+    import types
+
+    from bench import time_to_accuracy as T
+
+    loaded = {}
+
+    def train94(verbose=True):  # prints what airbench 0.1.8 prints (utils.print_columns)
+        for name in ("train", "test"):
+            loaded[name] = torch.load(f"cifar10/{name}.pt", weights_only=True)
+        print("|  run     |  epoch  |  train_loss  |  train_acc  |  val_acc  |  tta_val_acc  |  total_time_seconds  |")
+        print("|       0  |      0  |      1.2345  |     0.5000  |   0.8000  |               |              0.5000  |")
+        print("|          |      1  |      0.6172  |     0.6000  |   0.8100  |               |              2.4500  |")
+        print("|          |   eval  |              |             |           |       0.9061  |              2.6000  |")
+
+    fake = types.SimpleNamespace(__version__="0.1.8", warmup94=lambda: None, train94=train94)
+    monkeypatch.setattr(T, "airbench_status", lambda: (fake, ""))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    ds = random_dataset(40, 32, 32)
+    r = T.measure_airbench(ds, ds.subset(slice(0, 10)), [0, 1, 2], 0.90, tmp_path)
+    assert r["available"] and r["reached"] == 3
+    assert r["train_seconds"]["median"] == 2.45 and r["tta_acc"]["median"] == 0.9061
+    assert loaded["train"]["images"].shape == (40, 32, 32, 3) and loaded["train"]["images"].dtype == torch.uint8
+    assert torch.equal(loaded["train"]["images"], ds.images.permute(0, 2, 3, 1))
+    assert torch.equal(loaded["test"]["labels"], ds.labels[:10]) and loaded["train"]["classes"] == ds.classes
+
+
+def test_pack_and_unpack_give_back_the_same_files(tmp_path):
+    from bench.pack_cifar import pack, unpack
+    from tests.fakedata import CIFAR_CLASSES, write_image_folder
+
+    src = write_image_folder(tmp_path / "src" / "cifar10-jpg", classes=CIFAR_CLASSES[:3], per_class=4,
+                             size=(32, 32), fmt="jpg")
+    info = pack(src, tmp_path / ".gpu" / "c.npz")
+    assert info["images"] == {"train": 12, "test": 6} and info["classes"] == CIFAR_CLASSES[:3]
+    unpack(tmp_path / ".gpu" / "c.npz", tmp_path / "root")
+    files = sorted(p.relative_to(src) for p in src.rglob("*.jpg"))
+    assert files == sorted(p.relative_to(tmp_path / "root" / "cifar10-jpg")
+                           for p in (tmp_path / "root" / "cifar10-jpg").rglob("*.jpg"))
+    assert all((src / f).read_bytes() == (tmp_path / "root" / "cifar10-jpg" / f).read_bytes() for f in files)
+
+
+def test_gpu_script_runs_its_cpu_path_without_bentoml_or_onnxsim(tmp_path, lab_env):
+    """bench/gpu_run.sh --tiny: the GPU session's script end to end on this CPU, where importing BentoML or
+    onnxsim fails (as on the GPU machine)."""
+    from bench.pack_cifar import pack
+    from tests.fakedata import CIFAR_CLASSES, write_image_folder
+
+    src = write_image_folder(tmp_path / "src" / "cifar10-jpg", classes=CIFAR_CLASSES, per_class=30,
+                             size=(32, 32), fmt="jpg")
+    pack(src, tmp_path / "pack.npz")
+    block = tmp_path / "block"
+    block.mkdir()
+    for name in ("bentoml", "onnxsim"):
+        (block / f"{name}.py").write_text('raise ImportError("not on the GPU machine")\n')
+    env = dict(lab_env, PYTHON=sys.executable, PYTHONPATH=str(block), OUT=str(tmp_path / "out"))
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_run.sh"), "--tiny", "--pack", str(tmp_path / "pack.npz"),
+                           "--work", str(tmp_path / "work")], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    r = json.loads((tmp_path / "out" / "gpu_run.json").read_text())
+    assert all(p["ok"] for p in r["parts"].values()), r["parts"]
+    assert set(r["parts"]) == {"environment", "data", "accuracy", "pipeline", "torchrun", "imports"}
+    acc = r["parts"]["accuracy"]["summary"]
+    assert acc["time_to_target"]["n"] == 2 and acc["tta_eval"]["images"] == 150
+    assert r["parts"]["pipeline"]["training"]["world_size"] == 1 and r["parts"]["torchrun"]["world_size"] == 1
+    assert {"gpu_run.json", "gpu_run.log", "time_to_accuracy.json", "pipeline.log"} <= {
+        p.name for p in (tmp_path / "out").iterdir()}
