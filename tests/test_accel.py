@@ -3,7 +3,6 @@ on the device, time to accuracy and the GPU script's CPU path (seconds each; the
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from lab.preprocess import Preprocessing
+from bench.micro_speed import earlier_batches  # the earlier host-only loader, restated
 from tests.conftest import REPO
 from training import data as D
 
@@ -25,27 +25,6 @@ def random_dataset(n=300, h=16, w=12, seed=0) -> D.ArrayDataset:
     return D.ArrayDataset(images, torch.randint(0, 10, (n,), generator=g), [str(i) for i in range(10)])
 
 
-def reference_batches(ds, spec, batch, *, seed, epoch, translate, flip, channels_last, drop_last=True):
-    """The batches of the earlier, host-only BatchLoader, restated: the whole set normalised through the
-    serving path, then per batch an index, random_translate and the alternating flip."""
-    images = D.to_float(ds.images, spec)
-    g = torch.Generator().manual_seed(seed)
-    flip_mask = torch.rand(len(ds), generator=g) < 0.5
-    g.manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(ds), generator=g)
-    mask = flip_mask if epoch % 2 == 0 else ~flip_mask
-    steps = len(ds) // batch if drop_last else math.ceil(len(ds) / batch)
-    for i in range(steps):
-        idx = order[i * batch:(i + 1) * batch]
-        x = images[idx]
-        if translate:
-            x = D.random_translate(x, translate, g)
-        if flip:
-            x = torch.where(mask[idx].view(-1, 1, 1, 1), x.flip(-1), x)
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        yield x.contiguous(memory_format=fmt), ds.labels[idx]
-
-
 @pytest.mark.parametrize("translate,flip,channels_last,drop_last",
                          [(2, True, True, True), (2, True, False, True), (3, False, True, True),
                           (0, True, False, True), (0, False, True, True), (1, True, True, False)])
@@ -55,7 +34,7 @@ def test_loader_gives_the_earlier_batches_bit_for_bit(translate, flip, channels_
                            channels_last=channels_last, drop_last=drop_last, device="cpu")
     for epoch in range(3):
         loader.set_epoch(epoch)
-        ref = list(reference_batches(ds, SPEC, 64, seed=7, epoch=epoch, translate=translate, flip=flip,
+        ref = list(earlier_batches(ds, SPEC, 64, seed=7, epoch=epoch, translate=translate, flip=flip,
                                      channels_last=channels_last, drop_last=drop_last))
         got = list(loader)
         assert len(got) == len(ref) == len(loader)
