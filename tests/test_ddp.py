@@ -24,11 +24,17 @@ def torchrun(args: list[str], env: dict, n: int = 2, timeout: float = 600) -> su
 
 def test_two_processes_train_the_single_process_model_without_batchnorm(tmp_path, lab_env):
     """Without BatchNorm (whose statistics are per rank) two processes compute the single process's steps:
-    same batches split in two, averaged gradients."""
+    same batches split in two, averaged gradients. Interrupted and resumed, they end where they would have."""
     from tests.ddp_worker import setup
     from training.engine import train
 
-    torchrun([str(REPO / "tests" / "ddp_worker.py"), str(tmp_path)], lab_env)
+    torchrun([str(REPO / "tests" / "ddp_worker.py"), str(tmp_path), "resume"], lab_env)
+    for r in (0, 1):
+        resumed = torch.load(tmp_path / f"resumed{r}.pt", weights_only=True)
+        assert resumed["resumed_from_epoch"] == 1
+        whole = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["state"]
+        for k, v in resumed["state"].items():
+            assert torch.allclose(v, whole[k], atol=1e-6), k
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["world_size"] == 2
     for k, v in ranks[0]["state"].items():
