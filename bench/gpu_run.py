@@ -9,12 +9,14 @@ Parts, each timed and recorded even when another fails:
   data         unpack the carried CIFAR-10 JPEG archive (bench/pack_cifar.py) into a data root under
                /tmp and decode it once into a cache there
   accuracy     bench/time_to_accuracy.py: the quick recipe for 3 seeds, seconds to the target accuracy with
-               TTA, the TTA evaluation of the 10,000 test images (on the device, and the earlier host
-               fp32 way on 2,000 of them), each speed lever, and airbench94 beside it when installed
+               TTA, airbench94 beside it when installed, the TTA evaluation of the 10,000 test images (on
+               the device, and the earlier host fp32 way on 2,000 of them)
   pipeline     training/run_all.py --only train,evaluate (the quick preset, seed 0) as a user runs it:
                the run's own train and evaluate seconds (trained.json, metrics.json)
   torchrun     torchrun --nproc-per-node 1 training/run_all.py --preset smoke --only train,evaluate: the
                launcher and process-group path (NCCL on a GPU)
+  levers       each speed lever switched on its own, 3 epochs each (levers.json); torch.compile last,
+               skipped when less than 150 s remain before --deadline-s
   imports      that none of the above imported BentoML or onnxsim
 
 Needs only torch, numpy, Pillow, tqdm and matplotlib with PYTHONPATH=. (no project install).
@@ -33,10 +35,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 TINY = ["--train-limit", "512", "--test-limit", "256", "--epochs", "1", "--batch-size", "64",
-        "--model-kwargs", '{"widths": [16, 32, 32]}', "--target", "0.15", "--seeds", "2",
-        "--levers", "baseline,data_on_host", "--lever-epochs", "2"]
-FULL = ["--seeds", "3", "--target", "0.90",
-        "--levers", "baseline,data_on_host,sync_every_step,unfused_optim,no_cudnn_benchmark,nchw,fp32,compile"]
+        "--model-kwargs", '{"widths": [16, 32, 32]}', "--target", "0.15"]
+TINY_SEEDS, TINY_LEVERS = ["--seeds", "2"], ["--levers", "baseline,data_on_host", "--lever-epochs", "2"]
+FULL_SEEDS = ["--seeds", "3", "--target", "0.90"]
+FULL_LEVERS = ["--levers", "baseline,data_on_host,sync_every_step,unfused_optim,no_cudnn_benchmark,nchw,fp32,compile"]
 
 
 class Recorder:
@@ -85,8 +87,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="a few images and one epoch (the CPU check)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip")
     ap.add_argument("--accuracy-args", default="", help="extra arguments for bench/time_to_accuracy.py")
+    ap.add_argument("--deadline-s", type=float, default=400,
+                    help="seconds from the start after which no lever starts (compile: 150 s before)")
     args = ap.parse_args(argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    started = time.perf_counter()
     rec = Recorder(args.out)
     work = args.work
     data_root, cache, runs = work / "data", work / "cache", work / "runs"
@@ -126,7 +131,8 @@ def main(argv=None) -> int:
     def accuracy():
         from bench import time_to_accuracy
 
-        argv = (TINY if args.tiny else FULL) + ["--tta-eval", "--out", str(args.out)] + args.accuracy_args.split()
+        argv = ((TINY + TINY_SEEDS) if args.tiny else FULL_SEEDS) + ["--tta-eval", "--out", str(args.out)]
+        argv += args.accuracy_args.split()
         print("python -m bench.time_to_accuracy " + " ".join(argv), flush=True)
         time_to_accuracy.main(argv)
         r = json.loads((args.out / "time_to_accuracy.json").read_text())
@@ -138,9 +144,6 @@ def main(argv=None) -> int:
             "later_epoch_seconds": ours.get("later_epoch_seconds"),
             "tta_eval": {k: v for k, v in r.get("tta_eval", {}).items() if k != "host_fp32"},
             "tta_eval_host_fp32_per_10000": (r.get("tta_eval", {}).get("host_fp32") or {}).get("seconds_per_10000"),
-            "levers": {k: {kk: v.get(kk) for kk in ("first_epoch", "later_epoch_median", "later_epoch_vs_baseline",
-                                                       "error")}
-                       for k, v in r.get("levers", {}).items()},
             "airbench94": {k: ab.get(k) for k in ("available", "reason", "train_seconds", "tta_acc", "reached")},
             "ratio": r.get("ratio")}, "file": "time_to_accuracy.json"}
 
@@ -167,6 +170,23 @@ def main(argv=None) -> int:
         trained = json.loads((d / "trained.json").read_text())["training"]
         return {"world_size": trained["world_size"], "device": trained["device"]}
 
+    def levers():
+        from bench import time_to_accuracy
+
+        left = args.deadline_s - (time.perf_counter() - started)
+        argv = ((TINY + TINY_LEVERS) if args.tiny else FULL_LEVERS) + [
+            "--seeds", "0", "--no-airbench", "--deadline-s", str(max(left, 1)), "--out", str(args.out / "levers")]
+        print("python -m bench.time_to_accuracy " + " ".join(argv), flush=True)
+        time_to_accuracy.main(argv)
+        src = args.out / "levers" / "time_to_accuracy.json"
+        r = json.loads(src.read_text())
+        (args.out / "levers.json").write_text(json.dumps(r, indent=1))
+        src.unlink()
+        src.parent.rmdir()
+        return {"levers": {k: {kk: v.get(kk) for kk in ("first_epoch", "later_epoch_median", "later_epoch_vs_baseline",
+                                                          "skipped", "error")}
+                           for k, v in r.get("levers", {}).items()}, "file": "levers.json"}
+
     def imports():
         heavy = [m for m in ("bentoml", "onnxsim") if m in sys.modules]
         if heavy:
@@ -175,7 +195,7 @@ def main(argv=None) -> int:
 
     rec.part("environment", environment)
     for name, fn in (("data", data), ("accuracy", accuracy), ("pipeline", pipeline), ("torchrun", torchrun),
-                     ("imports", imports)):
+                     ("levers", levers), ("imports", imports)):
         if name not in skip:
             rec.part(name, fn)
     rec.result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")

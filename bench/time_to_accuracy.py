@@ -7,6 +7,7 @@ in the same process, for the ratio.
     python -m bench.time_to_accuracy --seeds 5 --target 0.91 --out reports
     python -m bench.time_to_accuracy --set compile=true   # any TrainConfig field, e.g. a speed lever
     python -m bench.time_to_accuracy --levers             # + each speed lever switched, epoch seconds
+    python -m bench.time_to_accuracy --seeds 0 --levers compile --no-airbench   # the levers alone
     python -m bench.time_to_accuracy --train-limit 512 --test-limit 256 --epochs 1 --batch-size 64 \\
         --model-kwargs '{"widths": [16, 32, 32]}' --target 0.2    # a minute on a CPU
 
@@ -180,13 +181,19 @@ def measure_ours(p, cfg, train_set, test, spec, seeds: list[int], target: float,
     return out, last_model
 
 
-def measure_levers(p, cfg, train_set, spec, device, names: list[str], epochs: float = 3) -> dict:
+def measure_levers(p, cfg, train_set, spec, device, names: list[str], epochs: float = 3,
+                   deadline: float | None = None) -> dict:
     """Each lever switched on its own (the rest at their defaults): seconds of the first epoch (which
-    carries compilation and cuDNN's search) and the median of the later ones."""
+    carries compilation and cuDNN's search) and the median of the later ones. Past `deadline` (a
+    time.perf_counter() reading; compilation wants 150 s before it) the remaining levers are skipped."""
     out = {}
     quiet = {"progress": False, "log": lambda *_: None, "device": device}
     for name in names:
         change = LEVERS[name]
+        if deadline is not None and time.perf_counter() > deadline - (150 if change.get("compile") else 15):
+            out[name] = {"change": change, "skipped": "out of time"}
+            log(f"lever {name:<20} skipped: out of time")
+            continue
         try:
             t0 = time.perf_counter()
             res = train(build(p, train_set, 0), train_set, spec, replace(cfg, epochs=epochs, seed=0, **change),
@@ -350,7 +357,7 @@ def print_summary(result: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="quick")
-    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3; 0: only --levers)")
     ap.add_argument("--target", type=float, default=0.90, help="test accuracy with TTA to reach (default 0.90)")
     ap.add_argument("--data-root", type=Path, default=None)
     ap.add_argument("--train-limit", type=int, default=None)
@@ -368,6 +375,7 @@ def main(argv=None) -> int:
     ap.add_argument("--levers", nargs="?", const="all", default="",
                     help=f"also time each speed lever (comma-separated, default all: {', '.join(LEVERS)})")
     ap.add_argument("--lever-epochs", type=float, default=3)
+    ap.add_argument("--deadline-s", type=float, default=0, help="skip the levers left after this many seconds")
     ap.add_argument("--tta-eval", action="store_true", help="also time the TTA evaluation of the test set")
     ap.add_argument("--out", type=Path, default=REPO / "reports")
     args = ap.parse_args(argv)
@@ -387,24 +395,13 @@ def main(argv=None) -> int:
         path.write_text(json.dumps(result, indent=1, default=str))
 
     warmup = device.type == "cuda" if args.warmup is None else args.warmup
-    result["ours"], model = measure_ours(p, cfg, train_set, test, spec, list(range(args.seeds)), args.target,
-                                         device, warmup=warmup)
-    save()
-    if args.tta_eval:
-        result["tta_eval"] = measure_tta_eval(model, test, spec, cfg.tta_level, device)
-        t = result["tta_eval"]
-        log(f"TTA evaluation of {len(test)} test images on {device} ({t['precision']}): {t['cold_seconds']:.2f} s "
-            f"cold, {t['warm_seconds']:.2f} s warm; the earlier way (host, fp32, batches of 500): "
-            f"{t['host_fp32']['seconds_per_10000'] * len(test) / 10000:.2f} s (from {t['host_fp32']['images']} images)")
+    deadline = time.perf_counter() + args.deadline_s if args.deadline_s else None
+    seeds, model = list(range(args.seeds)), None
+    if seeds:
+        result["ours"], model = measure_ours(p, cfg, train_set, test, spec, seeds, args.target, device,
+                                             warmup=warmup)
         save()
-    if args.levers:
-        names = list(LEVERS) if args.levers == "all" else [n.strip() for n in args.levers.split(",")]
-        bad = [n for n in names if n not in LEVERS]
-        if bad:
-            raise SystemExit(f"error: unknown lever(s) {bad}; valid: {', '.join(LEVERS)}")
-        result["levers"] = measure_levers(p, cfg, train_set, spec, device, names, args.lever_epochs)
-        save()
-    if not args.no_airbench:
+    if seeds and not args.no_airbench:
         with tempfile.TemporaryDirectory(prefix="airbench-") as tmp:
             try:
                 result["airbench94"] = measure_airbench(train_set, test, list(range(args.seeds)), args.target,
@@ -416,7 +413,22 @@ def main(argv=None) -> int:
             base = ab["time_to_target"] or ab["train_seconds"]
             result["ratio"] = ours["time_to_target"]["median"] / base["median"]
         save()
-    print_summary(result)
+    if args.tta_eval and model is not None:
+        result["tta_eval"] = measure_tta_eval(model, test, spec, cfg.tta_level, device)
+        t = result["tta_eval"]
+        log(f"TTA evaluation of {len(test)} test images on {device} ({t['precision']}): {t['cold_seconds']:.2f} s "
+            f"cold, {t['warm_seconds']:.2f} s warm; the earlier way (host, fp32, batches of 500): "
+            f"{t['host_fp32']['seconds_per_10000'] * len(test) / 10000:.2f} s (from {t['host_fp32']['images']} images)")
+        save()
+    if args.levers:
+        names = list(LEVERS) if args.levers == "all" else [n.strip() for n in args.levers.split(",")]
+        bad = [n for n in names if n not in LEVERS]
+        if bad:
+            raise SystemExit(f"error: unknown lever(s) {bad}; valid: {', '.join(LEVERS)}")
+        result["levers"] = measure_levers(p, cfg, train_set, spec, device, names, args.lever_epochs, deadline)
+        save()
+    if "ours" in result:
+        print_summary(result)
     log(f"figures: {path}")
     return 0
 

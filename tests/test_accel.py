@@ -200,6 +200,10 @@ def test_time_to_accuracy_on_the_cpu(cifar_root, tmp_path, monkeypatch):
     assert set(r["levers"]) == {"baseline", "sync_every_step"} and r["levers"]["baseline"]["later_epoch_median"] > 0
     assert r["tta_eval"]["images"] == 100 and r["tta_eval"]["warm_seconds"] > 0
     assert "airbench94" not in r
+    import time
+
+    late = time_to_accuracy.measure_levers(None, None, None, None, "cpu", ["baseline", "compile"], deadline=time.perf_counter())
+    assert all(v["skipped"] == "out of time" for v in late.values())
 
 
 def test_airbench_is_measured_on_the_same_images_and_parsed(cifar_root, tmp_path, monkeypatch):
@@ -266,9 +270,11 @@ def test_gpu_script_runs_its_cpu_path_without_bentoml_or_onnxsim(tmp_path, lab_e
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     r = json.loads((tmp_path / "out" / "gpu_run.json").read_text())
     assert all(p["ok"] for p in r["parts"].values()), r["parts"]
-    assert set(r["parts"]) == {"environment", "data", "accuracy", "pipeline", "torchrun", "imports"}
+    assert set(r["parts"]) == {"environment", "data", "accuracy", "pipeline", "torchrun", "levers", "imports"}
     acc = r["parts"]["accuracy"]["summary"]
     assert acc["time_to_target"]["n"] == 2 and acc["tta_eval"]["images"] == 150
     assert r["parts"]["pipeline"]["training"]["world_size"] == 1 and r["parts"]["torchrun"]["world_size"] == 1
-    assert {"gpu_run.json", "gpu_run.log", "time_to_accuracy.json", "pipeline.log"} <= {
-        p.name for p in (tmp_path / "out").iterdir()}
+    assert r["parts"]["levers"]["levers"]["data_on_host"]["later_epoch_median"] > 0
+    out = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"gpu_run.json", "gpu_run.log", "time_to_accuracy.json", "levers.json", "pipeline.log"} <= out
+    assert len(out) <= 8 and all((tmp_path / "out" / f).is_file() for f in out)  # what the device tool returns
