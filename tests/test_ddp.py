@@ -59,6 +59,7 @@ def test_torchrun_run_all_trains_once_writes_once_and_publishes_world_size(cifar
     log = (run / "run.log").read_text()
     assert log.count("-- train\n") == 1 and log.count("epoch 2 ") == 1 and "2 processes (gloo)" in log
     assert proc.stdout.count("== finished") == 1
+    assert "on cpu, 2 processes)" in (run / "summary.md").read_text()
     trained = json.loads((run / "trained.json").read_text())["training"]
     assert trained["world_size"] == 2 and trained["batch_per_process"] == 32
     assert json.loads((run / "stages.json").read_text()) == ["train", "evaluate", "export", "publish"]

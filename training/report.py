@@ -27,7 +27,8 @@ def write_summary(run) -> Path:
             f"- model: `{meta['architecture']['name']}` {json.dumps(meta['architecture']['kwargs'])}, "
             f"TTA level {meta['tta_level']}",
             f"- {t['epochs']} epochs in **{t['train_seconds']:.1f} s** of training "
-            f"({t['images_per_second']:.0f} images/s, {t['precision']} on {t['device']}); "
+            f"({t['images_per_second']:.0f} images/s, {t['precision']} on {t['device']}"
+            + (f", {t['world_size']} processes" if t.get("world_size", 1) > 1 else "") + "); "
             f"{t['wall_seconds']:.1f} s wall-clock with per-epoch evaluation",
             f"- optimizer {t['config']['optimizer']}, batch {t['config']['batch_size']}, "
             f"lr {t['config']['lr']}, schedule {t['config']['schedule']}, recipe {t.get('recipe', '')}, "
