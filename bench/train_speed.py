@@ -6,7 +6,9 @@
     python bench/train_speed.py --variants fp32,bf16,bf16-nchw,bf16-compile
 
 Throughput is measured on real CIFAR-10 batches with the quick recipe's optimizers, batch size and
-augmentation, alternating the variants in rounds so that drifts in machine speed hit them equally.
+augmentation, alternating the variants in rounds so that drifts in machine speed hit them equally. On a GPU
+the model and the training set live there (as in training) and each timing is synchronised. Seconds to a
+target accuracy, over seeds and beside airbench94: bench/time_to_accuracy.py.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from lab.paths import REPO
 from lab.runfiles import RunFiles
 from models import create_model
 from training.data import BatchLoader, load_dataset
-from training.engine import fit_to_data, train_step
+from training.engine import fit_to_data, pick_device, synchronize, train_step
 from training.optim import build_optimizers
 from training.pipeline import make_spec
 from training.presets import get_preset
@@ -39,15 +41,15 @@ VARIANTS = {  # name -> (precision, channels_last, compile)
 class Trainer:
     """One variant's model, optimizers and batches, stepped on demand."""
 
-    def __init__(self, name: str, train_set, spec, cfg):
+    def __init__(self, name: str, train_set, spec, cfg, device: torch.device):
         precision, cl, compile_ = VARIANTS[name]
-        self.precision, self.cfg = precision, cfg
-        self.model = create_model("airbench", seed=0)
+        self.precision, self.cfg, self.device = precision, cfg, device
+        self.model = create_model("airbench", seed=0).to(device)
         if cl:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loader = BatchLoader(train_set, spec, cfg.batch_size, train=True, translate=cfg.translate,
-                                  flip=cfg.flip, channels_last=cl)
-        fit_to_data(self.model, self.loader, cfg, torch.device("cpu"))
+                                  flip=cfg.flip, channels_last=cl, device=device)
+        fit_to_data(self.model, self.loader, cfg, device)
         self.optimizers = build_optimizers(self.model, cfg)
         self.forward = torch.compile(self.model) if compile_ else self.model
         self.batches = iter(())
@@ -68,15 +70,18 @@ def throughput(variants: list[str], steps: int, rounds: int, data_root) -> dict[
     preset = get_preset("quick")
     train_set = load_dataset("cifar10", "train", data_root, progress=False)
     spec = make_spec(train_set)
-    trainers = {v: Trainer(v, train_set, spec, preset.config()) for v in variants}
+    device = pick_device()
+    trainers = {v: Trainer(v, train_set, spec, preset.config(), device) for v in variants}
     for t in trainers.values():  # warm-up (and compilation)
         for _ in range(2):
             t.step()
     results = {v: [] for v in variants}
     for r in range(rounds):
         for v, t in trainers.items():
+            synchronize(device)
             t0 = time.perf_counter()
             n = sum(t.step() for _ in range(steps))
+            synchronize(device)
             results[v].append(n / (time.perf_counter() - t0))
         print(f"round {r + 1}/{rounds}: " + ", ".join(f"{v} {results[v][-1]:.0f}" for v in variants), flush=True)
     return results

@@ -71,7 +71,7 @@ def store(tmp_path_factory) -> dict:
     data = write_cifar_pickles(root / "data")
     # labelled JPEGs where the benchmarks look for test images, so answers can be checked
     write_image_folder(root / "data" / "cifar10-jpg", classes=CIFAR_CLASSES, per_class=8, size=(32, 32), fmt="jpg")
-    proc = run_all(["--preset", "smoke", "--data-root", str(data)], env, check=True)
+    proc = run_all(["--preset", "smoke", "--data-root", str(data), "--only", "model"], env, check=True)
     run_dir = proc.stdout.strip().splitlines()[-1].split("run folder: ")[1]
     run_all(["--preset", "smoke", "--data-root", str(data), "--only", "publish", "--run-dir", run_dir,
              "--store-name", "tampered-model"], env, check=True)

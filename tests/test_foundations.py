@@ -55,8 +55,8 @@ def test_seeds_reach_the_trained_weights_through_run_all(cifar_root, lab_env):
 
 
 def test_model_override_takes_its_own_recipe_and_store_name(cifar_root, lab_env):
-    proc = run_all(["--preset", "smoke", "--data-root", str(cifar_root), "--model", "simple_cnn"], lab_env,
-                   check=True)
+    proc = run_all(["--preset", "smoke", "--data-root", str(cifar_root), "--model", "simple_cnn", "--only", "model"],
+                   lab_env, check=True)
     run_dir = Path(proc.stdout.strip().splitlines()[-1].split("run folder: ")[1])
     trained = json.loads((run_dir / "trained.json").read_text())
     assert trained["training"]["recipe"] == "sgd_onecycle"

@@ -24,7 +24,8 @@ def _stored_models(env) -> list[Path]:
 
 
 def test_smoke_end_to_end(cifar_root, lab_env):
-    proc = run_all(["--preset", "smoke", "--data-root", str(cifar_root), "--report"], lab_env, check=True)
+    proc = run_all(["--preset", "smoke", "--data-root", str(cifar_root), "--only", "model", "--report"], lab_env,
+                   check=True)
     run_dir = Path(proc.stdout.strip().splitlines()[-1].split("run folder: ")[1])
     report = next((run_dir / "report").glob("*/report.html"))  # --report: the combined report's in-process part
     assert "onnx_int8" in report.read_text()

@@ -54,7 +54,11 @@ def save(path: Path, key: str, model, optimizers, averaging, *, epoch: int, step
 
 def restore(path: Path, key: str, model, optimizers, averaging) -> dict:
     """Load model/optimizer/averaging state in place; returns epoch, step, history, train_seconds."""
-    state = load(path)
+    return restore_state(load(path), path, key, model, optimizers, averaging)
+
+
+def restore_state(state: dict, path: Path, key: str, model, optimizers, averaging) -> dict:
+    """`restore` from a checkpoint already read (by `load`, on this process or sent by another)."""
     if state.get("config_key") != key:
         raise CheckpointError(f"{path} was written by a run with a different configuration (recipe, "
                               f"precision, data or model); start fresh (run_all.py --fresh) or restore it")

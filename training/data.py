@@ -319,50 +319,153 @@ def to_float(images_uint8: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
 
 
 class BatchLoader:
-    """Normalised batches from a uint8 dataset, augmented batch-wise on tensors.
+    """Normalised batches from a uint8 dataset, augmented batch-wise on tensors, on any device.
+
+    The uint8 images live on `device` (the CPU by default; the GPU when training there): each batch is
+    gathered, translated and flipped there as uint8 and normalised there, so a GPU run does no per-batch
+    host work and no host-to-device copies of pixels. The random draws (order, shifts, flips) come from
+    a CPU torch.Generator, in the same sequence as before, and travel to the device as small index
+    tensors once per epoch: for a seed, the batches are the same on every device.
 
     Augmentations (all on whole batches, no per-image PIL work):
       translate=r  random crop of the reflect-padded image, shifts in [-r, r] on each axis
       flip         "alternating" horizontal flip: a random half is flipped in even epochs and exactly
                    the other half in odd epochs, so each image is seen both ways every two epochs.
+
+    Sharding (data-parallel training): with world_size N, `batch_size` is the global batch; rank r gets
+    the r-th of N disjoint slices of every global batch (the draws are the same on every rank), so the
+    N ranks together see exactly the batches of a single process.
     """
 
     def __init__(self, ds: ArrayDataset, spec: Preprocessing, batch_size: int, *, train: bool,
                  translate: int = 0, flip: bool = False, seed: int = 0, drop_last: bool | None = None,
-                 dtype: torch.dtype = torch.float32, channels_last: bool = False):
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                 device: torch.device | str | None = None, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a world of size {world_size}")
+        h, w = ds.images.shape[2:]
+        if translate and translate >= min(h, w):
+            raise ValueError(f"translation by {translate} pixels needs images larger than {translate}x{translate}")
         self.ds, self.batch_size, self.train = ds, batch_size, train
         self.translate, self.flip = translate, flip
         self.drop_last = train if drop_last is None else drop_last
+        self.channels_last, self.dtype = channels_last, dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.images = to_float(ds.images, spec).to(dtype)
-        self.labels = ds.labels
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.rank, self.world_size = rank, world_size
+        # the only copy of the pixels (on the CPU this is the dataset's own tensor: no copy at all)
+        self.pixels = ds.images.to(self.device).contiguous()
+        self.labels = ds.labels.to(self.device)
+        self._mean, self._inv_std = normalization_constants(spec, self.device)
+        self._arange = {n: torch.arange(n, device=self.device) for n in {ds.images.shape[1], h, w}}
+        self._images = None
         self.seed, self.epoch = seed, 0
         self.generator = torch.Generator().manual_seed(seed)
-        self._flip_mask = torch.rand(len(ds), generator=self.generator) < 0.5
+        self._flip_mask = (torch.rand(len(ds), generator=self.generator) < 0.5).to(self.device)
 
     def __len__(self) -> int:
         n = len(self.labels)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The whole dataset normalised (float NCHW on the loader's device), as earlier versions held it;
+        computed on first use. Prefer `normalized(index)` for a part of it."""
+        if self._images is None:
+            self._images = self.normalized(slice(None))
+        return self._images
+
+    def normalized(self, index, channels_last: bool = False) -> torch.Tensor:
+        """Images `index` (a slice or index tensor) normalised, without augmentation."""
+        if isinstance(index, torch.Tensor):
+            index = index.to(self.device)
+        return normalize_batch(self.pixels[index], self._mean, self._inv_std, channels_last=channels_last,
+                               dtype=self.dtype)
 
     def set_epoch(self, epoch: int) -> None:
         """Makes the batches of `epoch` reproducible, also after a resume."""
         self.epoch = epoch
         self.generator.manual_seed(self.seed * 1_000_003 + epoch)
 
+    def _local(self, lo: int, hi: int) -> tuple[int, int]:
+        """This rank's part of the global batch [lo, hi) (torch.tensor_split's sizes)."""
+        if self.world_size == 1:
+            return lo, hi
+        q, rem = divmod(hi - lo, self.world_size)
+        start = lo + self.rank * q + min(self.rank, rem)
+        return start, start + q + (self.rank < rem)
+
     def __iter__(self):
-        n = len(self.labels)
-        order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
-        flip = None
-        if self.train and self.flip:
-            flip = self._flip_mask if self.epoch % 2 == 0 else ~self._flip_mask
-        for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            x = self.images[idx]
-            if self.train and self.translate:
-                x = random_translate(x, self.translate, self.generator)
-            if flip is not None:
-                x = torch.where(flip[idx].view(-1, 1, 1, 1), x.flip(-1), x)
-            yield x.contiguous(memory_format=self.memory_format), self.labels[idx]
+        n, b, steps = len(self.labels), self.batch_size, len(self)
+        order = shifts = flip = None
+        if self.train:
+            # every draw of the epoch, in the order earlier versions made them (order, then each batch's
+            # shifts), on the CPU generator; then one small copy each to the device
+            order = torch.randperm(n, generator=self.generator)
+            if self.translate:
+                shifts = torch.cat([torch.randint(0, 2 * self.translate + 1, (min(b, n - i * b), 2),
+                                                  generator=self.generator) for i in range(steps)])
+                shifts = shifts.to(self.device, non_blocking=True)
+            order = order.to(self.device, non_blocking=True)
+            if self.flip:
+                flip = self._flip_mask if self.epoch % 2 == 0 else ~self._flip_mask
+        for i in range(steps):
+            lo, hi = self._local(i * b, min((i + 1) * b, n))
+            if order is None:
+                x, y = self.pixels[lo:hi], self.labels[lo:hi]
+            else:
+                idx = order[lo:hi]
+                x = self._gather(idx, shifts[lo:hi] if shifts is not None else None,
+                                 flip[idx] if flip is not None else None)
+                y = self.labels[idx]
+            yield normalize_batch(x, self._mean, self._inv_std, channels_last=self.channels_last,
+                                  dtype=self.dtype), y
+
+    def _gather(self, idx: torch.Tensor, shifts: torch.Tensor | None, flips: torch.Tensor | None) -> torch.Tensor:
+        """uint8 images `idx`, each shifted by (dy, dx) = shifts - r with reflect padding and then mirrored
+        where `flips`: one gather of rows and one of columns, the same pixels as padding, cropping and
+        flipping the batch (random_translate and a flip)."""
+        if shifts is None and flips is None:
+            return self.pixels[idx]
+        c, h, w = self.pixels.shape[1:]
+        n, r = len(idx), self.translate
+        if shifts is not None:
+            rows = _reflect(self._arange[h] + (shifts[:, :1] - r), h)                       # n, h
+            x = self.pixels[idx[:, None, None], self._arange[c][None, :, None], rows[:, None, :]]
+        else:
+            x = self.pixels[idx]
+        cols = self._arange[w].expand(n, w)
+        if flips is not None:
+            cols = torch.where(flips[:, None], (w - 1) - cols, cols)
+        if shifts is not None:
+            cols = _reflect(cols + (shifts[:, 1:] - r), w)
+        return torch.gather(x, 3, cols[:, None, None, :].expand(n, c, h, w))
+
+
+def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices outside [0, n) mirrored back as F.pad(mode="reflect") does (for shifts < n)."""
+    i = i.abs()
+    return torch.where(i > n - 1, 2 * (n - 1) - i, i)
+
+
+def normalization_constants(spec: Preprocessing, device: torch.device | str = "cpu"
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean (x255) and 1/(std x255) of lab.preprocess.normalize, computed the same way, as (1, C, 1, 1)."""
+    mean = np.asarray(spec.mean, dtype=np.float32) * 255.0
+    inv_std = 1.0 / (np.asarray(spec.std, dtype=np.float32) * 255.0)
+    return (torch.from_numpy(mean.astype(np.float32)).view(1, -1, 1, 1).to(device),
+            torch.from_numpy(inv_std.astype(np.float32)).view(1, -1, 1, 1).to(device))
+
+
+def normalize_batch(pixels: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor, *,
+                    channels_last: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 NCHW -> normalised float on the pixels' device: (x - mean) * inv_std in float32, the
+    arithmetic of lab.preprocess.normalize (so the values are bit-identical to the serving path's)."""
+    fmt = torch.channels_last if channels_last and pixels.dim() == 4 else torch.contiguous_format
+    out = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device, memory_format=fmt)
+    out.copy_(pixels)
+    out.sub_(mean).mul_(inv_std)
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 def random_translate(x: torch.Tensor, r: int, generator: torch.Generator) -> torch.Tensor:

@@ -8,6 +8,16 @@
 (training/recipes.py) are where real hyper-parameters live. The engine picks the device (CUDA when
 present), uses bf16 autocast where the hardware has native bf16 and channels_last for conv nets, and
 checkpoints every epoch (training/checkpoint.py) so an interrupted run continues where it stopped.
+
+On a GPU the uint8 training set, its normalisation and the batch-wise flips and shifts live on the
+device (training/data.py BatchLoader); the steps make no host synchronisation (losses and accuracies
+stay on the device until the end of the epoch). Each speed lever is a TrainConfig field, so a benchmark
+can switch it off and measure it (bench/time_to_accuracy.py --set field=value).
+
+Under torchrun (training/distributed.py) the same `train` trains one model across the processes: each
+rank takes its slice of every global batch, gradients are averaged after backward, BatchNorm statistics
+are per rank and their running averages are averaged at the end of every epoch; the main rank alone
+evaluates, logs and writes checkpoints.
 """
 from __future__ import annotations
 
@@ -26,9 +36,10 @@ import torch.nn.functional as F
 from lab.hardware import cpu_has_native_bf16
 from lab.preprocess import Preprocessing
 from training import checkpoint
+from training import distributed as dist
 from training.checkpoint import CheckpointError  # noqa: F401  (re-exported)
 from training.data import ArrayDataset, BatchLoader
-from training.optim import build_optimizers, set_lr
+from training.optim import ConfigError, build_optimizers, set_lr
 
 
 @dataclass
@@ -55,6 +66,7 @@ class TrainConfig:
     precision: str = "auto"           # auto | bf16 | fp32
     channels_last: bool | None = None  # None: on for conv nets
     compile: bool = False             # torch.compile the model
+    compile_mode: str = ""            # torch.compile's mode: "" (default), "reduce-overhead" (CUDA graphs), ...
     seed: int = 0                     # initial weights and batch order (the data split has its own seed)
     threads: int = 0                  # torch intra-op threads; 0 = all cores
     # learning rates of the roles a model declares (models/base.py); None = lr
@@ -63,11 +75,22 @@ class TrainConfig:
     muon_momentum: float = 0.6
     whiten_bias_epochs: float = 0.0   # a "whitening_bias" role trains this many epochs, then freezes; 0 = all
     whiten_images: int = 5000         # training images a data-fitted first layer is fitted to
+    # speed levers: none changes the recipe; each can be switched off to measure it
+    data_device: str = "auto"         # auto: the training images live on the training device; cpu: on the
+                                      # host, each batch made there and copied over (the older way)
+    finite_check: str = "epoch"       # epoch: non-finite losses are caught at the end of the epoch, with no
+                                      # host sync per step; step: after every step (a sync per step)
+    fused_optim: bool | None = None   # fused SGD/Adam kernels; None: on CUDA only
+    cudnn_benchmark: bool = True      # cuDNN picks the fastest convolution algorithms (CUDA only)
+    eval_batch_size: int = 0          # per-epoch evaluation batch; 0: 1000 on the CPU, 5000 on a GPU
+
+    SPEED_FIELDS = ("threads", "compile", "compile_mode", "data_device", "finite_check", "fused_optim",
+                    "cudnn_benchmark", "eval_batch_size")
 
     def key(self) -> str:
-        """What must match for a checkpoint to be resumed (not threads or compile)."""
+        """What must match for a checkpoint to be resumed (not threads, compilation or other speed levers)."""
         d = asdict(self)
-        for k in ("threads", "compile"):
+        for k in self.SPEED_FIELDS:
             d.pop(k)
         return checkpoint.run_key(d)
 
@@ -82,13 +105,23 @@ class TrainResult:
     device: str = "cpu"
     precision: str = "fp32"
     resumed_from_epoch: int = 0
+    world_size: int = 1               # processes that trained the model together (torchrun)
 
 
 # ---------------------------------------------------------------- hardware
 
 
 def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when present (this process's current GPU: torchrun's LOCAL_RANK under training/distributed.py)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (before reading a clock)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -148,12 +181,16 @@ class WeightAveraging:
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizers: list[torch.optim.Optimizer], *,
                precision: str, label_smoothing: float = 0.0, grad_clip: float = 0.0,
-               after_backward: Callable[[nn.Module], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, loss, backward, (clip), step. Returns the detached loss and logits."""
+               after_backward: Callable[[nn.Module], None] | None = None,
+               sync_grads: Callable[[nn.Module], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, loss, backward, (average gradients over ranks), (clip), step. Returns the detached loss and
+    logits. Nothing here waits for the device."""
     with autocast(x.device, precision):
         out = model(x)
     loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
     loss.backward()
+    if sync_grads is not None:
+        sync_grads(model)                   # data-parallel: the gradient of the global batch
     if after_backward is not None:
         after_backward(model)               # e.g. a study reading per-layer gradient norms
     if grad_clip:
@@ -167,47 +204,69 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizers: l
 def train_one_epoch(model: nn.Module, forward: nn.Module, loader: BatchLoader, optimizers, cfg: TrainConfig,
                     precision: str, device: torch.device, step: int, total_steps: int,
                     averaging: WeightAveraging | None = None, bar=None,
-                    after_backward: Callable[[nn.Module], None] | None = None) -> tuple[dict, int]:
-    """The steps of one epoch (up to total_steps). Returns the epoch's train loss/accuracy and the new step."""
+                    after_backward: Callable[[nn.Module], None] | None = None, *,
+                    sync_grads: Callable[[nn.Module], None] | None = None) -> tuple[dict, int]:
+    """The steps of one epoch (up to total_steps). Returns the epoch's train loss/accuracy and the new step.
+
+    Losses and accuracies stay on the device until the end of the epoch, where they are read once (and
+    summed over the ranks of a data-parallel run); a non-finite loss is reported then, with its step
+    (cfg.finite_check="step" checks after every step instead, at the cost of a host sync per step)."""
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
+    losses, corrects = [], []
+    seen, first_step = 0, step
     for x, y in loader:
         if step >= total_steps:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         set_lr(optimizers, step / total_steps, cfg)
         loss, out = train_step(forward, x, y, optimizers, precision=precision, label_smoothing=cfg.label_smoothing,
-                               grad_clip=cfg.grad_clip, after_backward=after_backward)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the training loss became {loss.item()} at step {step + 1}: the learning "
-                                     f"rate ({cfg.lr:g}) is probably too high for this model and recipe")
+                               grad_clip=cfg.grad_clip, after_backward=after_backward, sync_grads=sync_grads)
+        if cfg.finite_check == "step" and not torch.isfinite(loss):
+            raise _non_finite(loss.item(), step + 1, cfg)
         step += 1
         if averaging is not None:
             averaging.update(model, step, step / total_steps)
-        loss_sum += loss * len(y)
-        correct += (out.argmax(1) == y).sum()
+        losses.append(loss * len(y))
+        corrects.append((out.argmax(1) == y).sum())
         seen += len(y)
         if bar is not None:
             bar.update(1)
-    return {"train_loss": loss_sum.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1),
-            "images": seen}, step
+    if losses:
+        step_losses = torch.stack(losses)
+        loss_sum, correct = step_losses.sum(), torch.stack(corrects).sum()
+    else:
+        step_losses = loss_sum = correct = torch.zeros((), device=device)
+    loss_sum, correct, seen = dist.all_sum([loss_sum, correct, seen], device)  # the epoch's one host sync
+    if not math.isfinite(loss_sum):
+        bad = torch.nonzero(~torch.isfinite(step_losses.reshape(-1))).flatten().tolist()
+        if bad:
+            raise _non_finite(step_losses[bad[0]].item(), first_step + bad[0] + 1, cfg)
+        raise _non_finite(loss_sum, step, cfg, where="on another rank, ")
+    return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+            "images": int(seen)}, step
+
+
+def _non_finite(value: float, step: int, cfg: TrainConfig, where: str = "") -> FloatingPointError:
+    return FloatingPointError(f"the training loss became {value} {where}at step {step}: the learning "
+                              f"rate ({cfg.lr:g}) is probably too high for this model and recipe")
 
 
 @torch.no_grad()
 def evaluate_loss_acc(model: nn.Module, loader: BatchLoader, device: torch.device,
                       precision: str) -> tuple[float, float]:
+    """Mean loss and accuracy; summed on the device and read once at the end."""
     model.eval()
-    loss_sum, correct, n = 0.0, 0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n = 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, precision):
             out = model(x).float()
-        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
+        loss_sum += F.cross_entropy(out, y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
         n += len(y)
-    return loss_sum / max(n, 1), correct / max(n, 1)
+    return loss_sum.item() / max(n, 1), correct.item() / max(n, 1)
 
 
 # ---------------------------------------------------------------- the run
@@ -216,89 +275,117 @@ def evaluate_loss_acc(model: nn.Module, loader: BatchLoader, device: torch.devic
 def fit_to_data(model: nn.Module, loader: BatchLoader, cfg: TrainConfig, device: torch.device) -> bool:
     """The model's data-dependent initialisation (if it declares one) on cfg.whiten_images training images."""
     g = torch.Generator().manual_seed(cfg.seed)
-    pick = torch.randperm(len(loader.images), generator=g)[:cfg.whiten_images]
-    return model.fit_to_data(loader.images[pick].to(device))
+    pick = torch.randperm(len(loader.labels), generator=g)[:cfg.whiten_images]
+    return model.fit_to_data(loader.normalized(pick).to(device))
 
 
 def train(model: nn.Module, train_set: ArrayDataset, spec: Preprocessing, cfg: TrainConfig, *,
           eval_sets: dict[str, ArrayDataset] | None = None, run_dir: Path | None = None,
           progress: bool = True, log=print, context: dict | None = None,
           after_backward: Callable[[nn.Module], None] | None = None,
-          on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+          on_epoch_end: Callable[[nn.Module, dict], None] | None = None,
+          device: torch.device | str | None = None) -> TrainResult:
     """Train `model` on `train_set`; evaluate on each of `eval_sets` after every epoch.
-
-    `on_epoch(record)` sees each epoch's record (losses, accuracies, seconds) as soon as it is made;
-    an exception it raises (e.g. optuna.TrialPruned) ends the training there.
 
     With `run_dir`, writes history.json and checkpoint.pt there every epoch, and resumes from
     checkpoint.pt if one with the same config, precision, data size and `context` (what else must
     match: dataset, architecture, ...) is present.
+
+    `on_epoch_end(eval_model, record)` runs after each epoch's evaluation, outside the training clock;
+    it may add entries to the epoch's record (a benchmark's test accuracy with TTA, say), and an exception
+    it raises (optuna.TrialPruned, say) ends the training there. `device`
+    overrides the automatic choice (pick_device). In a torchrun process group (training/distributed.py)
+    the ranks train one model together; only the main rank evaluates, logs, calls on_epoch_end and
+    writes to run_dir.
     """
     from tqdm import tqdm
 
     from lab.runfiles import write_json_atomic
 
     wall0 = time.perf_counter()
-    device = pick_device()
+    world = dist.current()
+    if not world.main:
+        log, progress, eval_sets, on_epoch_end = (lambda *_: None), False, None, None
+    if cfg.batch_size % world.world_size:
+        raise ConfigError(f"the batch size {cfg.batch_size} does not split evenly over {world.world_size} "
+                          f"processes: choose a batch size that is a multiple of the number of processes")
+    if cfg.finite_check not in ("epoch", "step"):
+        raise ConfigError(f"unknown finite_check {cfg.finite_check!r}; valid: epoch, step")
+    device = torch.device(device) if device is not None else pick_device()
+    data_device = device if cfg.data_device == "auto" else torch.device(cfg.data_device)
     precision = resolve_precision(cfg.precision, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)  # dropout and any other randomness inside the steps
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    torch.manual_seed(cfg.seed + world.rank)  # dropout and any other randomness inside the steps
     channels_last = has_conv(model) if cfg.channels_last is None else cfg.channels_last
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
     loader = BatchLoader(train_set, spec, cfg.batch_size, train=True, translate=cfg.translate,
-                         flip=cfg.flip, seed=cfg.seed, channels_last=channels_last)
+                         flip=cfg.flip, seed=cfg.seed, channels_last=channels_last, device=data_device,
+                         rank=world.rank, world_size=world.world_size)
     if len(loader) == 0:
         raise ValueError(f"batch size {cfg.batch_size} exceeds the {len(train_set)} training images")
-    eval_loaders = {name: BatchLoader(ds, spec, 1000, train=False, channels_last=channels_last)
+    eval_batch = cfg.eval_batch_size or (5000 if data_device.type == "cuda" else 1000)
+    eval_loaders = {name: BatchLoader(ds, spec, eval_batch, train=False, channels_last=channels_last,
+                                      device=data_device)
                     for name, ds in (eval_sets or {}).items()}
     total_steps = max(1, math.ceil(cfg.epochs * len(loader)))
     n_epochs = math.ceil(total_steps / len(loader))
     key = checkpoint.run_key(cfg.key(), precision, len(train_set), context or {})
     ckpt = run_dir / checkpoint.FILE if run_dir else None
-    resume = ckpt is not None and ckpt.exists()
+    # the main rank decides and reads; the others get its checkpoint (they may not see its disk)
+    resume = dist.broadcast_object(ckpt is not None and world.main and ckpt.exists())
+    state = dist.broadcast_object(checkpoint.load(ckpt) if resume and world.main else None) if resume else None
 
     train_seconds, history, start_epoch, step = 0.0, [], 0, 0
     if not resume:
         t0 = time.perf_counter()
         fit_to_data(model, loader, cfg, device)
+        dist.broadcast_module(model)  # every rank starts from the main rank's weights
+        synchronize(device)
         train_seconds += time.perf_counter() - t0
     optimizers = build_optimizers(model, cfg)
     averaging = (WeightAveraging(model, cfg.averaging, cfg.ema_decay, cfg.ema_every)
                  if cfg.averaging != "none" else None)
     if resume:
-        state = checkpoint.restore(ckpt, key, model, optimizers, averaging)
+        state = checkpoint.restore_state(state, ckpt, key, model, optimizers, averaging)
         start_epoch, step, history, train_seconds = (state["epoch"], state["step"], state["history"],
                                                      state["train_seconds"])
         log(f"resuming from {ckpt}: epoch {start_epoch}/{n_epochs} done")
 
-    forward = torch.compile(model) if cfg.compile else model
+    forward = torch.compile(model, mode=cfg.compile_mode or None) if cfg.compile else model
+    sync_grads = dist.average_gradients if world.distributed else None
     for epoch in range(start_epoch, n_epochs):
         loader.set_epoch(epoch)
         bar = tqdm(total=min(len(loader), total_steps - step), desc=f"epoch {epoch + 1}/{n_epochs}",
                    disable=not progress, file=sys.stderr, leave=False, mininterval=1.0)
+        synchronize(device)
         t0 = time.perf_counter()
         stats, step = train_one_epoch(model, forward, loader, optimizers, cfg, precision, device, step,
-                                      total_steps, averaging, bar, after_backward)
+                                      total_steps, averaging, bar, after_backward, sync_grads=sync_grads)
+        synchronize(device)
         bar.close()
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
         record = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
                   "seconds": epoch_seconds, "train_seconds": train_seconds, "images": stats["images"]}
+        # per-rank BatchNorm: the running statistics become the mean over the ranks
+        dist.average_buffers(model, averaging.shadow if averaging is not None else None)
         eval_model = averaging.shadow if averaging is not None else model
         for name, ev in eval_loaders.items():
             record[f"{name}_loss"], record[f"{name}_acc"] = evaluate_loss_acc(eval_model, ev, device, precision)
+        if on_epoch_end is not None:
+            on_epoch_end(eval_model.eval(), record)  # the next epoch puts the model back in training mode
         history.append(record)
-        if run_dir is not None:
+        if run_dir is not None and world.main:
             write_json_atomic(run_dir / "history.json", history)
             checkpoint.save(ckpt, key, model, optimizers, averaging, epoch=epoch + 1, step=step,
                             history=history, train_seconds=train_seconds)
         log("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-        if on_epoch is not None:
-            on_epoch(record)
 
     if averaging is not None:
         model = averaging.final(model)
@@ -307,4 +394,5 @@ def train(model: nn.Module, train_set: ArrayDataset, spec: Preprocessing, cfg: T
     return TrainResult(model=model, history=history, train_seconds=train_seconds,
                        wall_seconds=time.perf_counter() - wall0,
                        images_per_second=images / max(sum(r["seconds"] for r in history), 1e-9),
-                       device=str(device), precision=precision, resumed_from_epoch=start_epoch)
+                       device=str(device), precision=precision, resumed_from_epoch=start_epoch,
+                       world_size=world.world_size)

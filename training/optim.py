@@ -81,6 +81,14 @@ def _role_groups(model: nn.Module, cfg) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def _fused(cfg, model: nn.Module) -> dict:
+    """fused=True for SGD/Adam/AdamW where cfg.fused_optim asks for it (None: when the model is on CUDA)."""
+    want = getattr(cfg, "fused_optim", None)
+    if want is None:
+        want = any(p.is_cuda for p in model.parameters())
+    return {"fused": True} if want else {}
+
+
 def build_optimizers(model: nn.Module, cfg) -> list[torch.optim.Optimizer]:
     name = cfg.optimizer.lower()
     if name not in OPTIMIZERS:
@@ -90,11 +98,11 @@ def build_optimizers(model: nn.Module, cfg) -> list[torch.optim.Optimizer]:
     groups, wd = _role_groups(model, cfg), cfg.weight_decay
     if name == "sgd":
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                              nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=wd)
+                              nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=wd, **_fused(cfg, model))
     elif name == "adam":
-        opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=wd)
+        opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=wd, **_fused(cfg, model))
     elif name == "adamw":
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=wd)
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=wd, **_fused(cfg, model))
     elif name == "rmsprop":
         opt = torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd)
     elif name == "rprop":
@@ -130,7 +138,7 @@ def _build_muon(model: nn.Module, cfg) -> list[torch.optim.Optimizer]:
         groups.append(dict(params=whiten_bias, lr=cfg.bias_lr, weight_decay=wd / cfg.bias_lr,
                            schedule_end=end))
     sgd = torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.bias_lr, momentum=cfg.momentum,
-                          nesterov=cfg.momentum > 0)
+                          nesterov=cfg.momentum > 0, **_fused(cfg, model))
     optimizers = [sgd]
     if filters:
         muon = Muon(filters, lr=cfg.lr, momentum=cfg.muon_momentum, nesterov=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import platform
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,8 +43,12 @@ class Run:
     data_root: Path
     download: bool = False
     progress: bool = True
+    rank: int = 0                    # under torchrun: this process's rank; only rank 0 logs and writes
+    world_size: int = 1
 
     def log(self, msg: str = "") -> None:
+        if self.rank:
+            return
         print(msg, flush=True)
         with open(self.dir / "run.log", "a") as f:
             f.write(msg + "\n")
@@ -116,10 +121,15 @@ def load_trained(run: Run) -> tuple[torch.nn.Module, TrainedRecord]:
 
 
 def stage_train(run: Run) -> None:
+    """Train on this process, or with the others of a torchrun group (training/distributed.py): then every
+    process trains on its slice of each batch, and only the main one (rank 0) writes the run folder."""
+    from training import distributed as dist
     from training.evaluate import plot_learning_curves
 
     p, cfg = run.preset, run.preset.config()
-    train_set, val_set, test = load_splits(run)
+    world = dist.current()
+    with main_rank_first(world):  # one process decodes the data into the cache, the others read it
+        train_set, val_set, test = load_splits(run)
     spec = make_spec(train_set)
     if p.model_kwargs.get("num_classes", len(train_set.classes)) != len(train_set.classes):
         raise ValueError(f"the model is asked for {p.model_kwargs['num_classes']} classes but "
@@ -141,9 +151,12 @@ def stage_train(run: Run) -> None:
     eval_sets = {"val": val_set} if val_set is not None else {}
     eval_sets["test"] = test
     result = train(net, train_set, spec, cfg, eval_sets=eval_sets, run_dir=run.dir,
-                   progress=run.progress, log=run.log,
+                   progress=run.progress and world.main, log=run.log,
                    context={"dataset": p.dataset, "model": p.model, "kwargs": kwargs, "val_size": p.val_size,
                             "data_seed": p.data_seed})
+    _debug_state_hash(result.model, world.rank)
+    if not world.main:
+        return
     save_atomic({k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()},
                 run.path("trained.pth"))
     run.files.write(TrainedRecord(
@@ -158,7 +171,7 @@ def stage_train(run: Run) -> None:
                   "train_seconds": round(result.train_seconds, 2), "wall_seconds": round(result.wall_seconds, 2),
                   "images_per_second": round(result.images_per_second, 1), "device": result.device,
                   "precision": result.precision, "resumed_from_epoch": result.resumed_from_epoch,
-                  "world_size": 1},
+                  "world_size": result.world_size, "batch_per_process": cfg.batch_size // result.world_size},
         history=result.history))
     plot_learning_curves(result.history, run.path("learning_curves.png"), f"{p.model} on {p.dataset}")
     run.path("checkpoint.pt").unlink(missing_ok=True)
@@ -166,21 +179,63 @@ def stage_train(run: Run) -> None:
             f"{result.precision} on {result.device})")
 
 
+@contextmanager
+def main_rank_first(world):
+    """The body runs on the main rank first, then on the others (a no-op in a single process)."""
+    from training import distributed as dist
+
+    if world.distributed and not world.main:
+        dist.barrier()
+    yield
+    if world.distributed and world.main:
+        dist.barrier()
+
+
+def _debug_state_hash(model: torch.nn.Module, rank: int) -> None:
+    """LAB_DEBUG_STATE_HASH_DIR=DIR: each process writes DIR/rank<r>.sha256, the hash of its trained
+    state_dict (the test that every rank of a data-parallel run ends with the same weights)."""
+    import hashlib
+    import os
+
+    folder = os.environ.get("LAB_DEBUG_STATE_HASH_DIR")
+    if not folder:
+        return
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        h.update(f"{k}:{v.dtype}:{tuple(v.shape)}".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / f"rank{rank}.sha256").write_text(h.hexdigest())
+
+
 def stage_evaluate(run: Run) -> None:
     from training.evaluate import classification_metrics, per_class_lines, plot_confusion, predict_torch
+
+    from training.engine import has_conv, pick_device, synchronize
+    from training.evaluate import eval_precision
 
     net, meta = load_trained(run)
     spec = Preprocessing.from_dict(meta.preprocessing)
     *_, test = load_splits(run)
     _check_classes(meta, test)
+    # on the training device (the GPU when there is one), in bf16 there, batched large
+    device = pick_device()
+    precision = eval_precision(device)
+    net = net.to(device)
+    if has_conv(net):
+        net = net.to(memory_format=torch.channels_last)
+    where = f"torch {precision}" + (f" on {device.type}" if device.type != "cpu" else "")
     out = {}
     for level in sorted({0, meta.tta_level}):
         t0 = time.perf_counter()
-        logits = predict_torch(with_tta(net, level), test, spec, precision="fp32")
+        logits = predict_torch(with_tta(net, level), test, spec, precision=precision, device=device)
+        synchronize(device)
         m = classification_metrics(test.labels.numpy(), logits.argmax(1), test.classes)
         m["seconds"] = round(time.perf_counter() - t0, 2)
+        m["precision"], m["device"] = precision, device.type
         out[f"tta{level}"] = m
-        run.log(f"test accuracy (torch fp32, TTA level {level}): {100 * m['accuracy']:.2f}% "
+        run.log(f"test accuracy ({where}, TTA level {level}): {100 * m['accuracy']:.2f}% "
                 f"macro-F1 {m['macro_f1']:.4f} ({m['seconds']:.1f} s)")
     record = EvalRecord(out)
     for line in per_class_lines(record.final(meta.tta_level)):

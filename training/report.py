@@ -27,7 +27,8 @@ def write_summary(run) -> Path:
             f"- model: `{meta['architecture']['name']}` {json.dumps(meta['architecture']['kwargs'])}, "
             f"TTA level {meta['tta_level']}",
             f"- {t['epochs']} epochs in **{t['train_seconds']:.1f} s** of training "
-            f"({t['images_per_second']:.0f} images/s, {t['precision']} on {t['device']}); "
+            f"({t['images_per_second']:.0f} images/s, {t['precision']} on {t['device']}"
+            + (f", {t['world_size']} processes" if t.get("world_size", 1) > 1 else "") + "); "
             f"{t['wall_seconds']:.1f} s wall-clock with per-epoch evaluation",
             f"- optimizer {t['config']['optimizer']}, batch {t['config']['batch_size']}, "
             f"lr {t['config']['lr']}, schedule {t['config']['schedule']}, recipe {t.get('recipe', '')}, "
@@ -42,7 +43,9 @@ def write_summary(run) -> Path:
                     f"{r[k]:.4f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys) + " |")
             lines += ["", "![learning curves](learning_curves.png)", ""]
     if metrics:
-        lines += ["## Evaluation (torch, fp32)", ""]
+        first = next(iter(metrics.values()))
+        where = first.get("precision", "fp32") + (f" on {first['device']}" if first.get("device", "cpu") != "cpu" else "")
+        lines += [f"## Evaluation (torch, {where})", ""]
         for key, m in metrics.items():
             lines.append(f"- {key}: accuracy **{100 * m['accuracy']:.2f}%**, macro-F1 {m['macro_f1']:.4f} "
                          f"on {m['images']} test images")

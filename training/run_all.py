@@ -7,12 +7,17 @@
     python training/run_all.py --only studies       # every study stage (or name them: --only kernels,depth)
     python training/run_all.py --only export --run-dir runs/20261126-130000-quick
     python training/run_all.py --skip publish --epochs 4
+    torchrun --nproc-per-node 2 training/run_all.py ...   # one model trained by 2 processes
 
 The model stages write one folder under runs/ (its path is printed at the end) with summary.md, the
 plots and run.log; rerunning after an interruption continues the unfinished run of the same preset
 from its last checkpoint (--fresh starts over). The study stages write runs/studies-<preset>/ (report.md,
 report.html, a folder per stage) and keep every trained cell in one results database, so a rerun
 skips what is done.
+
+Under torchrun (training/distributed.py) every process trains (NCCL on GPUs, gloo on CPUs; the global
+batch is the recipe's, each of N processes takes batch / N); the main process alone picks and writes
+the run folder, then evaluates, exports and publishes while the others leave after training.
 """
 from __future__ import annotations
 
@@ -185,8 +190,19 @@ def _preset_dict(preset) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from training import distributed as dist
+
+    world = dist.init_from_env()  # a world of one unless launched by torchrun
+    try:
+        return _main(args, world)
+    finally:
+        dist.shutdown()
+
+
+def _main(args, world) -> int:
     from lab.runfiles import write_json_atomic
     from lab.store import clean_staging, repair_latest, store_lock
+    from training import distributed as dist
     from training import pipeline as P
 
     from training.studies import STAGES as STUDY_STAGES
@@ -203,6 +219,7 @@ def main(argv=None) -> int:
         return names
 
     stages = expand(args.only) or valid
+    explicit = {part.strip() for part in args.only.split(",")} - set(groups)
     skip = expand(args.skip)
     stages = [s for s in stages if s not in skip]
     study_stages = [s for s in stages if s in STUDY_STAGES]
@@ -210,19 +227,27 @@ def main(argv=None) -> int:
     from training.data import default_data_root
 
     data_root = args.data_root or default_data_root()
-    if not stages:
-        return run_studies(args, preset, study_stages, data_root)
-    run_dir, _run_lock = choose_run_dir(args, preset)
+    if not stages:  # studies alone: one process's work (more workers: --study-workers, or more machines)
+        return run_studies(args, preset, study_stages, data_root) if world.main else 0
+    # the run folder is the main process's: it picks (and locks) it, the others only learn its name
+    run_dir, _run_lock = choose_run_dir(args, preset) if world.main else (None, None)
+    run_dir = Path(dist.broadcast_object(str(run_dir) if world.main else None))
     run = P.Run(dir=run_dir, preset=preset, data_root=data_root, download=args.download,
-                progress=not args.no_progress and sys.stderr.isatty())
-    done = run.stages_done()
-    resuming = bool(done) or (run_dir / "checkpoint.pt").exists()
-    if not (run_dir / "config.json").exists():
-        write_json_atomic(run.path("config.json"), {"preset": _preset_dict(preset), "argv": sys.argv[1:]})
+                progress=not args.no_progress and sys.stderr.isatty(), rank=world.rank,
+                world_size=world.world_size)
+    done = dist.broadcast_object(run.stages_done() if world.main else None)
+    resuming = False
+    if world.main:
+        resuming = bool(done) or (run_dir / "checkpoint.pt").exists()
+        if not (run_dir / "config.json").exists():
+            write_json_atomic(run.path("config.json"), {"preset": _preset_dict(preset), "argv": sys.argv[1:]})
     run.log(f"== run_all.py --preset {preset.name}: {preset.description}")
     run.log(f"run folder: {run_dir}" + (f" (resuming; done: {', '.join(done) or 'none'})" if resuming else ""))
+    if world.distributed:
+        run.log(f"{world.world_size} processes ({world.backend}): batch {preset.config().batch_size} split "
+                f"{preset.config().batch_size // world.world_size} per process")
 
-    lock = store_lock() if "publish" in stages else None
+    lock = store_lock() if "publish" in stages and world.main else None
     t0 = time.perf_counter()
     try:
         if lock:
@@ -233,14 +258,23 @@ def main(argv=None) -> int:
         funcs = {"train": P.stage_train, "evaluate": P.stage_evaluate,
                  "export": P.stage_export, "publish": P.stage_publish}
         for stage in stages:
-            if stage in done and not args.only:
+            if stage in done and stage not in explicit:  # named in --only: run again; else done is done
                 run.log(f"-- {stage}: already done in this run folder")
                 continue
+            if stage != "train" and dist.current().distributed:
+                _leave_group(run)  # evaluate, export and publish are the main process's alone
+                if not world.main:
+                    return 0
             run.log(f"-- {stage}")
             ts = time.perf_counter()
             funcs[stage](run)
-            run.mark_done(stage)
+            if world.main:
+                run.mark_done(stage)
             run.log(f"-- {stage} done in {time.perf_counter() - ts:.1f} s")
+        if dist.current().distributed:
+            _leave_group(run)
+            if not world.main:
+                return 0
     finally:
         if lock:
             lock.__exit__(None, None, None)
@@ -303,6 +337,16 @@ def _printer(path: Path):
         with open(path, "a") as f:
             f.write(msg + "\n")
     return log
+
+
+def _leave_group(run) -> None:
+    """All processes meet once the training is written (a barrier), then leave the process group: the
+    others exit, the main process goes on alone (no collective waits on its single-process stages)."""
+    from training import distributed as dist
+
+    dist.barrier()
+    dist.shutdown()
+    run.log("-- the other processes are done; the main process continues alone")
 
 
 def write_report(run, args) -> None:

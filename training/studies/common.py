@@ -174,18 +174,16 @@ def train_cell(ctx: StudyContext, dataset: str, model: str, kwargs: dict, seed: 
     cfg = make_config(recipe, dataset=dataset, **overrides)
     net = create_model(model, seed=seed, num_classes=len(train_set.classes), in_channels=train_set.channels,
                        image_size=train_set.size[0], **kwargs)
-    hook = on_epoch
-    if epoch_f1:  # macro-F1 on the evaluation set after every epoch, in the epoch's record
-        def hook(record):
-            was = net.training
-            logits = predict_torch(net, test, spec, precision=cfg.precision if cfg.precision != "auto" else "fp32")
+    def hook(model, record):  # after each epoch's evaluation, the model in eval mode
+        if epoch_f1:  # macro-F1 on the evaluation set, in the epoch's record
+            logits = predict_torch(model, test, spec, precision="fp32")
             record[f"{evaluate_on}_macro_f1"] = classification_metrics(
                 test.labels.numpy(), logits.argmax(1), test.classes)["macro_f1"]
-            net.train(was)
-            if on_epoch is not None:
-                on_epoch(record)
+        if on_epoch is not None:
+            on_epoch(record)
+
     result = run_training(net, train_set, spec, cfg, eval_sets={"train_eval": train_eval, evaluate_on: test},
-                          progress=False, log=lambda *_: None, after_backward=after_backward, on_epoch=hook)
+                          progress=False, log=lambda *_: None, after_backward=after_backward, on_epoch_end=hook)
     net = result.model.eval()
     logits = predict_torch(net, test, spec, precision="fp32")
     m = classification_metrics(test.labels.numpy(), logits.argmax(1), test.classes)
