@@ -46,7 +46,7 @@ STUDY_PRESETS = {
                          epochs={"default": 1}, batch_size=32, timing_reps=(1, 1), val_images=32,
                          description="seconds: 64 training and 32 test images per dataset, 1 epoch (for the tests)"),
     "quick": StudyPreset("quick", seeds=(0, 1, 2), train_limit={"cifar10": 8000, "mnist": 8000}, test_limit=2000,
-                         epochs={"default": 4, "architectures": 4},
+                         epochs={"default": 4, "kernels": 3},
                          description="this 2-core CPU: 8,000 training images per dataset (of 50,000 / 60,000), "
                                      "2,000 test images (of 10,000), 4 epochs, 3 seeds"),
     "full": StudyPreset("full", seeds=(0, 1, 2, 3, 4), train_limit={"cifar10": 0, "mnist": 0}, test_limit=0,
