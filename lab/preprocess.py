@@ -95,17 +95,17 @@ _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
               6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
 
+_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+               (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"))
+
+
 def sniff(data: bytes) -> str | None:
-    """The supported format these bytes claim to be, from their first bytes (None: none of ours)."""
+    """The supported format these bytes claim to be, from their first bytes (None: none of ours). A file
+    cut inside its signature claims it too, from its third byte on."""
     head = data[:16]
-    if head.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "GIF"
-    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        return "TIFF"
+    for signature, fmt in _SIGNATURES:
+        if head.startswith(signature) or (3 <= len(head) < len(signature) and signature.startswith(head)):
+            return fmt
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WEBP"
     if head[:2] == b"BM" and len(head) >= 14:
