@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -160,10 +161,22 @@ def stage_train(run: Run) -> None:
                   "precision": result.precision, "resumed_from_epoch": result.resumed_from_epoch,
                   "world_size": 1},
         history=result.history))
-    plot_learning_curves(result.history, run.path("learning_curves.png"), f"{p.model} on {p.dataset}")
+    _write_atomic(run.path("learning_curves.png"),
+                  lambda tmp: plot_learning_curves(result.history, tmp, f"{p.model} on {p.dataset}"))
     run.path("checkpoint.pt").unlink(missing_ok=True)
     run.log(f"trained in {result.train_seconds:.1f} s ({result.images_per_second:.0f} images/s, "
             f"{result.precision} on {result.device})")
+
+
+def _write_atomic(path: Path, write) -> Path:
+    """write(tmp) into a temporary file beside `path`, then one rename: a kill never leaves half a file."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def stage_evaluate(run: Run) -> None:
