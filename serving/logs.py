@@ -1,10 +1,11 @@
 """Structured logs (LAB_LOG_FORMAT=json): every log line of a worker as one JSON object.
 
     {"ts": "2026-11-29T10:40:01.123Z", "level": "INFO", "logger": "lab.access", "msg": "...",
-     "request_id": "9f2c...", "client": "127.0.0.1", "method": "POST", "path": "/classify",
+     "x_request_id": "9f2c...", "client": "127.0.0.1", "method": "POST", "path": "/classify",
      "status": 200, "ms": 6.1}
 
-Fields given as `extra=` to a log call (the access log's request_id, status, ...) become keys. The
+Fields given as `extra=` to a log call (the access log's x_request_id, status, ...) become keys
+(BentoML adds its own trace fields, request_id among them, to every record). The
 formatter goes onto the handlers BentoML's logging set-up installed (and the root logger's), so
 BentoML's own lines come out as JSON too.
 """

@@ -198,7 +198,7 @@ class FrontDoor:
             return
         client = scope["client"][0] if scope.get("client") else "-"
         access_log.log(level, '%s %s "%s %s" %d %.1f ms', rid, client, scope["method"], path, status, ms,
-                       extra={"request_id": rid, "client": client, "method": scope["method"], "path": path,
+                       extra={"x_request_id": rid, "client": client, "method": scope["method"], "path": path,
                               "status": status, "ms": round(ms, 2)})
 
 

@@ -351,3 +351,499 @@ def test_multipart_parser_limits():
         parse_multipart(body([("images", "a.png", b"AAA")])[0][:-20], ct, max_files=4)
     with pytest.raises(RequestError, match="boundary"):
         parse_multipart(b"x", "multipart/form-data", max_files=4)
+
+
+# ---------------------------------------------------------------- served answers, proven right
+
+
+def _offline_logits(model_dir: Path, card, backend: str, x: np.ndarray) -> np.ndarray:
+    """The raw model of a backend, run here without the service or the backend classes."""
+    if backend in ("onnx", "onnx_int8"):
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(model_dir / card.backends[backend]), providers=["CPUExecutionProvider"])
+        return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    import torch
+
+    from models import create_model, with_tta
+
+    net = create_model(card.architecture.name, **card.architecture.kwargs)
+    net.load_state_dict(torch.load(model_dir / card.backends[backend], map_location="cpu", weights_only=True))
+    net = with_tta(net, card.tta_level).eval()
+    x = torch.from_numpy(x)
+    if backend == "torch_bf16":  # bf16 kernels round differently per memory layout: use the served one
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=backend == "torch_bf16"):
+        return net(x).float().numpy()
+
+
+def _centered_log(p: np.ndarray) -> np.ndarray:
+    lp = np.log(np.maximum(p, 1e-300))
+    return lp - lp.mean()
+
+
+@pytest.mark.skipif(not has_real_cifar(), reason=f"no CIFAR-10 copy in {SHARED_DATA}")
+def test_served_answers_equal_the_offline_evaluation_on_every_backend(server, store):
+    """Real CIFAR-10 test JPEGs over HTTP, on every backend the model serves, against the same files
+    through the card's preprocessing and the raw model file: the logits (recovered from the 10
+    probabilities) agree within 1e-4, so the top-1 and the accuracy are the same."""
+    from lab.card import read_card
+
+    def log_softmax(z):
+        z = z - z.max()
+        return z - np.log(np.exp(z).sum())
+
+    card = read_card(store["model_dir"])
+    served = requests.get(f"{server.url}/models/", timeout=10).json()["models"]["cifar10-airbench-smoke"]["backends"]
+    assert {"onnx", "torch"} <= set(served)
+    files = sorted((SHARED_DATA / "cifar10-jpg" / "test").glob("*/*.jpg"))
+    sample = random.Random(3).sample(files, 30)
+    classes = card.classes
+    for backend in served:
+        agree = correct_served = correct_offline = 0
+        worst = 0.0
+        for p in sample:
+            data = p.read_bytes()
+            r = requests.post(f"{server.url}/classify", data=data, params={"backend": backend, "top_k": 10},
+                              headers={"Content-Type": "image/jpeg"}, timeout=60)
+            assert r.status_code == 200, r.text
+            got = np.zeros(len(classes))
+            for pred in r.json()["predictions"]:
+                got[pred["index"]] = pred["probability"]
+            x = P.preprocess_bytes(data, card.preprocessing)[None]
+            want = log_softmax(_offline_logits(store["model_dir"], card, backend, x)[0].astype(np.float64))
+            worst = max(worst, float(np.abs(_centered_log(got) - (want - want.mean())).max()))
+            agree += int(got.argmax() == want.argmax())
+            correct_served += int(classes[got.argmax()] == p.parent.name)
+            correct_offline += int(classes[want.argmax()] == p.parent.name)
+        assert worst <= 1e-4, (backend, worst)
+        assert agree == len(sample) and correct_served == correct_offline, backend
+
+
+# ---------------------------------------------------------------- HTTP errors, request ids, metrics
+
+
+def _raw(port: int, payload: bytes, timeout: float = 30, source: str = "127.0.0.1") -> tuple:
+    """Send raw bytes; (status or 'closed', headers text, body bytes, seconds)."""
+    t = time.perf_counter()
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
+    data = b""
+    try:
+        s.sendall(payload)
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            head, sep, body = data.partition(b"\r\n\r\n")
+            length = next((int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")),
+                          None)
+            if sep and length is not None and len(body) >= length:
+                break
+    except OSError:
+        pass
+    finally:
+        s.close()
+    dt = time.perf_counter() - t
+    if not data.startswith(b"HTTP/"):
+        return "closed", "", b"", dt
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), head.decode("latin-1").lower(), body, dt
+
+
+def test_http_level_errors_answer_json_with_a_request_id(server):
+    for method, path, status in (("GET", "/no/such/path", 404), ("GET", "/classify", 405),
+                                 ("DELETE", "/classify_batch", 405)):
+        r = requests.request(method, server.url + path, timeout=10)
+        assert r.status_code == status and r.headers["content-type"].startswith("application/json"), r.text
+        assert r.json()["error"] and len(r.headers["x-request-id"]) >= 8
+    for payload, status in ((b"GARBAGE / NOPE\r\n\r\n", 400),
+                            (b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n", 431),
+                            (b"GET /livez HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(300)) + b"\r\n",
+                             431)):
+        got, head, body, _ = _raw(server.port, payload)
+        assert got == status and "application/json" in head and json.loads(body)["error"], (got, body)
+    assert requests.get(f"{server.url}/livez", timeout=10).status_code == 200  # still serving
+
+
+def test_every_response_has_a_request_id_and_the_log_line_has_it(server):
+    good = encode(gradient(32, 32), "PNG")
+    r = requests.post(f"{server.url}/classify", data=good, headers={"Content-Type": "image/png",
+                                                                    "X-Request-ID": "client-id-42"}, timeout=30)
+    assert r.status_code == 200 and r.headers["x-request-id"] == "client-id-42"
+    bad = requests.post(f"{server.url}/classify", data=b"junk", headers={"Content-Type": "image/png",
+                                                                        "X-Request-ID": "no spaces or\u00e9"}, timeout=30)
+    assert bad.status_code == 415 and bad.headers["x-request-id"] != "no spaces or\u00e9"
+    assert requests.get(f"{server.url}/readyz", timeout=10).headers["x-request-id"]
+    deadline = time.time() + 5
+    while time.time() < deadline and "client-id-42" not in server.log():
+        time.sleep(0.2)
+    line = next(l for l in server.log().splitlines() if "client-id-42" in l)
+    assert '"POST /classify" 200' in line
+    assert bad.headers["x-request-id"] in server.log()
+
+
+def test_metrics_count_requests_errors_and_batches_per_backend(server):
+    good = encode(gradient(32, 32), "PNG")
+    for backend in ("onnx", "torch"):
+        assert requests.post(f"{server.url}/classify", data=good, params={"backend": backend},
+                             headers={"Content-Type": "image/png"}, timeout=30).status_code == 200
+    requests.post(f"{server.url}/classify", data=b"junk", headers={"Content-Type": "image/png"}, timeout=30)
+    text = requests.get(f"{server.url}/metrics", timeout=10).text
+    for needle in ('lab_requests_total{backend="onnx",model="cifar10-airbench-smoke",status="200"}',
+                   'lab_requests_total{backend="torch",model="cifar10-airbench-smoke",status="200"}',
+                   'lab_errors_total{backend="onnx",kind="unsupported"}',
+                   'lab_batch_size_count{backend="torch"}', 'lab_inference_seconds_count{backend="onnx"}',
+                   'lab_backend_refused{backend="onnx",model="tampered-model"} 1.0', "lab_models_served"):
+        assert needle in text, needle
+
+
+# ---------------------------------------------------------------- slow, idle, greedy clients; memory bounds
+
+GUARDED = {"LAB_DEFAULT_MODEL": "cifar10-airbench-smoke", "LAB_HEADER_TIMEOUT": "2", "LAB_READ_TIMEOUT": "1",
+           "LAB_BODY_TIMEOUT": "3", "LAB_MAX_CONNECTIONS_PER_CLIENT": "12", "LAB_MAX_INFLIGHT_PER_CLIENT": "6",
+           "LAB_MAX_INFLIGHT_BYTES": str(2 << 20), "LAB_LOG_FORMAT": "json", "LAB_RELOAD_SECONDS": "0",
+           "LAB_MODELS": "cifar10-airbench-smoke"}
+
+
+@pytest.fixture(scope="module")
+def guarded(store, tmp_path_factory):
+    from bench.server import Server
+
+    s = Server(store["env"], tmp_path_factory.mktemp("guarded") / "serve.log", GUARDED)
+    yield s
+    s.stop()
+
+
+def _worker_pid(server) -> int:
+    import psutil
+
+    kids = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+            if "_bentoml_impl.worker" in " ".join(p.cmdline())]
+    assert len(kids) == 1, kids
+    return kids[0].pid
+
+
+def _good(server, source="127.0.0.2") -> int:
+    body = encode(gradient(32, 32), "PNG")
+    req = (f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n"
+           .encode() + body)
+    return _raw(server.port, req, source=source)[0]
+
+
+def test_idle_and_stalled_connections_are_cut_and_cannot_starve_others(guarded):
+    """A client that opens connections and stalls them gets a few (per-client cap), each cut after the
+    stated timeout; other clients are served all along, and the greedy address recovers."""
+    holders = []
+    stalled_body = b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 5000\r\n\r\nab"
+    for i in range(30):  # 12 accepted, the rest refused at once
+        s = socket.create_connection(("127.0.0.1", guarded.port), timeout=10)
+        if i % 3 == 1:
+            s.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+        elif i % 3 == 2:
+            s.sendall(stalled_body)  # body never finished
+        holders.append(s)
+    t0 = time.perf_counter()
+    assert _good(guarded, "127.0.0.2") == 200  # another address: served at once
+    assert _good(guarded, "127.0.0.1") == 503  # the greedy address: over its connection cap
+    results = []
+    for s in holders:
+        s.settimeout(8)
+        try:
+            data = s.recv(4096)
+        except OSError:
+            data = b""
+        results.append((data.split(b" ", 2)[1].decode() if data.startswith(b"HTTP/") else "closed",
+                        time.perf_counter() - t0))
+        s.close()
+    statuses = [st for st, _ in results]
+    assert statuses.count("503") >= 17, statuses
+    assert {"408"} <= set(statuses) and set(statuses) <= {"503", "408", "closed"}, statuses
+    assert max(dt for _, dt in results) < 5, results  # cut within the header / read timeouts (2 s, 1 s)
+    assert _good(guarded, "127.0.0.1") == 200
+
+
+def test_slow_bodies_are_cut_by_the_body_timeout(guarded):
+    s = socket.create_connection(("127.0.0.1", guarded.port), timeout=10)
+    s.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n")
+    t0 = time.perf_counter()
+    data = b""
+    try:
+        while not data:  # a byte every 0.5 s: never idle for the 1 s read timeout
+            s.sendall(b"x")
+            s.settimeout(0.5)
+            try:
+                data = s.recv(4096)
+            except socket.timeout:
+                pass
+    except OSError:
+        pass
+    s.close()
+    assert data.startswith(b"HTTP/1.1 408") and b"application/json" in data.lower(), data[:200]
+    assert 2.5 < time.perf_counter() - t0 < 6
+
+
+def test_in_flight_bytes_are_budgeted(guarded):
+    """LAB_MAX_INFLIGHT_BYTES is 2 MiB here: two requests declaring 600 KB (held twice: 1.2 MB each)
+    do not both fit; the second is answered 503 at once, before its body is read."""
+    first = socket.create_connection(("127.0.0.1", guarded.port), source_address=("127.0.0.3", 0), timeout=10)
+    first.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 600000\r\n\r\nab")
+    time.sleep(0.3)
+    got, head, body, dt = _raw(guarded.port, b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                                             b"Content-Length: 600000\r\n\r\nab", source="127.0.0.4")
+    assert got == 503 and "retry-after" in head and b"budget" in body and dt < 1, (got, body)
+    first.close()
+    time.sleep(1.5)  # the first is gone (disconnect / read timeout): its bytes are back
+    assert _good(guarded) == 200
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS counters")
+def test_worst_inputs_stay_within_the_stated_bound(guarded):
+    """The worst inputs found (thin and tall PNGs, the costliest decode per pixel: lossless RGBA WebP at
+    the pixel limit) against the worker: each within its estimate, the worker within the bound."""
+    from serving.config import Settings
+
+    pid = _worker_pid(guarded)
+
+    def status(key):
+        return next(int(l.split()[1]) * 1024 for l in open(f"/proc/{pid}/status") if l.startswith(key))
+
+    rest = status("VmRSS")
+    cases = {"thin png 5,000,000x8": (solid_png(5_000_000, 8, "RGB"), "image/png", 200),
+             "tall png 1x40,000,000": (solid_png(1, 40_000_000, "L"), "image/png", 413),
+             "webp rgba 16383x2441": (encode(Image.new("RGBA", (16383, 2441), (9, 8, 7, 6)), "WEBP", lossless=True),
+                                      "image/webp", 200)}
+    settings = Settings()
+    bound = rest + settings.max_decode_bytes + 2 * 2**20 + settings.max_connections * 100 * 1024 + 64 * 2**20
+    for name, (data, ctype, want) in cases.items():
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        before = status("VmRSS")
+        r = requests.post(f"{guarded.url}/classify", data=data, headers={"Content-Type": ctype}, timeout=120)
+        assert r.status_code == want, (name, r.text)
+        peak = status("VmHWM")
+        est = P.decode_estimate(P.inspect_image(data), SPEC)
+        assert peak - before <= est + 64 * 2**20, (name, (peak - before) >> 20, est >> 20)
+        assert peak <= bound, (name, peak >> 20, bound >> 20)
+
+
+def test_json_logs_and_no_tracebacks(guarded):
+    requests.post(f"{guarded.url}/classify", data=encode(gradient(32, 32), "PNG"),
+                  headers={"Content-Type": "image/png", "X-Request-ID": "json-log-check"}, timeout=30)
+    time.sleep(0.5)
+    lines = [l for l in guarded.log().splitlines() if "json-log-check" in l]
+    assert lines, guarded.log()[-2000:]
+    entry = json.loads(lines[0][lines[0].index("{"):])
+    assert entry["x_request_id"] == "json-log-check" and entry["status"] == 200 and entry["logger"] == "lab.access"
+    assert "Traceback" not in guarded.log()
+
+
+# ---------------------------------------------------------------- readiness, hot reload, graceful shutdown
+
+
+def _models(server) -> dict:
+    return requests.get(f"{server.url}/models/", timeout=10).json()
+
+
+def _wait_for(fn, timeout: float = 60, every: float = 0.3):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"not within {timeout} s: {fn.__doc__ or fn}")
+
+
+def test_readiness_hot_reload_and_graceful_shutdown(store, tmp_path):
+    """A service started on an empty store is alive but not ready; a model whose every backend is
+    broken leaves it not ready; a real publish (run_all.py --only publish) makes it ready without a
+    restart; a broken new version never replaces the working one; a good one does, while a client
+    keeps getting answers throughout; SIGTERM lets the request in flight finish."""
+    from bench.server import Server
+
+    home = tmp_path / "bentoml"
+    env = dict(store["env"], BENTOML_HOME=str(home))
+    name = "cifar10-airbench-smoke"
+    s = Server(env, tmp_path / "serve.log", {"LAB_DEFAULT_MODEL": name, "LAB_RELOAD_SECONDS": "1"},
+               ready_path="/livez")
+    try:
+        r = requests.get(f"{s.url}/readyz", timeout=10)
+        assert r.status_code == 503 and "model store has none" in r.json()["error"], r.text
+        assert requests.post(f"{s.url}/classify", data=encode(gradient(32, 32), "PNG"),
+                             headers={"Content-Type": "image/png"}, timeout=10).status_code == 404
+
+        # a copy of the good model with every backend file corrupted: found, refused, still not ready
+        broken = home / "models" / name / store["model_dir"].name
+        shutil.copytree(store["model_dir"], broken)
+        (home / "models" / name / "latest").write_text(broken.name)
+        for f in [*broken.glob("*.onnx"), *broken.glob("*.pth")]:
+            f.write_bytes(f.read_bytes()[:-64] + b"\0" * 64)
+        why = _wait_for(lambda: _models(s)["refused"].get(f"{name}:{broken.name}"))
+        assert "no backend could be built" in why
+        r = requests.get(f"{s.url}/readyz", timeout=10)
+        assert r.status_code == 503 and "refused" in r.json()["error"]
+
+        # a real publish while the service runs: servable without a restart
+        run_all(["--preset", "smoke", "--data-root", str(store["data"]), "--only", "publish",
+                 "--run-dir", str(store["run_dir"])], env, check=True)
+        v1 = _wait_for(lambda: _models(s)["models"].get(name, {}).get("tag"))
+        assert requests.get(f"{s.url}/readyz", timeout=10).status_code == 200
+
+        # a client that keeps asking throughout what follows
+        answers, stop = [], threading.Event()
+
+        def client():
+            body = encode(gradient(32, 32), "PNG")
+            while not stop.is_set():
+                for backend in ("onnx", "torch"):
+                    r = requests.post(f"{s.url}/classify", data=body, params={"backend": backend},
+                                      headers={"Content-Type": "image/png"}, timeout=60)
+                    answers.append((r.status_code, r.json().get("model")))
+
+        t = threading.Thread(target=client)
+        t.start()
+
+        # a new version whose ONNX file is corrupt: it would lose a backend, so v1 keeps serving
+        scratch = dict(env, BENTOML_HOME=str(tmp_path / "scratch"))
+        run_all(["--preset", "smoke", "--data-root", str(store["data"]), "--only", "publish",
+                 "--run-dir", str(store["run_dir"])], scratch, check=True)
+        v2_dir = next((tmp_path / "scratch" / "models" / name).glob("*/card.json")).parent
+        onnx = v2_dir / "model.sim.onnx"
+        onnx.write_bytes(onnx.read_bytes()[:-100] + b"\xff" * 100)
+        os.rename(v2_dir, home / "models" / name / v2_dir.name)
+        (home / "models" / name / "latest").write_text(v2_dir.name)
+        v2 = f"{name}:{v2_dir.name}"
+        why = _wait_for(lambda: _models(s)["refused"].get(v2))
+        assert "would lose backend(s) onnx" in why and _models(s)["models"][name]["tag"] == v1
+        assert f"not serving new version {v2}" in s.log()
+
+        # a good new version replaces v1
+        run_all(["--preset", "smoke", "--data-root", str(store["data"]), "--only", "publish",
+                 "--run-dir", str(store["run_dir"])], env, check=True)
+        v3 = _wait_for(lambda: (lambda tag: tag if tag not in (v1, v2) else None)(_models(s)["models"][name]["tag"]))
+        time.sleep(1.5)
+        stop.set()
+        t.join()
+        assert {st for st, _ in answers} == {200}, {st for st, _ in answers}
+        served = [m for _, m in answers]
+        assert v1 in served and v3 in served and v2 not in served
+        assert served.index(v3) > max(i for i, m in enumerate(served) if m == v1)  # v1 until v3, then v3
+
+        # graceful shutdown: the request in flight when SIGTERM comes is answered
+        slow = [solid_png(4000, 4000, "RGBA", 10 + i) for i in range(3)]
+        result = {}
+
+        def in_flight():
+            r = requests.post(f"{s.url}/classify_batch", files=[("images", (f"{i}.png", b)) for i, b in enumerate(slow)],
+                              timeout=120)
+            result["status"] = r.status_code
+
+        t = threading.Thread(target=in_flight)
+        t.start()
+        time.sleep(0.7)
+        t_term = time.time()
+        os.killpg(s.proc.pid, signal.SIGTERM)
+        t.join()
+        assert result == {"status": 200}, result
+        s.proc.wait(60)
+        assert time.time() - t_term < 60
+    finally:
+        s.stop()
+
+
+# ---------------------------------------------------------------- the previous review's fixes, verified
+
+
+def test_the_data_cache_key_covers_the_decoding_code_and_optionally_the_bytes(tmp_path, monkeypatch):
+    import inspect
+
+    from tests.fakedata import write_image_folder
+    from training import data as D
+
+    root = write_image_folder(tmp_path / "imgs", per_class=3)
+    cache = tmp_path / "cache"
+    first = D.load_dataset("imagefolder", "train", root, image_size=16, cache_dir=cache, progress=False)
+    key = list(cache.glob("*.npz"))
+    # editing lab/preprocess.py changes decoder_version(), hence the key: the cache is rebuilt
+    real = inspect.getsource
+    version = D.decoder_version()
+    monkeypatch.setattr(inspect, "getsource", lambda obj: real(obj) + ("#edit" if obj is P else ""))
+    assert D.decoder_version() != version
+    D.load_dataset("imagefolder", "train", root, image_size=16, cache_dir=cache, progress=False)
+    assert list(cache.glob("*.npz")) != key and len(list(cache.glob("*.npz"))) == 1
+    monkeypatch.setattr(inspect, "getsource", real)
+    # a file rewritten with the same size and time: only LAB_CACHE_VERIFY=content notices
+    D.load_dataset("imagefolder", "train", root, image_size=16, cache_dir=cache, progress=False)
+    victim = sorted((root / "train" / "cat").iterdir())[0]
+    st = victim.stat()
+    blob = bytearray(victim.read_bytes())
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(victim)  # another image ...
+    red = victim.read_bytes()
+    assert len(red) <= len(blob)
+    victim.write_bytes(red + bytes(len(blob) - len(red)))  # ... padded to the old size (Pillow ignores the tail)
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... and given the old time
+    same = D.load_dataset("imagefolder", "train", root, image_size=16, cache_dir=cache, progress=False)
+    assert np.array_equal(same.images.numpy(), first.images.numpy())  # by names, sizes and times: reused
+    monkeypatch.setenv("LAB_CACHE_VERIFY", "content")
+    fresh = D.load_dataset("imagefolder", "train", root, image_size=16, cache_dir=cache, progress=False)
+    assert not np.array_equal(fresh.images.numpy(), first.images.numpy())
+    assert (fresh.images[0, 0].float().mean() > 250)  # the red image, read this time
+
+
+def test_train_stage_writes_its_files_atomically(tmp_path, monkeypatch):
+    import inspect
+
+    import torch
+
+    from training import checkpoint, pipeline
+
+    path = tmp_path / "trained.pth"
+    checkpoint.save_atomic({"w": torch.ones(3)}, path)
+
+    def dies_half_way(obj, f):
+        Path(f).write_bytes(b"half a file")
+        raise KeyboardInterrupt  # as a kill would
+
+    monkeypatch.setattr(checkpoint.torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_atomic({"w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["trained.pth"]  # and no temporary left
+    src = inspect.getsource(pipeline.stage_train)
+    assert 'save_atomic(' in src and '"trained.pth"' in src and '_write_atomic(run.path("learning_curves.png")' in src
+    plotted = pipeline._write_atomic(tmp_path / "curve.png", lambda tmp: tmp.write_bytes(b"png"))
+    assert plotted.read_bytes() == b"png" and sorted(p.name for p in tmp_path.iterdir()) == ["curve.png", "trained.pth"]
+
+
+def test_a_failed_export_leaves_no_parity_record(store, tmp_path, monkeypatch):
+    import training.export
+    from training.pipeline import Run, stage_export
+    from training.presets import get_preset
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(store["run_dir"], run_dir, ignore=shutil.ignore_patterns(".lock"))
+    record = run_dir / "export" / "export.json"
+    assert record.exists()
+
+    def parity_fails(*a, **k):
+        raise RuntimeError("ONNX and torch disagree")
+
+    monkeypatch.setattr(training.export, "export_verified", parity_fails)
+    run = Run(dir=run_dir, preset=get_preset("smoke"), data_root=store["data"], progress=False)
+    with pytest.raises(RuntimeError, match="disagree"):
+        stage_export(run)
+    assert not record.exists()  # publish cannot pick up the last good parity record
+
+
+def test_a_run_folder_in_use_is_refused(store, tmp_path, lab_env):
+    import fcntl
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(store["run_dir"], run_dir, ignore=shutil.ignore_patterns(".lock"))
+    with open(run_dir / ".lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running run_all.py holds it
+        proc = run_all(["--preset", "smoke", "--data-root", str(store["data"]), "--only", "evaluate",
+                        "--run-dir", str(run_dir)], lab_env)
+    assert proc.returncode == 2 and "another run_all.py is using" in proc.stderr, proc.stderr[-1000:]
