@@ -8,6 +8,8 @@ import zlib
 import numpy as np
 from PIL import Image
 
+from bench.samples import solid_png  # noqa: F401  (thin PNGs and bombs of any size, tiny on the wire)
+
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
@@ -85,19 +87,3 @@ def broken() -> dict[str, tuple[bytes, str, int]]:
         "json_content_type": (b'{"image": "x"}', "application/json", 415),
     }
 
-
-_PNG_TYPES = {"L": (0, 1, 8), "RGB": (2, 3, 8), "RGBA": (6, 4, 8), "LA": (4, 2, 8), "I;16": (0, 1, 16)}
-
-
-def solid_png(width: int, height: int, mode: str = "RGB", value: int = 0x80) -> bytes:
-    """A valid PNG of one colour, built row by row: tiny on disk whatever its size (thin PNGs, bombs).
-    mode: L, LA, RGB, RGBA or I;16 (16-bit grayscale); every sample byte is `value`."""
-    color_type, samples, depth = _PNG_TYPES[mode]
-    row = b"\x00" + bytes([value]) * (width * samples * depth // 8)
-    comp = zlib.compressobj(9)
-    parts, step = [], max(1, (1 << 22) // len(row))  # compress ~4 MB of rows at a time
-    for y in range(0, height, step):
-        parts.append(comp.compress(row * min(step, height - y)))
-    idat = b"".join(parts) + comp.flush()
-    ihdr = struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
