@@ -193,6 +193,8 @@ class Catalog:
                     self.default = max(latest, key=lambda n: latest[n].created)
             self.store_signature = signature
             publish_metrics(self)
+            if changes["serving"]:
+                _collect_replaced()
             return changes
 
     def queue_seconds(self, images: int, backend: str | None = None) -> float:
@@ -319,6 +321,17 @@ class Catalog:
                     **({"filename": it.filename} if it.filename else {}),
                 }}
         return results
+
+
+def _collect_replaced() -> None:
+    """The service froze everything it loaded at start-up out of the collector's sight (gc.freeze); a
+    replaced version may sit in reference cycles among those objects. Unfreeze, collect once, freeze the
+    survivors again: one full collection per reload, never per request."""
+    import gc
+
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def _observe(backend: str, n: int, seconds: float) -> None:

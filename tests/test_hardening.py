@@ -483,27 +483,11 @@ def test_every_response_has_a_request_id_and_the_log_line_has_it(server):
     assert bad.headers["x-request-id"] in server.log()
 
 
-def test_metrics_count_requests_errors_and_batches_per_backend(server):
-    good = encode(gradient(32, 32), "PNG")
-    for backend in ("onnx", "torch"):
-        assert requests.post(f"{server.url}/classify", data=good, params={"backend": backend},
-                             headers={"Content-Type": "image/png"}, timeout=30).status_code == 200
-    requests.post(f"{server.url}/classify", data=b"junk", headers={"Content-Type": "image/png"}, timeout=30)
-    text = requests.get(f"{server.url}/metrics", timeout=10).text
-    for needle in ('lab_requests_total{backend="onnx",model="cifar10-airbench-smoke",status="200"}',
-                   'lab_requests_total{backend="torch",model="cifar10-airbench-smoke",status="200"}',
-                   'lab_errors_total{backend="onnx",kind="unsupported"}',
-                   'lab_batch_size_count{backend="torch"}', 'lab_inference_seconds_count{backend="onnx"}',
-                   'lab_backend_refused{backend="onnx",model="tampered-model"} 1.0', "lab_models_served"):
-        assert needle in text, needle
-
-
 # ---------------------------------------------------------------- slow, idle, greedy clients; memory bounds
 
 GUARDED = {"LAB_DEFAULT_MODEL": "cifar10-airbench-smoke", "LAB_HEADER_TIMEOUT": "2", "LAB_READ_TIMEOUT": "1",
            "LAB_BODY_TIMEOUT": "3", "LAB_MAX_CONNECTIONS_PER_CLIENT": "12", "LAB_MAX_INFLIGHT_PER_CLIENT": "6",
-           "LAB_MAX_INFLIGHT_BYTES": str(2 << 20), "LAB_LOG_FORMAT": "json", "LAB_RELOAD_SECONDS": "0",
-           "LAB_MODELS": "cifar10-airbench-smoke"}
+           "LAB_MAX_INFLIGHT_BYTES": str(2 << 20), "LAB_LOG_FORMAT": "json", "LAB_RELOAD_SECONDS": "0"}
 
 
 @pytest.fixture(scope="module")
@@ -627,6 +611,23 @@ def test_worst_inputs_stay_within_the_stated_bound(guarded):
         assert peak <= bound, (name, peak >> 20, bound >> 20)
 
 
+def test_metrics_count_requests_errors_and_batches_per_backend(guarded):
+    """(On this module's own server: every `bentoml serve` empties the Prometheus directory of its
+    BENTOML_HOME, so a later server on the session's store would hide the session server's metrics.)"""
+    good = encode(gradient(32, 32), "PNG")
+    for backend in ("onnx", "torch"):
+        assert requests.post(f"{guarded.url}/classify", data=good, params={"backend": backend},
+                             headers={"Content-Type": "image/png"}, timeout=30).status_code == 200
+    requests.post(f"{guarded.url}/classify", data=b"junk", headers={"Content-Type": "image/png"}, timeout=30)
+    text = requests.get(f"{guarded.url}/metrics", timeout=10).text
+    for needle in ('lab_requests_total{backend="onnx",model="cifar10-airbench-smoke",status="200"}',
+                   'lab_requests_total{backend="torch",model="cifar10-airbench-smoke",status="200"}',
+                   'lab_errors_total{backend="onnx",kind="unsupported"}',
+                   'lab_batch_size_count{backend="torch"}', 'lab_inference_seconds_count{backend="onnx"}',
+                   'lab_backend_refused{backend="onnx",model="tampered-model"} 1.0', "lab_models_served"):
+        assert needle in text, needle
+
+
 def test_json_logs_and_no_tracebacks(guarded):
     requests.post(f"{guarded.url}/classify", data=encode(gradient(32, 32), "PNG"),
                   headers={"Content-Type": "image/png", "X-Request-ID": "json-log-check"}, timeout=30)
@@ -672,6 +673,14 @@ def test_readiness_hot_reload_and_graceful_shutdown(store, tmp_path):
         assert r.status_code == 503 and "model store has none" in r.json()["error"], r.text
         assert requests.post(f"{s.url}/classify", data=encode(gradient(32, 32), "PNG"),
                              headers={"Content-Type": "image/png"}, timeout=10).status_code == 404
+
+        # a model with a bad card: refused with one line, still not ready
+        shutil.copytree(store["root"] / "bentoml" / "models" / "bad-card-model", home / "models" / "bad-card-model")
+        why = _wait_for(lambda: next((w for t, w in _models(s)["refused"].items() if t.startswith("bad-card-model:")),
+                                     None))
+        assert "lacks classes" in why and "\n" not in why
+        r = requests.get(f"{s.url}/readyz", timeout=10)
+        assert r.status_code == 503 and "lacks classes" in r.json()["error"], r.text
 
         # a copy of the good model with every backend file corrupted: found, refused, still not ready
         broken = home / "models" / name / store["model_dir"].name
