@@ -311,7 +311,7 @@ class Catalog:
             self.item_seconds[backend_name] = 0.8 * self.item_seconds.get(backend_name, per_item) + 0.2 * per_item
             for row, i in zip(probs, idx):
                 it = items[i]
-                top = np.argsort(-row)[:it.top_k]
+                top = np.argsort(-row, kind="stable")[:it.top_k]  # ties: the lowest index, as np.argmax
                 results[i] = {"status": 200, "body": {
                     "model": model.tag, "backend": backend_name,
                     "predictions": [{"label": model.classes[j], "index": int(j), "probability": float(row[j])}
