@@ -120,7 +120,11 @@ class FrontDoor:
             return await error_response(503, f"overloaded: {e}; retry after {self.retry_after} s",
                                         close=True)(scope, receive, send)
         except ClientDisconnect:
-            return  # nobody to answer
+            # Nobody to answer, but answer anyway (uvicorn drops it): BentoML's TimeoutMiddleware, around
+            # this one, waits for a first message or LAB_TIMEOUT; a request that sends none would hold
+            # its task that long, and a graceful shutdown with it. 499: nginx's "client closed request".
+            return await error_response(499, "the client closed the connection before the whole request "
+                                             "was read", close=True)(scope, receive, send)
         good = [it for it in items if it.error is None]
         if good:  # shed here, at once, what BentoML's batcher would shed after a wait (max_latency_ms)
             backlog = TICKETS.oldest_wait() + C.CURRENT.queue_seconds(len(TICKETS) + len(good), good[0].backend)
