@@ -862,3 +862,31 @@ def test_a_run_folder_in_use_is_refused(store, tmp_path, lab_env):
         proc = run_all(["--preset", "smoke", "--data-root", str(store["data"]), "--only", "evaluate",
                         "--run-dir", str(run_dir)], lab_env)
     assert proc.returncode == 2 and "another run_all.py is using" in proc.stderr, proc.stderr[-1000:]
+
+
+# ---------------------------------------------------------------- the soak and hostile benchmarks, run short
+
+
+def test_soak_and_hostile_scripts_run_short(store, tmp_path):
+    """Both scripts as a user runs them (short), on a copy of the smoke model in a home of their own."""
+    home = tmp_path / "bentoml"
+    name = "cifar10-airbench-smoke"
+    shutil.copytree(store["model_dir"].parent, home / "models" / name)
+    env = dict(store["env"], BENTOML_HOME=str(home), LAB_DATA_ROOT=str(store["data"]))
+    soak = subprocess.run([sys.executable, str(REPO / "bench" / "soak.py"), "--minutes", "0.2", "--concurrency", "8",
+                           "--model", name, "--backends", "onnx,torch", "--images", "40", "--corrupt", "0.2",
+                           "--warmup", "2", "--max-growth", "100", "--out", str(tmp_path / "soak")],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert soak.returncode == 0, soak.stdout[-3000:] + soak.stderr[-3000:]
+    report = json.loads((tmp_path / "soak" / "soak.json").read_text())
+    assert report["failures"] == 0 and report["wrong_answers"] == 0 and report["answered_200"] > 0
+    assert report["corrupt_sent"] == report["corrupt_answered_4xx"] > 0
+    assert report["accuracy_under_load"] == report["offline_accuracy_same_images"]
+    assert (tmp_path / "soak" / "soak.png").stat().st_size > 0 and "p99" in soak.stdout
+    hostile = subprocess.run([sys.executable, str(REPO / "bench" / "hostile.py"), "--model", name, "--cases",
+                              "http,corrupt,thin png 65,536x1 (275 B)", "--warmup", "0", "--out", str(tmp_path / "h")],
+                             env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert hostile.returncode == 0, hostile.stdout[-3000:] + hostile.stderr[-3000:]
+    cases = {c["case"]: c for c in json.loads((tmp_path / "h" / "hostile.json").read_text())["cases"]}
+    assert cases["one 128 MiB header, streamed"]["status"] == 431 and cases["jpeg truncated at 4 B"]["status"] == 400
+    assert all(c["serves_after"] and c["within_bound"] for c in cases.values())
