@@ -545,6 +545,9 @@ def main(argv=None) -> int:
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # this client opens connections by the hundred
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 8192)), hard))
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the service too when we are stopped
     print(f"starting bentoml serve (model {args.model}) ...", flush=True)
     server = Server(env, out / "serve.log", extra)
     try:

@@ -197,6 +197,9 @@ def main(argv=None) -> int:
     name = tag.split(":")[0]
     extra = {"LAB_DEFAULT_MODEL": name, "LAB_WORKERS": str(args.workers), **dict(e.split("=", 1) for e in args.env)}
     env = dict(os.environ, BENTOML_DO_NOT_TRACK="True", PYTHONPATH=str(REPO))
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the service too when we are stopped
     print(f"starting bentoml serve ({tag}, {args.workers} worker(s)) ...", flush=True)
     server = Server(env, out / "serve.log", extra)
     try:
