@@ -1,8 +1,11 @@
-"""Request payloads for the benchmarks: real CIFAR-10 test images with their labels when present."""
+"""Request payloads for the benchmarks: real CIFAR-10 test images with their labels when present; PNGs of
+one colour of any size, tiny on the wire (the thin images and bombs of bench/hostile.py and the tests)."""
 from __future__ import annotations
 
 import io
 import random
+import struct
+import zlib
 from pathlib import Path
 
 from bench.loadgen import Sample
@@ -27,3 +30,24 @@ def cifar_test_samples(n: int = 1000, data_root: Path | None = None, seed: int =
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
         out.append(Sample(buf.getvalue(), "image/png", None))
     return out
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+_PNG_TYPES = {"L": (0, 1, 8), "RGB": (2, 3, 8), "RGBA": (6, 4, 8), "LA": (4, 2, 8), "I;16": (0, 1, 16)}
+
+
+def solid_png(width: int, height: int, mode: str = "RGB", value: int = 0x80) -> bytes:
+    """A valid PNG of one colour, built row by row: tiny on disk whatever its size (thin PNGs, bombs).
+    mode: L, LA, RGB, RGBA or I;16 (16-bit grayscale); every sample byte is `value`."""
+    color_type, samples, depth = _PNG_TYPES[mode]
+    row = b"\x00" + bytes([value]) * (width * samples * depth // 8)
+    comp = zlib.compressobj(9)
+    parts, step = [], max(1, (1 << 22) // len(row))  # compress ~4 MB of rows at a time
+    for y in range(0, height, step):
+        parts.append(comp.compress(row * min(step, height - y)))
+    idat = b"".join(parts) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")

@@ -1,8 +1,8 @@
-"""The two places where this project needs more than BentoML's public API; each behind a version check.
+"""The places where this project needs more than BentoML's public API; each behind a version check.
 
 BentoML's public API covers almost everything here: models are created with `bentoml.models.create`,
 found with `bentoml.models.get/list` by tag, and served through typed, batchable `@bentoml.api`
-methods. It cannot do two things we need:
+methods. It cannot do these things we need:
 
 1. **All-or-nothing publishing.** `bentoml.models.create` copies the finished model into the store file by
    file (`shutil.copytree`), so a kill half-way leaves a half-model that `bentoml models list` shows.
@@ -14,15 +14,28 @@ methods. It cannot do two things we need:
    after a concurrency-64 run, against 7 ms before it). We cap the learned wait (default 0: a batch
    leaves as soon as the model is free). Reported upstream behaviour: see README, "Notes on BentoML".
 
-Both are checked against the pinned BentoML version (TESTED); on another version they step aside with
-one warning (publishing falls back to the public, non-atomic `bentoml.models.create`, which the
-service's sha256 check still protects; the batching cap is not installed), and tests/test_bentoml_compat.py
-fails so that someone looks.
+3. **Guarded HTTP connections.** `bentoml serve` runs uvicorn with httptools and passes it only
+   `timeout_keep_alive` and `timeout_graceful_shutdown` (_bentoml_impl/worker/service.py): no limit on
+   the size or count of headers (one 128 MiB header was accepted), no timeout for a request's headers
+   (a connection that sends half a header line is kept for ever), no cap on connections, and plain-text
+   400s for malformed requests. uvicorn's own `limit_concurrency` and `h11_max_incomplete_event_size`
+   cannot be passed through BentoML. We subclass uvicorn's httptools protocol (guard_http) and install
+   it as uvicorn's "auto" HTTP protocol before the worker builds its uvicorn.Config.
+4. **One line, not a traceback, per shed request.** When BentoML's batching dispatcher sheds a queued
+   request it raises ServiceUnavailable, which BentoML logs with a full traceback, once per request.
+   A logging filter (quiet_shed_requests) turns those into one line per second with a count.
+
+Each is checked against the pinned versions (TESTED, TESTED_UVICORN); on another version it steps aside
+with one warning (publishing falls back to the public, non-atomic `bentoml.models.create`, which the
+service's sha256 check still protects; the batching cap and the HTTP guard are not installed; the
+filter stays, being harmless), and tests/test_bentoml_compat.py fails so that someone looks.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +43,7 @@ import bentoml
 
 log = logging.getLogger("lab.bentoml_compat")
 TESTED = ("1.4.40",)
+TESTED_UVICORN = ("0.54.0",)
 
 
 def tested_version() -> bool:
@@ -97,3 +111,182 @@ def cap_learned_batch_wait(max_wait_ms: int) -> bool:
     dispatcher._lab_original_optimizer = base
     dispatcher.Optimizer = CappedWaitOptimizer
     return True
+
+
+# ---------------------------------------------------------------- 3. guarded HTTP connections
+
+
+def guard_http(*, header_timeout: float, max_header_bytes: int, max_headers: int, max_connections: int,
+               max_connections_per_client: int) -> type | None:
+    """Install a guarded httptools protocol as uvicorn's "auto" HTTP protocol (what BentoML's workers
+    use). Returns the installed class, or None where it stepped aside (untested versions, no httptools).
+
+    A connection that has not sent a whole request line and headers within `header_timeout` seconds of
+    opening (or of the first byte of its next request) is answered 408 and closed; an idle new
+    connection is closed. Headers past `max_header_bytes` or `max_headers` fields: 431. Past
+    `max_connections` open connections in this worker, or `max_connections_per_client` from one
+    address (0: no limit), a new connection gets 503 and is closed. Every error the protocol itself
+    writes (these, and uvicorn's 400 for a malformed request) is JSON: {"error": ...}."""
+    import uvicorn
+    from uvicorn.protocols.http import auto
+
+    if uvicorn.__version__ not in TESTED_UVICORN:
+        log.warning("uvicorn %s is not a version this project tested (%s): HTTP connections are not guarded "
+                    "(no header timeout or size limit, no connection caps)", uvicorn.__version__,
+                    ", ".join(TESTED_UVICORN))
+        return None
+    try:
+        from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+    except ImportError:
+        log.warning("httptools is not installed: uvicorn uses h11 (headers bounded at 16 KiB by h11), "
+                    "without header timeouts or connection caps")
+        return None
+    base = getattr(auto, "_lab_original_protocol", auto.AutoHTTPProtocol)
+    if base is not HttpToolsProtocol:
+        log.warning("uvicorn's auto protocol is %s, not httptools: HTTP connections are not guarded", base)
+        return None
+    open_by_client: dict[str, int] = {}  # one event loop per worker process: no lock needed
+
+    class GuardedHttpToolsProtocol(base):
+        limits = dict(header_timeout=header_timeout, max_header_bytes=max_header_bytes, max_headers=max_headers,
+                      max_connections=max_connections, max_connections_per_client=max_connections_per_client)
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._lab_host = self.client[0] if self.client else ""
+            self._lab_counted = False
+            self._lab_timer = None
+            self._lab_reject = None
+            self._lab_in_head, self._lab_head_bytes, self._lab_fields, self._lab_field_bytes = True, 0, 0, 0
+            n = open_by_client.get(self._lab_host, 0)
+            if max_connections and len(self.connections) > max_connections:
+                return self._lab_refuse(503, f"too many open connections to this worker (limit {max_connections})")
+            if max_connections_per_client and n >= max_connections_per_client:
+                return self._lab_refuse(503, f"too many open connections from your address "
+                                             f"(limit {max_connections_per_client})")
+            open_by_client[self._lab_host] = n + 1
+            self._lab_counted = True
+            self._lab_arm()
+
+        def connection_lost(self, exc) -> None:
+            if self._lab_counted:
+                self._lab_counted = False
+                left = open_by_client.get(self._lab_host, 1) - 1
+                if left > 0:
+                    open_by_client[self._lab_host] = left
+                else:
+                    open_by_client.pop(self._lab_host, None)
+            self._lab_disarm()
+            super().connection_lost(exc)
+
+        # -- the head of each request: time and size
+        def _lab_arm(self) -> None:
+            if self._lab_timer is None:
+                self._lab_timer = self.loop.call_later(header_timeout, self._lab_head_timeout)
+
+        def _lab_disarm(self) -> None:
+            if self._lab_timer is not None:
+                self._lab_timer.cancel()
+                self._lab_timer = None
+
+        def _lab_head_timeout(self) -> None:
+            self._lab_timer = None
+            if not self._lab_in_head or self.transport.is_closing():
+                return
+            if self._lab_head_bytes == 0:
+                self.transport.close()  # opened and never used
+            else:
+                self._lab_refuse(408, f"the request line and headers did not arrive within {header_timeout:g} s")
+
+        def data_received(self, data: bytes) -> None:
+            if self._lab_in_head:
+                self._lab_arm()
+                self._lab_head_bytes += len(data)
+            super().data_received(data)
+            if self._lab_in_head and self._lab_head_bytes > max_header_bytes and not self.transport.is_closing():
+                self._lab_refuse(431, f"the request line and headers exceed {max_header_bytes} bytes")
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._lab_in_head, self._lab_fields, self._lab_field_bytes = True, 0, 0
+            self._lab_arm()
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._lab_fields += 1
+            self._lab_field_bytes += len(name) + len(value)
+            if self._lab_fields > max_headers:
+                self._lab_reject = (431, f"more than {max_headers} header fields")
+                raise ValueError(self._lab_reject[1])
+            if self._lab_field_bytes > max_header_bytes:
+                self._lab_reject = (431, f"the headers exceed {max_header_bytes} bytes")
+                raise ValueError(self._lab_reject[1])
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            self._lab_in_head, self._lab_head_bytes = False, 0
+            self._lab_disarm()
+            super().on_headers_complete()
+
+        # -- errors the protocol writes itself, as JSON
+        def send_400_response(self, msg: str) -> None:
+            status, text = self._lab_reject or (400, f"malformed HTTP request: {msg}")
+            self._lab_reject = None
+            self._lab_refuse(status, text)
+
+        def _lab_refuse(self, status: int, message: str) -> None:
+            self._lab_disarm()
+            self._lab_in_head = False
+            if self.transport.is_closing():
+                return
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.transport.close()  # a response is under way on this connection: just cut it
+                return
+            body = json.dumps({"error": message}).encode()
+            head = [STATUS_LINE[status], b"content-type: application/json\r\n",
+                    b"content-length: " + str(len(body)).encode() + b"\r\n", b"connection: close\r\n"]
+            if status == 503:
+                head.append(b"retry-after: 1\r\n")
+            self.transport.write(b"".join(head) + b"\r\n" + body)
+            self.transport.close()
+
+    auto._lab_original_protocol = base
+    auto.AutoHTTPProtocol = GuardedHttpToolsProtocol
+    return GuardedHttpToolsProtocol
+
+
+# ---------------------------------------------------------------- 4. shed requests: one line, not a traceback
+
+
+class _QuietShed(logging.Filter):
+    """Drops BentoML's per-request traceback for requests its dispatcher shed (ServiceUnavailable);
+    logs one line per second instead, with how many were shed."""
+
+    def __init__(self):
+        super().__init__()
+        self.shed, self.last = 0, 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or type(exc).__name__ != "ServiceUnavailable":
+            return True
+        self.shed += 1
+        now = time.monotonic()
+        if now - self.last < 1.0:
+            return False
+        self.last = now
+        record.msg, record.args = "shed %d queued request(s) with 503 (the batching queue was over its latency)", \
+            (self.shed,)
+        record.exc_info = record.exc_text = None
+        self.shed = 0
+        return True
+
+
+def quiet_shed_requests() -> logging.Filter:
+    """Install the filter on the logger BentoML's HTTP app logs request exceptions with."""
+    logger = logging.getLogger("bentoml._internal.server.http_app")
+    for f in logger.filters:
+        if isinstance(f, _QuietShed):
+            return f
+    f = _QuietShed()
+    logger.addFilter(f)
+    return f

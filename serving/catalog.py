@@ -3,13 +3,22 @@
 A stored model qualifies when its folder holds a lab model card (lab.card). At start-up every version
 is indexed and the newest version of each name is loaded; an older version is loaded (off the event
 loop) the first time a request names it exactly, and only a few stay loaded. Each backend of the
-registry (lab.backends) is built only after the sha256 of its file matches the card; any failure
-refuses that backend (or the model, for a bad card) with one log line and the rest keep serving.
+registry (lab.backends) is built only after the sha256 of its file matches the card, and kept only if
+a smoke inference gives finite logits of the right shape; any failure refuses that backend (or the
+model, for a bad card) with one log line and the rest keep serving.
+
+Hot reload: `rescan()` (every LAB_RELOAD_SECONDS from a thread of each worker, or POST /models/reload
+from localhost) indexes versions published since, and loads the newest of each name; it replaces the
+version being served only once it is verified (hashes, smoke inference) and serves every backend the
+old one served. Until then, and for ever if it is broken, the old version keeps serving; requests in
+flight keep the model they started with. Readers on the event loop never see a half-updated catalog:
+the watcher builds new dicts and swaps them in.
 Nothing here imports torch unless a torch backend is built.
 """
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -62,12 +71,15 @@ class ServedModel:
 class Catalog:
     def __init__(self, settings: Settings):
         self.settings = settings
+        self._reload_lock = threading.Lock()
+        self.store_signature: tuple = ()
         self.index: dict[str, dict[str, tuple[Path, float]]] = {}  # name -> version -> (path, created)
         self.latest: dict[str, ServedModel] = {}                    # name -> its newest servable version
         self.older: OrderedDict[str, ServedModel] = OrderedDict()   # tag -> model, an LRU
         self.refused_models: dict[str, str] = {}                    # tag -> why it cannot be served
         self.default: str | None = None
         self._lock = threading.Lock()
+        self.item_seconds: dict[str, float] = {}  # backend -> inference seconds per image (moving average)
 
     # ------------------------------------------------------------ loading
 
@@ -79,14 +91,16 @@ class Catalog:
             log.error("skipping stored model %s: %s", tag, e)
             cat.refused_models[tag] = f"{type(e).__name__}: {e}"
 
+        cat.store_signature = store_signature()
         for m in lab_models(settings.models, on_error=broken):
             cat.index.setdefault(m.name, {})[m.version] = (m.path, m.created)
         for name, versions in cat.index.items():
             for version, (path, created) in sorted(versions.items(), key=lambda kv: -kv[1][1]):
-                served = cat._load(f"{name}:{version}", path, created)
-                if served is not None and served.backends:  # the newest version that passes its checks
+                served, why = cat._load(f"{name}:{version}", path, created)
+                if why is None:  # the newest version that passes its checks
                     cat.latest[name] = served
                     break
+                cat.refused_models[f"{name}:{version}"] = why
         if settings.default_model in cat.latest:
             cat.default = settings.default_model
         elif cat.latest:  # else the newest model in the store
@@ -94,30 +108,109 @@ class Catalog:
         log.info("serving %d model(s): %s; default %s", len(cat.latest),
                  ", ".join(f"{m.tag} [{', '.join(sorted(m.backends))}]" for m in cat.latest.values()), cat.default)
         if not cat.latest:
-            log.warning("no servable model in the BentoML store: run `python training/run_all.py` first")
+            log.warning("no servable model in the BentoML store: run `python training/run_all.py` first; "
+                        "/readyz answers 503 until one is published")
         return cat
 
-    def _load(self, tag: str, path: Path, created: float) -> ServedModel | None:
+    def _load(self, tag: str, path: Path, created: float) -> tuple[ServedModel | None, str | None]:
+        """Read the card, build and smoke-test each backend. Returns the model (None for a bad card)
+        and why it cannot be served (None when at least one backend serves). Never raises."""
         try:
             card = read_card(path)
         except Exception as e:  # CardError: one line naming what is wrong with it
             log.error("refusing model %s: %s", tag, e)
-            self.refused_models[tag] = str(e)
-            return None
+            return None, str(e)
         served = ServedModel(tag=tag, name=tag.split(":")[0], path=path, card=card, created=created)
         for backend in self.settings.backends:
             try:
-                served.backends[backend] = load_backend(backend, path, card, threads=self.settings.threads)
+                built = load_backend(backend, path, card, threads=self.settings.threads)
+                smoke_test(built, card)
+                served.backends[backend] = built
             except BackendUnavailable as e:
                 served.refused[backend] = str(e)
                 log.info("no %s backend for model %s: %s", backend, tag, e)
-            except Exception as e:  # IntegrityError, a model file the runtime rejects, ...
+            except Exception as e:  # IntegrityError, a model file the runtime rejects, a failed smoke test, ...
                 served.refused[backend] = f"{type(e).__name__}: {e}"
                 log.error("refusing %s backend of model %s: %s", backend, tag, e)
         if not served.backends:
-            self.refused_models[tag] = "no backend could be built: " + "; ".join(
-                f"{b}: {r}" for b, r in served.refused.items())
-        return served
+            return served, "no backend could be built: " + "; ".join(f"{b}: {r}" for b, r in served.refused.items())
+        return served, None
+
+    # ------------------------------------------------------------ hot reload
+
+    def rescan(self, force: bool = False) -> dict:
+        """Index versions published since the last scan; serve the newest of each name once verified.
+
+        Returns what changed: {"indexed": [tags], "serving": {name: tag}, "refused": {tag: why}}. Safe
+        to call from any thread; one scan at a time."""
+        with self._reload_lock:
+            signature = store_signature()
+            if not force and signature == self.store_signature:
+                return {"indexed": [], "serving": {}, "refused": {}}
+            index = {name: dict(v) for name, v in self.index.items()}
+            refused = dict(self.refused_models)
+            latest = dict(self.latest)
+            changes: dict = {"indexed": [], "serving": {}, "refused": {}}
+
+            def broken(tag, e):
+                if tag not in refused:
+                    log.error("skipping stored model %s: %s", tag, e)
+                    refused[tag] = changes["refused"][tag] = f"{type(e).__name__}: {e}"
+
+            fresh: dict[str, list] = {}
+            for m in lab_models(self.settings.models, on_error=broken):
+                if m.version in index.get(m.name, {}):
+                    continue
+                index.setdefault(m.name, {})[m.version] = (m.path, m.created)
+                fresh.setdefault(m.name, []).append(m)
+                changes["indexed"].append(m.tag)
+            for name, ms in fresh.items():
+                newest = max(ms, key=lambda m: m.created)
+                current = latest.get(name)
+                if current is not None and newest.created <= current.created:
+                    continue  # an older version appeared: indexed, loadable by version
+                served, why = self._load(newest.tag, newest.path, newest.created)
+                if why is None and current is not None and set(current.backends) - set(served.backends):
+                    lost = sorted(set(current.backends) - set(served.backends))
+                    why = (f"it would lose backend(s) {', '.join(lost)} that {current.tag} serves: "
+                           + "; ".join(f"{b}: {served.refused.get(b, 'not built')}" for b in lost))
+                if why is not None:
+                    refused[newest.tag] = changes["refused"][newest.tag] = why
+                    log.error("not serving new version %s (%s keeps serving): %s", newest.tag,
+                              current.tag if current else "nothing", why)
+                    continue
+                latest[name] = served
+                refused.pop(newest.tag, None)
+                changes["serving"][name] = served.tag
+                log.info("now serving %s [%s]%s", served.tag, ", ".join(sorted(served.backends)),
+                         f" in place of {current.tag}" if current else "")
+            # swap in whole dicts: readers on the event loop see the old catalog or the new one
+            self.index, self.refused_models, self.latest = index, refused, latest
+            if self.default is None or self.default not in latest:
+                if self.settings.default_model in latest:
+                    self.default = self.settings.default_model
+                elif latest:
+                    self.default = max(latest, key=lambda n: latest[n].created)
+            self.store_signature = signature
+            publish_metrics(self)
+            if changes["serving"]:
+                _collect_replaced()
+            return changes
+
+    def queue_seconds(self, images: int, backend: str | None = None) -> float:
+        """About how long `images` queued images take to infer (0 before any inference was timed)."""
+        per_item = self.item_seconds.get(backend or "", 0.0) or max(self.item_seconds.values(), default=0.0)
+        return images * per_item
+
+    def servable(self) -> tuple[bool, str]:
+        """Whether a request naming no model can be answered; else why not (for /readyz)."""
+        if self.default is not None and self.latest.get(self.default) is not None:
+            return True, ""
+        if self.refused_models:
+            first = next(iter(sorted(self.refused_models.items())))
+            return False, (f"no servable model ({len(self.refused_models)} refused; "
+                           f"{first[0]}: {first[1]})")
+        return False, "no servable model: the model store has none (run `python training/run_all.py`)"
 
     # ------------------------------------------------------------ lookups
 
@@ -159,10 +252,10 @@ class Catalog:
                 self.older.move_to_end(tag)
                 return self.older[tag]
             path, created = self.index[name][version]
-            served = self._load(tag, path, created)
-            if served is None or not served.backends:
-                raise RequestError(404, f"model {tag} is not servable: "
-                                        f"{'; '.join(f'{b}: {r}' for b, r in (served.refused if served else {}).items())}")
+            served, why = self._load(tag, path, created)
+            if why is not None:
+                self.refused_models = dict(self.refused_models, **{tag: why})
+                raise RequestError(404, f"model {tag} is not servable: {why}")
             self.older[tag] = served
             while len(self.older) > OLD_VERSIONS_LOADED:
                 self.older.popitem(last=False)  # in-flight items keep their own reference
@@ -213,9 +306,12 @@ class Catalog:
                 for i in idx:
                     results[i] = {"status": 500, "body": {"error": f"inference failed: {type(e).__name__}"}}
                 continue
+            _observe(backend_name, len(idx), ms / 1000)
+            per_item = ms / 1000 / len(idx)
+            self.item_seconds[backend_name] = 0.8 * self.item_seconds.get(backend_name, per_item) + 0.2 * per_item
             for row, i in zip(probs, idx):
                 it = items[i]
-                top = np.argsort(-row)[:it.top_k]
+                top = np.argsort(-row, kind="stable")[:it.top_k]  # ties: the lowest index, as np.argmax
                 results[i] = {"status": 200, "body": {
                     "model": model.tag, "backend": backend_name,
                     "predictions": [{"label": model.classes[j], "index": int(j), "probability": float(row[j])}
@@ -225,6 +321,77 @@ class Catalog:
                     **({"filename": it.filename} if it.filename else {}),
                 }}
         return results
+
+
+def _collect_replaced() -> None:
+    """The service froze everything it loaded at start-up out of the collector's sight (gc.freeze); a
+    replaced version may sit in reference cycles among those objects. Unfreeze, collect once, freeze the
+    survivors again: one full collection per reload, never per request."""
+    import gc
+
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
+def _observe(backend: str, n: int, seconds: float) -> None:
+    from serving.metrics import metrics
+
+    m = metrics()
+    if m is not None:
+        m.batch_size.labels(backend).observe(n)
+        m.inference_seconds.labels(backend).observe(seconds)
+
+
+def smoke_test(backend, card: Card) -> None:
+    """A backend must turn a small batch (zeros, and noise) into finite logits of the right shape."""
+    spec = card.preprocessing
+    x = np.zeros((2, spec.channels, *spec.size), np.float32)
+    x[1] = np.random.default_rng(0).standard_normal(x.shape[1:]).astype(np.float32)
+    out = np.asarray(backend.predict(x))
+    if out.shape != (2, len(card.classes)):
+        raise ValueError(f"smoke inference gave shape {out.shape}, expected (2, {len(card.classes)})")
+    if not np.all(np.isfinite(out)):
+        raise ValueError("smoke inference gave non-finite logits")
+
+
+def store_signature() -> tuple:
+    """The model store's name/version folders and latest pointers: cheap; changes when a model is
+    published or removed."""
+    from lab.paths import models_dir
+
+    root = models_dir()
+    out = []
+    try:
+        for name_dir in sorted(os.scandir(root), key=lambda e: e.name):
+            if not name_dir.is_dir() or name_dir.name.startswith("."):
+                continue
+            versions = sorted(e.name for e in os.scandir(name_dir.path) if e.is_dir())
+            out.append((name_dir.name, tuple(versions)))
+    except OSError:
+        pass
+    return tuple(out)
+
+
+def publish_metrics(cat: "Catalog") -> None:
+    from serving.metrics import metrics
+
+    m = metrics()
+    if m is None:
+        return
+    m.models_served.set(len(cat.latest))
+    for model in cat.latest.values():
+        for b in model.refused:
+            m.backend_refused.labels(model.name, b).set(1)
+
+
+def watch(cat: "Catalog", every: float, stop: threading.Event) -> None:
+    """Rescan the store every `every` seconds until `stop` is set (a daemon thread of each worker)."""
+    while not stop.wait(every):
+        try:
+            cat.rescan()
+        except Exception:
+            log.exception("model store rescan failed; serving what was loaded")
 
 
 # One catalog per worker process, set by the service at start-up; read by the request parsers.

@@ -10,6 +10,29 @@
   LAB_MAX_BODY_BYTES   largest request body (default 10 MiB)
   LAB_MAX_PIXELS       largest image, width x height (default 40,000,000)
   LAB_MAX_BATCH_IMAGES most images in one /classify_batch request (default 64)
+
+Bounded memory and time per request (README, "Worst-case memory of a worker"):
+  LAB_MAX_INFLIGHT_BYTES  bytes all in-flight requests of a worker may hold: bodies (counted twice,
+                          three times for multipart: their parsed copies) and model inputs; past it,
+                          503 + Retry-After (default 256 MiB)
+  LAB_MAX_DECODE_BYTES    working memory of the images being decoded at once in a worker, each one
+                          estimated from its header before it is decoded; an image that alone needs
+                          more is refused with 413 (default 768 MiB)
+  LAB_HEADER_TIMEOUT      seconds for a request's line and headers to arrive (default 10)
+  LAB_READ_TIMEOUT        seconds the body may stall between two reads (default 5)
+  LAB_BODY_TIMEOUT        seconds for the whole body to arrive (default 30)
+  LAB_MAX_HEADER_BYTES    request line + headers (default 32 KiB); past it, 431
+  LAB_MAX_HEADERS         header fields per request (default 100); past it, 431
+  LAB_MAX_CONNECTIONS     open connections per worker (default 1024); past it, new ones are closed
+  LAB_MAX_CONNECTIONS_PER_CLIENT  open connections per client address (default 256; 0: no limit,
+                          for a service behind a proxy that all clients come through)
+  LAB_MAX_INFLIGHT_PER_CLIENT     requests in flight per client address (default max_inflight / 4;
+                          0: no limit)
+
+Operations:
+  LAB_RELOAD_SECONDS      how often each worker looks for models published since it started
+                          (default 10; 0: never; POST /models/reload from localhost looks at once)
+  LAB_LOG_FORMAT          text (default) or json: one JSON object per log line
   LAB_DEFAULT_MODEL    model name served when a request names none (default cifar10-airbench)
   LAB_MODELS           comma-separated model names to serve (default: every model with a lab card)
   LAB_BACKENDS         comma-separated backends to build (default: every backend of the registry,
@@ -38,6 +61,19 @@ def _int(name: str, default: int, minimum: int = 1) -> int:
     return value
 
 
+def _float(name: str, default: float, minimum: float = 0.1) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r} is not a number") from None
+    if value < minimum:
+        raise SystemExit(f"{name}={value} must be >= {minimum}")
+    return value
+
+
 def _list(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
     raw = os.environ.get(name, "")
     return tuple(s.strip() for s in raw.split(",") if s.strip()) or default
@@ -55,6 +91,18 @@ class Settings:
     max_body_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 40_000_000
     max_batch_images: int = 64
+    max_inflight_bytes: int = 256 << 20
+    max_decode_bytes: int = 768 << 20
+    header_timeout: float = 10.0
+    read_timeout: float = 5.0
+    body_timeout: float = 30.0
+    max_header_bytes: int = 32 << 10
+    max_headers: int = 100
+    max_connections: int = 1024
+    max_connections_per_client: int = 256
+    max_inflight_per_client: int = 128
+    reload_seconds: float = 10.0
+    log_format: str = "text"
     default_model: str = "cifar10-airbench"
     models: tuple[str, ...] = ()
     backends: tuple[str, ...] = field(default_factory=lambda: tuple(default_backends()))
@@ -66,17 +114,33 @@ class Settings:
         unknown = [b for b in backends if b not in list_backends()]
         if unknown:
             raise SystemExit(f"LAB_BACKENDS: unknown backend(s) {unknown}; valid: {', '.join(list_backends())}")
+        max_inflight = _int("LAB_MAX_INFLIGHT", 512)
+        log_format = os.environ.get("LAB_LOG_FORMAT", "text").strip().lower() or "text"
+        if log_format not in ("text", "json"):
+            raise SystemExit(f"LAB_LOG_FORMAT={log_format!r}: valid values are text, json")
         return cls(
             workers=workers,
             threads=_int("LAB_THREADS", max(1, cores() // workers)),
             max_batch_size=_int("LAB_MAX_BATCH_SIZE", 64),
             max_latency_ms=_int("LAB_MAX_LATENCY_MS", 5000),
             batch_wait_ms=_int("LAB_BATCH_WAIT_MS", 0, minimum=0),
-            max_inflight=_int("LAB_MAX_INFLIGHT", 512),
+            max_inflight=max_inflight,
             timeout=_int("LAB_TIMEOUT", 60),
             max_body_bytes=_int("LAB_MAX_BODY_BYTES", 10 * 1024 * 1024),
             max_pixels=_int("LAB_MAX_PIXELS", 40_000_000),
             max_batch_images=_int("LAB_MAX_BATCH_IMAGES", 64),
+            max_inflight_bytes=_int("LAB_MAX_INFLIGHT_BYTES", 256 << 20),
+            max_decode_bytes=_int("LAB_MAX_DECODE_BYTES", 768 << 20),
+            header_timeout=_float("LAB_HEADER_TIMEOUT", 10.0),
+            read_timeout=_float("LAB_READ_TIMEOUT", 5.0),
+            body_timeout=_float("LAB_BODY_TIMEOUT", 30.0),
+            max_header_bytes=_int("LAB_MAX_HEADER_BYTES", 32 << 10, minimum=1024),
+            max_headers=_int("LAB_MAX_HEADERS", 100, minimum=8),
+            max_connections=_int("LAB_MAX_CONNECTIONS", 1024),
+            max_connections_per_client=_int("LAB_MAX_CONNECTIONS_PER_CLIENT", 256, minimum=0),
+            max_inflight_per_client=_int("LAB_MAX_INFLIGHT_PER_CLIENT", max(1, max_inflight // 4), minimum=0),
+            reload_seconds=_float("LAB_RELOAD_SECONDS", 10.0, minimum=0.0),
+            log_format=log_format,
             default_model=os.environ.get("LAB_DEFAULT_MODEL", "cifar10-airbench"),
             models=_list("LAB_MODELS", ()),
             backends=backends,

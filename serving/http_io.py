@@ -24,28 +24,44 @@ from dataclasses import dataclass
 
 import anyio
 import numpy as np
-from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
-from lab.preprocess import ImageError, pixel_count, preprocess_bytes
+from lab.preprocess import ImageError, decode_estimate, inspect_image, preprocess_bytes
 from serving import catalog as C
+from serving.budget import BudgetExceeded, ByteBudget, Reservation
+from serving.config import Settings
 
-INLINE_DECODE_PIXELS = 256 * 256  # smaller images decode on the event loop (cheaper than a thread hop)
 RAW_TYPES = ("image/", "application/octet-stream")
 ROUTES = {"/classify": "single", "/classify_batch": "batch"}
+BODY_COPIES = {"raw": 2, "multipart": 3}  # bytes a body costs while read and parsed, per byte received
+DECODE_WAIT_S = 10.0  # longest an image waits for a decode slot or decode memory before 503
+MAX_FIELDS, MAX_FIELD_BYTES = 16, 64 * 1024  # multipart text fields (backend, model, version, top_k)
 
-_decode_slots: anyio.CapacityLimiter | None = None
+
+class Overloaded(Exception):
+    """No room for this request now: 503 with Retry-After."""
 
 
-def _decode_limiter() -> anyio.CapacityLimiter:
-    """At most one big decode per core at a time: bounds the memory that large images can take."""
-    global _decode_slots
-    if _decode_slots is None:
+class Limits:
+    """This worker's budgets: request bytes (bodies, their copies, model inputs) and decode memory."""
+
+    def __init__(self, settings: Settings):
         from lab.hardware import cores
 
-        _decode_slots = anyio.CapacityLimiter(cores())
-    return _decode_slots
+        self.request_bytes = ByteBudget(settings.max_inflight_bytes, "in-flight request bytes")
+        self.decode_bytes = ByteBudget(settings.max_decode_bytes, "decode memory")
+        self.decode_slots = anyio.CapacityLimiter(cores())  # decodes at once: one per core
+
+
+_limits: Limits | None = None
+
+
+def limits(settings: Settings) -> Limits:
+    global _limits
+    if _limits is None:
+        _limits = Limits(settings)
+    return _limits
 
 
 @dataclass
@@ -82,38 +98,149 @@ class Tickets:
     def __len__(self) -> int:
         return len(self._items)
 
+    def oldest_wait(self) -> float:
+        """Seconds the oldest waiting item has waited since it was parsed (0 when none waits)."""
+        for item in self._items.values():  # insertion order: the first is the oldest
+            return max(0.0, time.perf_counter() - item.ready_at)
+        return 0.0
+
 
 TICKETS = Tickets()
 
 
-# ---------------------------------------------------------------- parsing
+# ---------------------------------------------------------------- reading
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+def header(scope, name: bytes) -> str | None:
+    for k, v in scope["headers"]:
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+async def read_body(receive, scope, s: Settings, held: Reservation, copies: int) -> bytes:
+    """The whole body, within s.max_body_bytes, s.read_timeout of silence and s.body_timeout in all.
+    Every byte is reserved in the worker's request budget (times `copies`) before it is kept."""
+    declared = header(scope, b"content-length")
     if declared is not None:
         try:
             size = int(declared)
+            if size < 0:
+                raise ValueError
         except ValueError:
             raise C.RequestError(400, "malformed Content-Length header") from None
-        if size > limit:
-            raise C.RequestError(413, f"request body is {size} bytes; the limit is {limit}")
+        if size > s.max_body_bytes:
+            raise C.RequestError(413, f"request body is {size} bytes; the limit is {s.max_body_bytes}")
+        if not held.grow_to(copies * size):
+            raise Overloaded("this worker holds as many request bytes as its memory budget allows")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise C.RequestError(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    deadline = anyio.current_time() + s.body_timeout
+    while True:
+        wait = min(s.read_timeout, deadline - anyio.current_time())
+        message = None
+        if wait > 0:
+            with anyio.move_on_after(wait):
+                message = await receive()
+        if message is None:
+            raise C.RequestError(408, f"the request body stalled: nothing for {s.read_timeout:g} s, or not all of "
+                                      f"it within {s.body_timeout:g} s")
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > s.max_body_bytes:
+                raise C.RequestError(413, f"request body exceeds the limit of {s.max_body_bytes} bytes")
+            if not held.grow_to(copies * size):
+                raise Overloaded("this worker holds as many request bytes as its memory budget allows")
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
     return b"".join(chunks)
 
 
-def _options(request: Request, form=None) -> dict[str, str]:
-    opts = dict(request.query_params.items())
-    if form is not None:
-        for k in ("backend", "model", "version", "top_k"):
-            v = form.get(k)
-            if isinstance(v, str):
-                opts.setdefault(k, v)
+def parse_multipart(body: bytes, content_type: str, max_files: int) -> tuple[dict[str, str], list[tuple]]:
+    """multipart/form-data -> (text fields, [(field, filename, bytes), ...]); for a worker thread.
+
+    python-multipart's streaming parser (what Starlette uses) over the body in memory, with our limits:
+    at most `max_files` file parts and MAX_FIELDS text fields of MAX_FIELD_BYTES, part headers bounded
+    by the parser, nothing spooled to disk. Raises RequestError."""
+    from python_multipart import MultipartParser
+    from python_multipart.exceptions import MultipartParseError
+    from python_multipart.multipart import parse_options_header
+
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise C.RequestError(400, "malformed multipart body: the Content-Type has no boundary")
+    fields: dict[str, str] = {}
+    files: list[tuple] = []
+    part: dict = {}
+    view = memoryview(body)
+
+    def on_part_begin():
+        part.clear()
+        part.update(headers={}, name=b"", value=b"", data=[], size=0, open=True)
+
+    def on_header_field(data, start, end):
+        part["name"] += bytes(data[start:end])
+
+    def on_header_value(data, start, end):
+        part["value"] += bytes(data[start:end])
+
+    def on_header_end():
+        part["headers"][part["name"].lower()] = part["value"]
+        part["name"] = part["value"] = b""
+
+    def on_headers_finished():
+        _, opts = parse_options_header(part["headers"].get(b"content-disposition", b""))
+        part["field"] = opts.get(b"name", b"").decode("utf-8", "replace")
+        part["file"] = b"filename" in opts
+        part["filename"] = opts.get(b"filename", b"").decode("utf-8", "replace") if part["file"] else None
+        if part["file"] and len(files) >= max_files:
+            raise C.RequestError(413, f"the request holds more than {max_files} files")
+        if not part["file"] and len(fields) >= MAX_FIELDS:
+            raise C.RequestError(400, f"the request holds more than {MAX_FIELDS} text fields")
+
+    def on_part_data(data, start, end):
+        part["size"] += end - start
+        if not part["file"] and part["size"] > MAX_FIELD_BYTES:
+            raise C.RequestError(413, f"a text field is over {MAX_FIELD_BYTES} bytes")
+        part["data"].append(view[start:end] if data is body else bytes(data[start:end]))
+
+    def on_part_end():
+        blob = b"".join(part["data"])
+        if part["file"]:
+            files.append((part["field"], part["filename"], blob))
+        else:
+            fields.setdefault(part["field"], blob.decode("utf-8", "replace"))
+        part["open"] = False
+
+    callbacks = dict(on_part_begin=on_part_begin, on_header_field=on_header_field, on_header_value=on_header_value,
+                     on_header_end=on_header_end, on_headers_finished=on_headers_finished, on_part_data=on_part_data,
+                     on_part_end=on_part_end)
+    try:
+        parser = MultipartParser(boundary, callbacks, max_size=len(body) + 1)
+        parser.write(body)
+        parser.finalize()
+    except C.RequestError:
+        raise
+    except MultipartParseError as e:
+        raise C.RequestError(400, f"malformed multipart body: {e}") from None
+    except Exception as e:
+        raise C.RequestError(400, f"malformed multipart body: {type(e).__name__}: {e}") from None
+    if part.get("open"):
+        raise C.RequestError(400, "malformed multipart body: it ends inside a part (truncated?)")
+    return fields, files
+
+
+def _options(scope, form: dict[str, str] | None = None) -> dict[str, str]:
+    from urllib.parse import parse_qsl
+
+    opts = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
+    for k in ("backend", "model", "version", "top_k"):
+        if form is not None and k in form:
+            opts.setdefault(k, form[k])
     return opts
 
 
@@ -133,18 +260,38 @@ async def _resolve(cat: C.Catalog, opts: dict[str, str]) -> tuple[C.ServedModel,
     return model, backend, top_k
 
 
-async def _preprocess(data: bytes, model: C.ServedModel, where: str | None, max_pixels: int
+def _decode(data: bytes, spec, s: Settings, budget: ByteBudget) -> np.ndarray:
+    """Header, memory estimate, reservation, decode: in a worker thread, never on the event loop."""
+    info = inspect_image(data, s.max_pixels)
+    need = decode_estimate(info, spec)
+    if need > budget.capacity:
+        raise ImageError(f"a {info.width}x{info.height} {info.format} image ({info.mode}) needs about "
+                         f"{need >> 20} MiB to decode; this worker decodes at most {budget.capacity >> 20} MiB "
+                         f"at once", status=413)
+    try:
+        budget.take(need, DECODE_WAIT_S)
+    except BudgetExceeded:
+        raise Overloaded(f"no decode memory free within {DECODE_WAIT_S:g} s") from None
+    try:
+        return preprocess_bytes(data, spec, s.max_pixels)
+    finally:
+        budget.give(need)
+
+
+async def _preprocess(data: bytes, model: C.ServedModel, where: str | None, s: Settings
                       ) -> tuple[np.ndarray, float]:
     t0 = time.perf_counter()
+    lim = limits(s)
+    with anyio.move_on_after(DECODE_WAIT_S) as waited:
+        await lim.decode_slots.acquire()
+    if waited.cancelled_caught:
+        raise Overloaded(f"no decode slot free within {DECODE_WAIT_S:g} s")
     try:
-        pixels = pixel_count(data)
-        if pixels is None or pixels <= INLINE_DECODE_PIXELS:  # small, or no header: fails fast
-            x = preprocess_bytes(data, model.spec, max_pixels)
-        else:
-            x = await anyio.to_thread.run_sync(preprocess_bytes, data, model.spec, max_pixels,
-                                               limiter=_decode_limiter())
+        x = await anyio.to_thread.run_sync(_decode, data, model.spec, s, lim.decode_bytes)
     except ImageError as e:
         raise C.RequestError(e.status, f"{where}: {e}" if where else str(e)) from None
+    finally:
+        lim.decode_slots.release()
     return x, (time.perf_counter() - t0) * 1000
 
 
@@ -162,76 +309,81 @@ def _replay(body: bytes, receive):
     return replay
 
 
-async def _form(request: Request, body: bytes, max_files: int):
-    replayed = Request(request.scope, _replay(body, request.receive))
-    try:
-        return await replayed.form(max_files=max_files, max_fields=16, max_part_size=64 * 1024)
-    except Exception as e:  # starlette / python-multipart parse errors
-        raise C.RequestError(400, f"malformed multipart body: {e}") from None
-
-
-def _safe_name(upload: UploadFile, i: int) -> str:
+def _safe_name(name: str | None, i: int) -> str:
     """The client's filename, for echoing back only: never used as a path."""
-    name = (upload.filename or f"image{i}").replace("\\", "/").rsplit("/", 1)[-1]
+    name = (name or f"image{i}").replace("\\", "/").rsplit("/", 1)[-1]
     return "".join(c for c in name if c.isprintable())[:120] or f"image{i}"
 
 
-def _content_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+def content_type(scope) -> str:
+    return (header(scope, b"content-type") or "").split(";")[0].strip().lower()
 
 
-async def parse(request: Request, kind: str) -> list[Item]:
-    """A request -> items ready for inference. Raises RequestError for what is wrong with the request;
-    in a batch, an image that cannot be read becomes an item with its own error."""
+async def parse(scope, receive, kind: str, held: Reservation) -> list[Item]:
+    """A request -> items ready for inference. Raises RequestError for what is wrong with the request,
+    Overloaded when the worker has no room for it; in a batch, an image that cannot be read becomes an
+    item with its own error. Everything the request holds is reserved in `held` first."""
     cat = C.CURRENT
     if cat is None:
-        raise C.RequestError(503, "the service is still starting")
+        raise Overloaded("the service is still starting")
     s = cat.settings
-    ctype = _content_type(request)
+    ctype = content_type(scope)
     if kind == "batch" and ctype != "multipart/form-data":
         raise C.RequestError(415, "a batch is multipart/form-data with one or more files in the field 'images'")
     if kind == "single" and ctype != "multipart/form-data" and not (ctype.startswith(RAW_TYPES) or ctype == ""):
         raise C.RequestError(415, f"unsupported Content-Type {ctype!r}: send the image bytes with an image/* "
                                   f"type, or multipart/form-data with a file field 'image'")
-    body = await read_body(request, s.max_body_bytes)
-    if ctype != "multipart/form-data":  # one raw image
-        model, backend, top_k = await _resolve(cat, _options(request))
-        x, ms = await _preprocess(body, model, None, s.max_pixels)
+    multipart = ctype == "multipart/form-data"
+    body = await read_body(receive, scope, s, held, BODY_COPIES["multipart" if multipart else "raw"])
+    if not multipart:  # one raw image
+        model, backend, top_k = await _resolve(cat, _options(scope))
+        x, ms = await _preprocess(body, model, None, s)
+        del body
+        held.shrink_to(x.nbytes)
         return [Item(x=x, model=model, backend=backend, top_k=top_k, preprocess_ms=ms,
                      ready_at=time.perf_counter())]
     field = "image" if kind == "single" else "images"
     limit = 1 if kind == "single" else s.max_batch_images
-    form = await _form(request, body, max_files=4 * limit + 4)
-    files = [v for v in form.getlist(field) if isinstance(v, UploadFile)]
+    form, parts = await anyio.to_thread.run_sync(parse_multipart, body, header(scope, b"content-type") or "",
+                                                 limit + 4)
+    del body
+    files = [(name, blob) for f, name, blob in parts if f == field]
+    del parts
     if not files or (kind == "single" and len(files) != 1):
         raise C.RequestError(400, f"the request needs {'exactly one file' if kind == 'single' else 'files'} "
                                   f"in the multipart field {field!r}")
     if len(files) > limit:
         raise C.RequestError(413, f"the batch holds {len(files)} images; the limit is {limit}")
-    model, backend, top_k = await _resolve(cat, _options(request, form))
+    model, backend, top_k = await _resolve(cat, _options(scope, form))
     items = []
-    for i, f in enumerate(files):
-        name = _safe_name(f, i)
+    for i, (fname, blob) in enumerate(files):
+        name = _safe_name(fname, i)
         where = f"image {i} ({name})" if kind == "batch" else None
         try:
-            x, ms = await _preprocess(await f.read(), model, where, s.max_pixels)
+            x, ms = await _preprocess(blob, model, where, s)
         except C.RequestError as e:
             if kind == "single":
                 raise
             items.append(Item(filename=name, error=(e.status, e.message)))
             continue
+        files[i] = (fname, b"")  # done with its bytes
         items.append(Item(x=x, model=model, backend=backend, top_k=top_k, filename=name, preprocess_ms=ms,
                           ready_at=time.perf_counter()))
+    del files
+    # the body and its copies are gone: hold what the items hold (their model inputs), no less
+    held.shrink_to(max(sum(it.x.nbytes for it in items if it.x is not None), 1))
     return items
 
 
 # ---------------------------------------------------------------- responses
 
 
-def error_response(status: int, message: str) -> Response:
+def error_response(status: int, message: str, close: bool = False) -> Response:
     resp = JSONResponse({"error": message}, status_code=status)
     if status == 503:
         resp.headers["Retry-After"] = "1"
+    if close:  # the rest of the request is not read: do not keep the connection for another one
+        resp.headers["Connection"] = "close"
     return resp
 
 

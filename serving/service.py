@@ -8,7 +8,9 @@ front of them (serving/middleware.py, serving/http_io.py); serving/config.py lis
 from __future__ import annotations
 
 import gc
+import logging
 import os
+import threading
 import typing as t
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
@@ -27,6 +29,16 @@ from serving.tryit import TryIt  # noqa: E402
 
 SETTINGS = Settings.from_env()
 bentoml_compat.cap_learned_batch_wait(SETTINGS.batch_wait_ms)
+bentoml_compat.guard_http(header_timeout=SETTINGS.header_timeout, max_header_bytes=SETTINGS.max_header_bytes,
+                          max_headers=SETTINGS.max_headers, max_connections=SETTINGS.max_connections,
+                          max_connections_per_client=SETTINGS.max_connections_per_client)
+bentoml_compat.quiet_shed_requests()
+if SETTINGS.log_format == "json":
+    from serving.logs import use_json_logs
+
+    use_json_logs()
+if logging.getLogger("lab").level == logging.NOTSET:  # BentoML's set-up leaves the root at WARNING
+    logging.getLogger("lab").setLevel(logging.INFO)
 # LAB_MAX_BATCH_SIZE=1 turns adaptive batching off (BentoML's batchable APIs need a batch size > 1)
 BATCHING = dict(batchable=SETTINGS.max_batch_size > 1, max_batch_size=max(2, SETTINGS.max_batch_size),
                 max_latency_ms=SETTINGS.max_latency_ms)
@@ -39,7 +51,21 @@ async def _list_models(request):
     return JSONResponse(C.CURRENT.describe())
 
 
-info_app = Starlette(routes=[Route("/", _list_models, methods=["GET"])])
+async def _reload(request):
+    """Look for newly published models now (localhost only; each worker also looks every
+    LAB_RELOAD_SECONDS). Answers what changed in the worker that took the request."""
+    import anyio
+
+    host = request.client.host if request.client else ""
+    if not (host.startswith("127.") or host == "::1"):
+        return JSONResponse({"error": "POST /models/reload is answered on localhost only"}, status_code=403)
+    if C.CURRENT is None:
+        return JSONResponse({"error": "the service is still starting"}, status_code=503)
+    changes = await anyio.to_thread.run_sync(lambda: C.CURRENT.rescan(force=True))
+    return JSONResponse(changes)
+
+
+info_app = Starlette(routes=[Route("/", _list_models, methods=["GET"]), Route("/reload", _reload, methods=["POST"])])
 
 
 @bentoml.asgi_app(info_app, path="/models")
@@ -48,6 +74,7 @@ info_app = Starlette(routes=[Route("/", _list_models, methods=["GET"])])
     workers=SETTINGS.workers,
     threads=1,  # inference runs on one thread per worker; onnxruntime/torch use SETTINGS.threads inside it
     traffic={"timeout": SETTINGS.timeout},
+    logging={"access": {"enabled": False}},  # the front door logs each request once, with its X-Request-ID
     http={"host": "127.0.0.1", "port": 3000},
 )
 class ImageClassifier:
@@ -56,11 +83,24 @@ class ImageClassifier:
     def __init__(self) -> None:
         self.catalog = C.Catalog.from_store(SETTINGS)
         C.CURRENT = self.catalog
+        C.publish_metrics(self.catalog)
+        self._stop = threading.Event()
+        if SETTINGS.reload_seconds > 0:  # models published while the service runs (serving/catalog.py)
+            threading.Thread(target=C.watch, args=(self.catalog, SETTINGS.reload_seconds, self._stop),
+                             name="lab-store-watch", daemon=True).start()
         # Everything loaded so far lives as long as the worker: move it out of the garbage collector's
         # sight. Otherwise each full collection walks it all, stalling every request in flight
         # (measured here: p99 at 16 clients 170-190 ms with, 90-115 ms without those pauses).
         gc.collect()
         gc.freeze()
+
+    def __is_ready__(self) -> bool:
+        """BentoML's readiness hook (/readyz): ready while some model can be served."""
+        return self.catalog.servable()[0]
+
+    @bentoml.on_shutdown
+    def _stop_watching(self) -> None:
+        self._stop.set()
 
     @bentoml.api(route="/classify", **BATCHING)
     def classify(self, tickets: t.List[str]) -> Answers:
@@ -74,5 +114,5 @@ class ImageClassifier:
         return self.catalog.infer(TICKETS.take(tickets))
 
 
-ImageClassifier.add_asgi_middleware(FrontDoor, max_inflight=SETTINGS.max_inflight)
+ImageClassifier.add_asgi_middleware(FrontDoor, settings=SETTINGS)
 ImageClassifier.add_asgi_middleware(TryIt)  # GET /: the try-it page (serving/static/); /docs: BentoML's UI

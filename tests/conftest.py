@@ -86,7 +86,7 @@ def store(tmp_path_factory) -> dict:
     blob[-100] ^= 0xFF
     tampered.write_bytes(bytes(blob))
     good = next((root / "bentoml" / "models" / "cifar10-airbench-smoke").glob("*/card.json")).parent
-    return {"env": env, "root": root, "model_dir": good, "data": data}
+    return {"env": env, "root": root, "model_dir": good, "data": data, "run_dir": run_dir}
 
 
 @pytest.fixture(scope="session")

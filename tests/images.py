@@ -8,6 +8,8 @@ import zlib
 import numpy as np
 from PIL import Image
 
+from bench.samples import solid_png  # noqa: F401  (thin PNGs and bombs of any size, tiny on the wire)
+
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
@@ -84,3 +86,4 @@ def broken() -> dict[str, tuple[bytes, str, int]]:
         "corrupt_png": (bytes(corrupt_png), "image/png", 400),
         "json_content_type": (b'{"image": "x"}', "application/json", 415),
     }
+

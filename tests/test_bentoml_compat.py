@@ -1,4 +1,4 @@
-"""The two BentoML workarounds (lab/bentoml_compat.py): each test fails when its workaround stops working,
+"""The BentoML workarounds (lab/bentoml_compat.py): each test fails when its workaround stops working,
 e.g. after a BentoML upgrade, so that someone looks before it breaks silently."""
 from __future__ import annotations
 
@@ -53,3 +53,69 @@ def test_staged_create_builds_the_model_outside_the_store(tmp_path):
     assert (staged / "model.yaml").exists()
     with pytest.raises(bentoml.exceptions.NotFound):  # nothing visible in the real store yet
         bentoml.models.get(tag)
+
+
+def test_the_pinned_uvicorn_is_a_tested_version():
+    import uvicorn
+
+    assert uvicorn.__version__ in compat.TESTED_UVICORN, (
+        f"uvicorn {uvicorn.__version__} is not in {compat.TESTED_UVICORN}: check guard_http against it")
+
+
+def test_http_guard_is_the_protocol_bentoml_workers_get():
+    """BentoML's worker builds uvicorn.Config without an `http=` choice, so uvicorn resolves "auto" at
+    load time, after the service module (which installs the guard) is imported."""
+    import inspect
+
+    import uvicorn
+    from _bentoml_impl.worker import service as worker
+    from uvicorn.protocols.http import auto
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    src = inspect.getsource(worker.main.callback)  # a click command
+    config_call = src[src.index("uvicorn.Config("):src.index("uvicorn.Server(")]
+    assert "http=" not in config_call and "uvicorn.Server(config).run" in src
+    before = auto.AutoHTTPProtocol
+    try:
+        guarded = compat.guard_http(header_timeout=1, max_header_bytes=4096, max_headers=10, max_connections=10,
+                                    max_connections_per_client=2)
+        assert guarded is not None and issubclass(guarded, HttpToolsProtocol)
+        config = uvicorn.Config(app=lambda *a: None, log_config=None)
+        config.load()
+        assert config.http_protocol_class is guarded
+        again = compat.guard_http(header_timeout=1, max_header_bytes=4096, max_headers=10, max_connections=10,
+                                  max_connections_per_client=2)
+        assert again.__mro__[1] is HttpToolsProtocol  # installing twice does not stack subclasses
+        for hook in ("connection_made", "connection_lost", "data_received", "on_message_begin", "on_header",
+                     "on_headers_complete", "send_400_response"):
+            assert hook in vars(HttpToolsProtocol), hook  # what the guard overrides still exists upstream
+    finally:
+        auto.AutoHTTPProtocol = before
+
+
+def test_shed_requests_log_one_line_not_a_traceback():
+    import logging
+
+    from bentoml.exceptions import ServiceUnavailable
+
+    f = compat.quiet_shed_requests()
+    assert compat.quiet_shed_requests() is f  # installed once
+
+    def record(exc):
+        try:
+            raise exc
+        except Exception:
+            import sys
+
+            return logging.LogRecord("bentoml._internal.server.http_app", logging.ERROR, __file__, 1,
+                                     "Exception on %s [%s]", ("/classify", "POST"), sys.exc_info())
+
+    f.last = 0.0
+    first = record(ServiceUnavailable("process is overloaded"))
+    assert f.filter(first) and first.exc_info is None and "shed 1" in first.getMessage()
+    assert not f.filter(record(ServiceUnavailable("process is overloaded")))  # the same second: dropped
+    other = record(ValueError("a real bug"))
+    assert f.filter(other) and other.exc_info is not None  # other errors keep their traceback
+    from bentoml._internal.server import http_app
+
+    assert http_app.logger.name == "bentoml._internal.server.http_app"  # where BentoML logs them

@@ -29,8 +29,11 @@ def run_key(*parts) -> str:
 def save_atomic(obj, path: Path) -> Path:
     """torch.save to a temporary file, then one rename: a kill never leaves half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed save leaves neither half a file nor its temporary
     return path
 
 

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import os
 import platform
 import time
 from contextlib import contextmanager
@@ -173,7 +174,8 @@ def stage_train(run: Run) -> None:
                   "precision": result.precision, "resumed_from_epoch": result.resumed_from_epoch,
                   "world_size": result.world_size, "batch_per_process": cfg.batch_size // result.world_size},
         history=result.history))
-    plot_learning_curves(result.history, run.path("learning_curves.png"), f"{p.model} on {p.dataset}")
+    _write_atomic(run.path("learning_curves.png"),
+                  lambda tmp: plot_learning_curves(result.history, tmp, f"{p.model} on {p.dataset}"))
     run.path("checkpoint.pt").unlink(missing_ok=True)
     run.log(f"trained in {result.train_seconds:.1f} s ({result.images_per_second:.0f} images/s, "
             f"{result.precision} on {result.device})")
@@ -195,7 +197,6 @@ def _debug_state_hash(model: torch.nn.Module, rank: int) -> None:
     """LAB_DEBUG_STATE_HASH_DIR=DIR: each process writes DIR/rank<r>.sha256, the hash of its trained
     state_dict (the test that every rank of a data-parallel run ends with the same weights)."""
     import hashlib
-    import os
 
     folder = os.environ.get("LAB_DEBUG_STATE_HASH_DIR")
     if not folder:
@@ -207,6 +208,17 @@ def _debug_state_hash(model: torch.nn.Module, rank: int) -> None:
         h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
     Path(folder).mkdir(parents=True, exist_ok=True)
     (Path(folder) / f"rank{rank}.sha256").write_text(h.hexdigest())
+
+
+def _write_atomic(path: Path, write) -> Path:
+    """write(tmp) into a temporary file beside `path`, then one rename: a kill never leaves half a file."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def stage_evaluate(run: Run) -> None:

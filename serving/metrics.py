@@ -1,0 +1,69 @@
+"""The service's own Prometheus metrics, next to BentoML's on GET /metrics.
+
+BentoML serves prometheus_client's registry in multiprocess mode (one file per worker under
+PROMETHEUS_MULTIPROC_DIR, which each worker sets while it starts); metrics made with prometheus_client
+after that show up on /metrics. BentoML's `bentoml.metrics` module, a deferred alias for
+prometheus_client, is deprecated in favour of prometheus_client itself, which is what we use, created
+on first use (from the service's __init__, after the worker has set its directory).
+
+  lab_requests_total{model,backend,status}   images answered, by HTTP status (200 or the image's error)
+  lab_errors_total{backend,kind}             requests refused or failed, by kind (bad_request,
+                                             unsupported, too_large, timeout, overloaded, memory,
+                                             per_client, shed, inference, not_found, ...)
+  lab_batch_size{backend}                    images per inference call (histogram)
+  lab_inference_seconds{backend}             seconds per inference call (histogram)
+  lab_backend_refused{model,backend}         1 for each backend a served model refused at load
+  lab_models_served                          servable models in this worker
+"""
+from __future__ import annotations
+
+import threading
+
+_lock = threading.Lock()
+_metrics: "Metrics | None" = None
+KINDS = {400: "bad_request", 404: "not_found", 408: "timeout", 413: "too_large", 415: "unsupported",
+         431: "headers_too_large", 500: "inference", 503: "overloaded", 504: "timeout"}
+
+
+class Metrics:
+    def __init__(self):
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.requests = Counter("lab_requests", "Images answered, by model, backend and HTTP status",
+                                ["model", "backend", "status"])
+        self.errors = Counter("lab_errors", "Requests refused or failed, by backend and kind", ["backend", "kind"])
+        self.batch_size = Histogram("lab_batch_size", "Images per inference call, by backend", ["backend"],
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.inference_seconds = Histogram("lab_inference_seconds", "Seconds per inference call, by backend",
+                                           ["backend"], buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5,
+                                                                 1, 2.5, 5, 10))
+        self.backend_refused = Gauge("lab_backend_refused", "1 for each backend a served model refused at load",
+                                     ["model", "backend"], multiprocess_mode="max")
+        self.models_served = Gauge("lab_models_served", "Servable models in this worker", [],
+                                   multiprocess_mode="max")
+
+
+def metrics() -> Metrics | None:
+    """The metrics (made on first call); None where prometheus_client cannot be used."""
+    global _metrics
+    if _metrics is None:
+        with _lock:
+            if _metrics is None:
+                try:
+                    _metrics = Metrics()
+                except Exception:  # no prometheus_client, or registered twice in one process (tests)
+                    return None
+    return _metrics
+
+
+def backend_label(name: str | None) -> str:
+    """A registry backend name, or 'other': label values never come straight from a request."""
+    from lab.backends import list_backends
+
+    return name if name in list_backends() else ("" if not name else "other")
+
+
+def count_error(status: int, backend: str | None = None, kind: str | None = None) -> None:
+    m = metrics()
+    if m is not None:
+        m.errors.labels(backend_label(backend), kind or KINDS.get(status, str(status))).inc()
