@@ -113,13 +113,16 @@ def test_a_killed_worker_loses_no_finished_trial_and_a_restart_completes_the_stu
     args = [sys.executable, str(REPO / "training" / "tune.py"), "--no-progress", "--preset", "smoke",
             "--data-root", str(tune_data), "--storage", storage, "--study-name", "killed", "--n-trials", "6",
             "--epochs", "2", "--no-publish"]
-    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = 0
-    for line in proc.stdout:
-        seen += line.strip().startswith("trial ")
-        if seen >= 2:
+    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill it in the middle of a trial, after at least one has finished
+        time.sleep(0.05)
+        try:
+            states = [t.state.name for t in optuna.load_study(study_name="killed", storage=storage).trials]
+        except KeyError:  # the study is not created yet
+            continue
+        if "COMPLETE" in states and states[-1] == "RUNNING":
             break
-    time.sleep(0.5)  # inside the next trial
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = {t.number: t.value for t in optuna.load_study(study_name="killed", storage=storage).trials
