@@ -157,3 +157,14 @@ def smoke_studies(study_data, tmp_path_factory) -> dict:
                    check=True)
     out = Path(proc.stdout.strip().splitlines()[-1].split("studies folder: ")[1])
     return {"out": out, "env": env, "stdout": proc.stdout}
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for tests of tiny ops: on a shared 2-core machine, two threads wait on each other."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

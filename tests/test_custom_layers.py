@@ -15,13 +15,7 @@ from training.export import export_verified
 f64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The machine is shared: one torch thread keeps these tiny ops from waiting on a busy core."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def rand(*shape, seed=0, scale=1.0):

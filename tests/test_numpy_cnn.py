@@ -11,13 +11,7 @@ from training.scratch import gradcheck
 from training.scratch import numpy_cnn as N
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The machine is shared: one torch thread keeps these tiny ops from waiting on a busy core."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_the_numpy_module_imports_no_torch():

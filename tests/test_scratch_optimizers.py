@@ -9,13 +9,7 @@ from training.scratch.optimizers import AdaMax, Adam
 STEPS = 100
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The machine is shared: one torch thread keeps these tiny ops from waiting on a busy core."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def train(make_optimizer, steps=STEPS, seed=0):
