@@ -339,7 +339,9 @@ def _depth_plot(by: dict, path):
             recs = by.get((f"{v}_{dep}",))
             if recs:
                 s = Spread.of(_accs(recs))
-                xs.append(dep), means.append(100 * s.mean), lo.append(100 * (s.mean - s.min)), hi.append(100 * (s.max - s.mean))
+                # seeds that all land on one value give a mean a rounding error off it: clamp the bars at 0
+                xs.append(dep), means.append(100 * s.mean)
+                lo.append(max(0.0, 100 * (s.mean - s.min))), hi.append(max(0.0, 100 * (s.max - s.mean)))
         ax.errorbar(xs, means, yerr=[lo, hi], fmt=style, capsize=4, label=f"{v} (mean, min-max over seeds)")
     ax.set(xlabel="conv layers", ylabel="test accuracy, %", title="accuracy against depth (CIFAR-10)")
     ax.set_xticks(list(DEPTHS))
