@@ -11,6 +11,7 @@ outputs and gradients, so the exported graph is the trained function.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from .base import ImageClassifier
@@ -31,6 +32,19 @@ class CustomCNN(ImageClassifier):
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
         self.head = nn.Linear(4 * w, num_classes)
+        self._unit_variance_gains(in_channels, image_size)
+
+    @torch.no_grad()
+    def _unit_variance_gains(self, in_channels: int, image_size: int) -> None:
+        """LSUV-style start (Mishkin & Matas 2016): with no normalisation layer, Swish, the SE gate and
+        SoftPool each shrink the signal (std 1 -> 0.0025 by the global pool at a default start, and the
+        loss stays at ln 10); set each WSConv's gain, layer by layer, so that its output has unit std on
+        a batch of unit Gaussian images. Draws from torch's generator, so the model's seed decides it."""
+        h = torch.randn(64, in_channels, image_size, image_size)
+        for layer in self.features:
+            if isinstance(layer, WSConv2d):
+                layer.gain.div_(layer(h).std())
+            h = layer(h)
 
 
 @register_model

@@ -180,6 +180,23 @@ def test_custom_cnn_uses_all_four_and_trains(channels, size):
             "SoftPoolFunctionBackward"} <= names
 
 
+def test_custom_cnn_starts_with_a_signal_that_reaches_the_head():
+    # no normalisation layer: at a default start Swish, the SE gate and SoftPool shrink the signal to std
+    # 0.0025 before the head and SGD hardly moves the loss (15% on CIFAR-10); the LSUV-style gains keep
+    # every WSConv's output at unit std on Gaussian images, so the pooled features stay near 0.1
+    net = create_model("custom_cnn", seed=0).train()
+    h = torch.randn(64, 3, 32, 32)
+    with torch.no_grad():
+        for layer in net.features:
+            h = layer(h)
+            if isinstance(layer, WSConv2d):
+                assert 0.8 < h.std().item() < 1.25, (layer, h.std().item())
+    assert h.std().item() > 0.05
+    # the gains come from the model's seed
+    a, b = create_model("custom_cnn", seed=0), create_model("custom_cnn", seed=0)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
 def test_custom_cnn_paths_agree_on_the_whole_model():
     net = create_model("custom_cnn", in_channels=1, image_size=28, width=4, seed=1).double()
     x, y = torch.randn(3, 1, 28, 28, dtype=f64), torch.tensor([1, 2, 3])

@@ -51,6 +51,8 @@ def test_every_study_stage_runs_on_smoke_and_writes_its_section(smoke_studies, s
     # a rerun finds every cell done and trains nothing again
     again = run_all(["--preset", "smoke", "--data-root", str(study_data), "--only", "kernels"], lab_env, check=True)
     assert "12/12 cells already done" in again.stdout
+    # ... and its section still says what the grid cost, not only the seconds of the rerun
+    assert "its 12 cells took" in (out / "kernels" / "section.md").read_text()
 
 
 def test_unknown_stage_names_the_valid_ones(study_data, lab_env):

@@ -259,15 +259,15 @@ def group(records: dict[str, dict], *keys: str) -> dict[tuple, list[dict]]:
 def compare(name_a: str, a: list[float], name_b: str, b: list[float], unit: str = "%") -> str:
     """A sentence with both figures and whether the difference is outside the seed spread."""
     sa, sb = Spread.of(a), Spread.of(b)
-    scale = 100 if unit == "%" else 1
-    fa = f"{scale * sa.mean:.1f} ± {scale * sa.std:.1f}{unit}"
-    fb = f"{scale * sb.mean:.1f} ± {scale * sb.std:.1f}{unit}"
+    scale, digits = (100, 1) if unit == "%" else (1, 3)  # percentages in points, fractions (F1) in 3 decimals
+    fa = f"{scale * sa.mean:.{digits}f} ± {scale * sa.std:.{digits}f}{unit}"
+    fb = f"{scale * sb.mean:.{digits}f} ± {scale * sb.std:.{digits}f}{unit}"
     diff = scale * (sa.mean - sb.mean)
     apart = sa.min > sb.max or sb.min > sa.max
     verdict = ("outside the spread: every seed of one beats every seed of the other" if apart else
                "inside the spread: their seed ranges overlap, so this difference is not established")
     return (f"{name_a}: {fa} vs {name_b}: {fb} ({sa.n} and {sb.n} seeds); difference "
-            f"{diff:+.1f}{' points' if unit == '%' else unit}, {verdict}.")
+            f"{diff:+.{digits}f}{' points' if unit == '%' else unit}, {verdict}.")
 
 
 # ---------------------------------------------------------------- plots
@@ -338,9 +338,13 @@ class Section:
     def write(self, ctx: StudyContext, seconds: float, records: dict | None = None) -> Path:
         from lab.report_html import command_line
 
+        timing = f"Wall time of this stage: {seconds:.0f} s"
+        cells = [r for r in (records or {}).values() if isinstance(r, dict) and "cell_seconds" in r]
+        if cells:  # a rerun finds cells done earlier: their own time says what the grid cost
+            timing += (f" in this run; its {len(cells)} cells took {sum(r['cell_seconds'] for r in cells):.0f} s "
+                       f"of worker time in all, whichever run trained them")
         head = [f"## {self.title}", "", command_line(self.command), "",
-                f"Preset **{ctx.preset.name}**: {ctx.preset.description}. Wall time of this stage: "
-                f"{seconds:.0f} s.", ""]
+                f"Preset **{ctx.preset.name}**: {ctx.preset.description}. {timing}.", ""]
         d = ctx.stage_dir(self.stage)
         path = d / "section.md"
         path.write_text("\n".join(head + self.lines) + "\n")
