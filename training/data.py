@@ -158,8 +158,11 @@ def _torchvision_dataset(cls_name: str, root: Path, split: str, download: bool,
         return cached
     try:
         ds = cls(str(root), train=(split == "train"), download=download)
-    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. ..."
-        raise _missing(cls_name, f"looked in {folder} ({e})") from None
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. ..." or "Error downloading ..."
+        if not download:
+            raise _missing(cls_name, f"looked in {folder} ({e})") from None
+        raise DataError(f"could not download {cls_name} into {root}: {' '.join(str(e).split())}. "
+                        f"There may be no network; use an offline copy with --data-root DIR.") from None
     except Exception as e:  # download failures: URLError, HTTPError, socket errors
         raise DataError(f"could not download {cls_name} into {root}: {type(e).__name__}: {e}. "
                         f"There may be no network; use an offline copy with --data-root DIR.") from None
