@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import socket
@@ -39,7 +38,7 @@ import numpy as np
 import requests
 from PIL import Image
 
-from bench.samples import solid_png
+from bench.samples import encode, gradient, solid_png
 from bench.server import REPO, Server
 
 MiB = 1 << 20
@@ -135,8 +134,9 @@ def _request(body: bytes, ctype: str, path: str = "/classify", extra: bytes = b"
             .encode() + extra + b"\r\n" + body)
 
 
-def _exchange(s: socket.socket, payload: bytes, timeout: float) -> tuple:
-    """Send, read the reply until the server closes or one response is complete: (status, body)."""
+def http_exchange(s: socket.socket, payload: bytes, timeout: float) -> bytes:
+    """Send payload (a refused send is not an error: the server may answer before it reads it all), then
+    read until the server closes or one response is complete; close the socket; the bytes received."""
     s.settimeout(timeout)
     try:
         s.sendall(payload)
@@ -159,6 +159,12 @@ def _exchange(s: socket.socket, payload: bytes, timeout: float) -> tuple:
         pass
     finally:
         s.close()
+    return data
+
+
+def _exchange(s: socket.socket, payload: bytes, timeout: float) -> tuple:
+    """(status, the first 200 bytes of the body), or ('closed' | 'garbled', what came)."""
+    data = http_exchange(s, payload, timeout)
     try:
         return int(data.split(b" ", 2)[1]), data.partition(b"\r\n\r\n")[2][:200]
     except (IndexError, ValueError):
@@ -234,7 +240,6 @@ def flood(ctx: Ctx, first: bytes, drip: bytes = b"", every: float = 1.0, seconds
         time.sleep(0.5)
     t.join()
     cut = [s for s, _ in results if s not in ("held",)]
-    times = sorted(dt for s, dt in results if s not in ("held", "refused"))
     by_status: dict = {}
     for s, _ in results:
         by_status[str(s)] = by_status.get(str(s), 0) + 1
@@ -252,19 +257,6 @@ def flood(ctx: Ctx, first: bytes, drip: bytes = b"", every: float = 1.0, seconds
 
 
 # ---------------------------------------------------------------- inputs
-
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def gradient(w: int, h: int) -> Image.Image:
-    x = np.linspace(0, 255, w, dtype=np.float32)[None, :, None]
-    y = np.linspace(0, 255, h, dtype=np.float32)[:, None, None]
-    return Image.fromarray(np.concatenate([np.broadcast_to(x, (h, w, 1)), np.broadcast_to(y, (h, w, 1)),
-                                           np.full((h, w, 1), 128, np.float32)], axis=2).astype(np.uint8), "RGB")
 
 
 def progressive_jpeg(w, h, mode="RGB"):

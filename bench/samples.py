@@ -8,6 +8,9 @@ import struct
 import zlib
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from bench.loadgen import Sample
 from lab.paths import default_data_root
 
@@ -30,6 +33,22 @@ def cifar_test_samples(n: int = 1000, data_root: Path | None = None, seed: int =
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
         out.append(Sample(buf.getvalue(), "image/png", None))
     return out
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    """An image as the bytes of a file in format `fmt` (Pillow's save options in kw)."""
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def gradient(w: int, h: int) -> Image.Image:
+    """A w x h RGB image: red grows left to right, green top to bottom, blue 128."""
+    x = np.linspace(0, 255, w, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 255, h, dtype=np.float32)[:, None, None]
+    rgb = np.concatenate([np.broadcast_to(x, (h, w, 1)), np.broadcast_to(y, (h, w, 1)),
+                          np.full((h, w, 1), 128, np.float32)], axis=2)
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

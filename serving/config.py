@@ -48,30 +48,26 @@ from lab.backends import default_backends, list_backends
 from lab.hardware import cores
 
 
-def _int(name: str, default: int, minimum: int = 1) -> int:
+def _number(name: str, default, minimum, kind=int):
+    """The environment variable `name` as a `kind` (int or float) >= minimum; `default` when unset."""
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise SystemExit(f"{name}={raw!r} is not an integer") from None
+        raise SystemExit(f"{name}={raw!r} is not {'an integer' if kind is int else 'a number'}") from None
     if value < minimum:
         raise SystemExit(f"{name}={value} must be >= {minimum}")
     return value
+
+
+def _int(name: str, default: int, minimum: int = 1) -> int:
+    return _number(name, default, minimum, int)
 
 
 def _float(name: str, default: float, minimum: float = 0.1) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SystemExit(f"{name}={raw!r} is not a number") from None
-    if value < minimum:
-        raise SystemExit(f"{name}={value} must be >= {minimum}")
-    return value
+    return _number(name, default, minimum, float)
 
 
 def _list(name: str, default: tuple[str, ...]) -> tuple[str, ...]:

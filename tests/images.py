@@ -8,21 +8,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from bench.samples import solid_png  # noqa: F401  (thin PNGs and bombs of any size, tiny on the wire)
-
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def gradient(w: int, h: int) -> Image.Image:
-    x = np.linspace(0, 255, w, dtype=np.float32)[None, :, None]
-    y = np.linspace(0, 255, h, dtype=np.float32)[:, None, None]
-    rgb = np.concatenate([np.broadcast_to(x, (h, w, 1)), np.broadcast_to(y, (h, w, 1)),
-                          np.full((h, w, 1), 128, np.float32)], axis=2)
-    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+from bench.samples import encode, gradient, solid_png  # noqa: F401  (solid_png: thin PNGs and bombs, tiny on the wire)
 
 
 def awkward_valid() -> dict[str, tuple[bytes, str]]:

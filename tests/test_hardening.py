@@ -24,6 +24,7 @@ import requests
 from PIL import Image, ImageCms
 
 from lab import preprocess as P
+from bench.hostile import http_exchange
 from tests import preprocess_reference as R
 from tests.conftest import REPO, SHARED_DATA, has_real_cifar, run_all
 from tests.images import awkward_valid, encode, gradient, solid_png
@@ -427,23 +428,7 @@ def _raw(port: int, payload: bytes, timeout: float = 30, source: str = "127.0.0.
     """Send raw bytes; (status or 'closed', headers text, body bytes, seconds)."""
     t = time.perf_counter()
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
-    data = b""
-    try:
-        s.sendall(payload)
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-            head, sep, body = data.partition(b"\r\n\r\n")
-            length = next((int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")),
-                          None)
-            if sep and length is not None and len(body) >= length:
-                break
-    except OSError:
-        pass
-    finally:
-        s.close()
+    data = http_exchange(s, payload, timeout)
     dt = time.perf_counter() - t
     if not data.startswith(b"HTTP/"):
         return "closed", "", b"", dt
