@@ -69,7 +69,6 @@ class Tally:
 
     def __init__(self):
         self.rows: list[tuple] = []  # (t_end, seconds, kind, status, verdict)
-        self.lock = threading.Lock()
 
     def add(self, *row) -> None:
         self.rows.append(row)
@@ -128,6 +127,11 @@ async def run_load(url: str, samples, expected: dict, backends: list[str], concu
         await asyncio.gather(*(client(session, c) for c in range(concurrency)))
 
 
+def backend_list(text: str) -> list[str]:
+    """'onnx, torch' -> ['onnx', 'torch']."""
+    return [b.strip() for b in text.split(",") if b.strip()]
+
+
 def sample(procs, t0: float) -> dict:
     """RSS, open files and threads of the worker processes, summed."""
     rss = fds = threads = 0
@@ -179,7 +183,7 @@ def main(argv=None) -> int:
     from bench.samples import cifar_test_samples
     from bench.server import Server
 
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    backends = backend_list(args.backends)
     out = args.out or REPO / "reports" / f"soak-{datetime.now():%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)
     seconds = args.minutes * 60
@@ -299,7 +303,7 @@ def _report(server, args, out, tag, tally, samples_out, offline_correct, seconds
     files_start, files_end = at_rest["open_files"], samples_out[-1]["open_files"]  # both at rest
     files_max = max((s["open_files"] for s in samples_out), default=-1)
     per_backend = {}
-    for b in args.backends.split(","):
+    for b in backend_list(args.backends):
         rs = [r for r in answered if r[7] == b]
         ch = [r for r in rs if r[5] is not None]
         per_backend[b] = {"answered": len(rs), "wrong": sum(1 for r in rs if r[4] == "wrong"),

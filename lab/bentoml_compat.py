@@ -148,9 +148,6 @@ def guard_http(*, header_timeout: float, max_header_bytes: int, max_headers: int
     open_by_client: dict[str, int] = {}  # one event loop per worker process: no lock needed
 
     class GuardedHttpToolsProtocol(base):
-        limits = dict(header_timeout=header_timeout, max_header_bytes=max_header_bytes, max_headers=max_headers,
-                      max_connections=max_connections, max_connections_per_client=max_connections_per_client)
-
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._lab_host = self.client[0] if self.client else ""

@@ -154,11 +154,17 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
+def open_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, ImageInfo]:
+    """The image opened on its header (no pixel decoded) and what the header says; decode_opened decodes
+    it, so that a caller who checks the header first reads it once. Raises ImageError like decode_uint8."""
+    img = _open(data, max_pixels)
+    return img, ImageInfo(format=img.format or "", mode=img.mode, width=img.width, height=img.height,
+                          progressive=bool(img.info.get("progressive") or img.info.get("progression")))
+
+
 def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     """The header of an image file (cheap; no pixel decoded). Raises ImageError like decode_uint8."""
-    img = _open(data, max_pixels)
-    return ImageInfo(format=img.format or "", mode=img.mode, width=img.width, height=img.height,
-                     progressive=bool(img.info.get("progressive") or img.info.get("progression")))
+    return open_header(data, max_pixels)[1]
 
 
 def intermediate_limit(spec: "Preprocessing") -> int:
@@ -193,8 +199,6 @@ def _load_first_frame(img: Image.Image) -> tuple[Image.Image, int]:
             img.seek(0)  # first frame of an animated GIF / WebP / APNG
         img.load()
         orientation = img.getexif().get(0x0112, 1)
-    except ImageError:
-        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"image too large: {e}", status=413) from None
     except MemoryError:
@@ -204,23 +208,17 @@ def _load_first_frame(img: Image.Image) -> tuple[Image.Image, int]:
     return img, orientation if isinstance(orientation, int) else 1
 
 
+def _orient(img: Image.Image, orientation: int) -> Image.Image:
+    method = _TRANSPOSE.get(orientation)
+    return img.transpose(method) if method is not None else img
+
+
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Bytes -> a fully decoded PIL image (first frame, EXIF orientation applied).
 
     Raises ImageError for empty, non-image, truncated or oversized input; never anything else.
     (decode_uint8 does not go through it: it orients the smaller 8-bit result instead.)"""
-    img, orientation = _load_first_frame(_open(data, max_pixels))
-    method = _TRANSPOSE.get(orientation)
-    return img.transpose(method) if method is not None else img
-
-
-def pixel_count(data: bytes) -> int | None:
-    """Width x height from the header alone (cheap), or None if Pillow cannot read a header."""
-    try:
-        w, h = Image.open(io.BytesIO(data), formats=FORMATS).size
-        return w * h
-    except Exception:
-        return None
+    return _orient(*_load_first_frame(_open(data, max_pixels)))
 
 
 def _tiles(w: int, h: int):
@@ -331,25 +329,25 @@ def normalize(images: np.ndarray, spec: Preprocessing) -> np.ndarray:
 
 
 def decode_uint8(data: bytes, spec: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Image file bytes -> uint8 (H, W, C) at the model's size. Raises ImageError, nothing else.
+    """Image file bytes -> uint8 (H, W, C) at the model's size. Raises ImageError, nothing else."""
+    return decode_opened(_open(data, max_pixels), spec)
+
+
+def decode_opened(img: Image.Image, spec: Preprocessing) -> np.ndarray:
+    """An image opened by open_header -> uint8 (H, W, C) at the model's size. Raises ImageError.
 
     First frame, converted to the model's channels (tile by tile), then EXIF-oriented, resized, cropped:
     conversions are pixel-wise, so orienting after them gives the same pixels as orienting first, on
     an image of 1 or 4 bytes per pixel instead of the source's."""
-    img, orientation = _load_first_frame(_open(data, max_pixels))
+    img, orientation = _load_first_frame(img)
     mode = img.mode
     try:
-        img = to_mode(img, spec.channels)
-        method = _TRANSPOSE.get(orientation)
-        if method is not None:
-            img = img.transpose(method)
-        a = np.asarray(resize(img, spec), dtype=np.uint8)
+        return to_uint8(_orient(to_mode(img, spec.channels), orientation), spec)
     except MemoryError:
         raise ImageError("image too large to convert", status=413) from None
     except Exception as e:  # a mode Pillow cannot convert
         raise ImageError(f"cannot convert a {mode} image to {'RGB' if spec.channels == 3 else 'L'}: {e}",
                          status=415) from None
-    return a[:, :, None] if a.ndim == 2 else a
 
 
 def preprocess_bytes(data: bytes, spec: Preprocessing,

@@ -101,10 +101,7 @@ class Catalog:
                     cat.latest[name] = served
                     break
                 cat.refused_models[f"{name}:{version}"] = why
-        if settings.default_model in cat.latest:
-            cat.default = settings.default_model
-        elif cat.latest:  # else the newest model in the store
-            cat.default = max(cat.latest, key=lambda n: cat.latest[n].created)
+        cat.default = cat._pick_default(cat.latest)
         log.info("serving %d model(s): %s; default %s", len(cat.latest),
                  ", ".join(f"{m.tag} [{', '.join(sorted(m.backends))}]" for m in cat.latest.values()), cat.default)
         if not cat.latest:
@@ -137,6 +134,12 @@ class Catalog:
         return served, None
 
     # ------------------------------------------------------------ hot reload
+
+    def _pick_default(self, latest: dict) -> str | None:
+        """The configured default model if it is served, else the newest model served, else None."""
+        if self.settings.default_model in latest:
+            return self.settings.default_model
+        return max(latest, key=lambda n: latest[n].created) if latest else None
 
     def rescan(self, force: bool = False) -> dict:
         """Index versions published since the last scan; serve the newest of each name once verified.
@@ -186,11 +189,8 @@ class Catalog:
                          f" in place of {current.tag}" if current else "")
             # swap in whole dicts: readers on the event loop see the old catalog or the new one
             self.index, self.refused_models, self.latest = index, refused, latest
-            if self.default is None or self.default not in latest:
-                if self.settings.default_model in latest:
-                    self.default = self.settings.default_model
-                elif latest:
-                    self.default = max(latest, key=lambda n: latest[n].created)
+            if self.default not in latest:
+                self.default = self._pick_default(latest)
             self.store_signature = signature
             publish_metrics(self)
             if changes["serving"]:

@@ -27,7 +27,7 @@ import numpy as np
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
-from lab.preprocess import ImageError, decode_estimate, inspect_image, preprocess_bytes
+from lab.preprocess import ImageError, decode_estimate, decode_opened, normalize, open_header
 from serving import catalog as C
 from serving.budget import BudgetExceeded, ByteBudget, Reservation
 from serving.config import Settings
@@ -262,7 +262,7 @@ async def _resolve(cat: C.Catalog, opts: dict[str, str]) -> tuple[C.ServedModel,
 
 def _decode(data: bytes, spec, s: Settings, budget: ByteBudget) -> np.ndarray:
     """Header, memory estimate, reservation, decode: in a worker thread, never on the event loop."""
-    info = inspect_image(data, s.max_pixels)
+    img, info = open_header(data, s.max_pixels)
     need = decode_estimate(info, spec)
     if need > budget.capacity:
         raise ImageError(f"a {info.width}x{info.height} {info.format} image ({info.mode}) needs about "
@@ -273,7 +273,7 @@ def _decode(data: bytes, spec, s: Settings, budget: ByteBudget) -> np.ndarray:
     except BudgetExceeded:
         raise Overloaded(f"no decode memory free within {DECODE_WAIT_S:g} s") from None
     try:
-        return preprocess_bytes(data, spec, s.max_pixels)
+        return normalize(decode_opened(img, spec), spec)
     finally:
         budget.give(need)
 

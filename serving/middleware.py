@@ -31,8 +31,8 @@ from serving import catalog as C
 from serving.budget import Reservation
 from serving.catalog import RequestError
 from serving.config import Settings
-from serving.http_io import (ROUTES, TICKETS, Overloaded, _replay, batch_response, error_response, item_error,
-                             limits, parse, single_response)
+from serving.http_io import (ROUTES, TICKETS, Overloaded, _replay, batch_response, error_response, header,
+                             item_error, limits, parse, single_response)
 from serving.metrics import count_error
 
 SKIP = ("/metrics", "/livez", "/readyz", "/healthz", "/models")
@@ -43,13 +43,9 @@ QUEUE_FRACTION = 0.8  # of max_latency_ms: past it, a parsed request is answered
 
 
 def request_id(scope) -> str:
-    for k, v in scope["headers"]:
-        if k == b"x-request-id":
-            value = v.decode("latin-1")
-            if _REQUEST_ID.match(value):
-                return value
-            break
-    return secrets.token_hex(8)
+    """The client's X-Request-ID when it is a sane one, else a fresh id."""
+    value = header(scope, b"x-request-id")
+    return value if value is not None and _REQUEST_ID.match(value) else secrets.token_hex(8)
 
 
 class FrontDoor:

@@ -26,15 +26,21 @@ def run_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def save_atomic(obj, path: Path) -> Path:
-    """torch.save to a temporary file, then one rename: a kill never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def write_atomic(path: Path, write) -> Path:
+    """write(tmp) into a temporary file beside `path` (same suffix, for writers that read it), then one
+    rename: a kill never leaves half a file, and a failed write leaves no temporary either."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)  # a failed save leaves neither half a file nor its temporary
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def save_atomic(obj, path: Path) -> Path:
+    """torch.save through write_atomic."""
+    return write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load(path: Path) -> dict:

@@ -28,6 +28,7 @@ from models import count_parameters, create_model, with_tta
 from models.tta import passes
 from training import data as D
 from training.checkpoint import CheckpointError, save_atomic
+from training.checkpoint import write_atomic as _write_atomic
 from training.engine import train
 from training.optim import ConfigError
 from training.presets import Preset
@@ -208,17 +209,6 @@ def _debug_state_hash(model: torch.nn.Module, rank: int) -> None:
         h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
     Path(folder).mkdir(parents=True, exist_ok=True)
     (Path(folder) / f"rank{rank}.sha256").write_text(h.hexdigest())
-
-
-def _write_atomic(path: Path, write) -> Path:
-    """write(tmp) into a temporary file beside `path`, then one rename: a kill never leaves half a file."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def stage_evaluate(run: Run) -> None:
