@@ -47,7 +47,7 @@ def test_every_study_stage_runs_on_smoke_and_writes_its_section(smoke_studies, s
     assert model.predict(np.zeros((3, 28, 28), np.uint8)).shape == (3, 10)
     listed = subprocess.run([sys.executable, "-m", "bentoml", "models", "list", "-o", "json"], env=lab_env,
                             capture_output=True, text=True, check=True).stdout
-    assert "cifar10-tuned-cnn" in listed and "cifar10-custom-cnn" in listed and "-study" in listed
+    assert "cifar10-tuned-cnn-smoke" in listed and "cifar10-custom-cnn-smoke" in listed and "-study-smoke" in listed
     # a rerun finds every cell done and trains nothing again
     again = run_all(["--preset", "smoke", "--data-root", str(study_data), "--only", "kernels"], lab_env, check=True)
     assert "12/12 cells already done" in again.stdout

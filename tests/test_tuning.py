@@ -93,15 +93,15 @@ def test_two_workers_on_postgresql_finish_exactly_n_trials_prune_a_bad_one_and_p
     assert "Number of pruned trials:" in proc.stdout and "Best trial:" in proc.stdout
     tag = next(line.split("published ")[1].split(":")[0] for line in proc.stdout.splitlines()
                if line.strip().startswith("published cifar10-tuned-cnn"))
-    assert tag == "cifar10-tuned-cnn"
+    assert tag == "cifar10-tuned-cnn-smoke"  # a smoke run never adds a version to a real study's model
     from bench.server import Server
 
-    with Server(lab_env, tmp_path / "serve.log", {"LAB_DEFAULT_MODEL": "cifar10-tuned-cnn"}) as s:
+    with Server(lab_env, tmp_path / "serve.log", {"LAB_DEFAULT_MODEL": "cifar10-tuned-cnn-smoke"}) as s:
         from tests.test_service import good_image
 
         r = requests.post(f"{s.url}/classify", data=good_image(), headers={"Content-Type": "image/png"},
-                          params={"model": "cifar10-tuned-cnn"}, timeout=30)
-        assert r.status_code == 200 and r.json()["model"].startswith("cifar10-tuned-cnn:"), r.text
+                          params={"model": "cifar10-tuned-cnn-smoke"}, timeout=30)
+        assert r.status_code == 200 and r.json()["model"].startswith("cifar10-tuned-cnn-smoke:"), r.text
     optuna.delete_study(study_name=name, storage=postgres_url)
 
 

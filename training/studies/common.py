@@ -36,6 +36,7 @@ class StudyPreset:
     timing_reps: tuple[int, int] = (20, 3)  # forward repeats timed at batch 1 and at batch 256
     val_images: int = 2000                  # held out of training (LR sweeps, tuning); never the test set
     description: str = ""
+    store_suffix: str = ""                  # after the names of the models a stage publishes ("-smoke")
 
     def epochs_for(self, stage: str) -> float:
         return self.epochs.get(stage, self.epochs["default"])
@@ -44,7 +45,8 @@ class StudyPreset:
 STUDY_PRESETS = {
     "smoke": StudyPreset("smoke", seeds=(0, 1, 2), train_limit={"cifar10": 64, "mnist": 64}, test_limit=32,
                          epochs={"default": 1}, batch_size=32, timing_reps=(1, 1), val_images=32,
-                         description="seconds: 64 training and 32 test images per dataset, 1 epoch (for the tests)"),
+                         description="seconds: 64 training and 32 test images per dataset, 1 epoch (for the tests)",
+                         store_suffix="-smoke"),  # never a new version of a real study's model
     "quick": StudyPreset("quick", seeds=(0, 1, 2), train_limit={"cifar10": 8000, "mnist": 8000}, test_limit=2000,
                          epochs={"default": 4, "kernels": 3},
                          description="this 2-core CPU: 8,000 training images per dataset (of 50,000 / 60,000), "
@@ -368,6 +370,7 @@ def publish_model(ctx: StudyContext, store_name: str, dataset: str, model: str, 
     from training import pipeline as P
     from training.presets import Preset
 
+    store_name += ctx.preset.store_suffix
     preset = Preset(name=f"study-{ctx.preset.name}", dataset=dataset, model=model, model_kwargs=dict(kwargs),
                     recipe=recipe, overrides={"batch_size": ctx.preset.batch_size, **train},
                     data_seed=ctx.data_seed, train_limit=ctx.preset.train_limit.get(dataset, 0), test_limit=0,
