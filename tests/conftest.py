@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,20 @@ def postgres_url() -> str:
     except Exception as e:
         pytest.skip(f"no PostgreSQL server answers at 127.0.0.1:5432 ({type(e).__name__}: {e})")
     return POSTGRES_URL
+
+
+@pytest.fixture
+def fresh_postgres_url(postgres_url) -> str:
+    """A new, empty PostgreSQL database for one test (dropped after it): what a first run on a new
+    machine meets, where workers race to create the schema."""
+    import psycopg
+
+    name = f"lab_test_{os.getpid()}_{time.time_ns()}"
+    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield postgres_url.rsplit("/", 1)[0] + "/" + name
+    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")

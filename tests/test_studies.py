@@ -126,24 +126,47 @@ def test_results_of_another_configuration_are_refused_and_kept(tmp_path, lab_env
     assert "6/6 cells already done" in out  # nothing was lost
 
 
-def test_two_workers_share_one_grid_on_postgresql(tmp_path, lab_env, postgres_url):
+def test_two_workers_share_one_grid_on_postgresql(tmp_path, lab_env, fresh_postgres_url):
+    # An empty database, as on a new machine: both workers create the schema at the same moment
     import optuna
 
-    name = f"toy-{time.time_ns()}"
+    name = "toy"
     script = tmp_path / "grid.py"
-    script.write_text(GRID_SCRIPT.replace('GridSpec("toy"', f'GridSpec("{name}"'))
+    script.write_text(GRID_SCRIPT)
     marks = tmp_path / "marks"
     marks.mkdir()
-    procs = [subprocess.Popen([sys.executable, str(script), postgres_url, str(marks), "0.5", "1", "2"], cwd=REPO,
-                              env=lab_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = [subprocess.Popen([sys.executable, str(script), fresh_postgres_url, str(marks), "0.5", "1", "2"],
+                              cwd=REPO, env=lab_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=180)[0] for p in procs]
-    assert all("DONE 6" in o for o in outs), outs
-    study = optuna.load_study(study_name=name, storage=postgres_url)
+    for out in outs:
+        assert "DONE 6" in out, out[-4000:]  # the end of the output: a traceback's last lines
+    study = optuna.load_study(study_name=name, storage=fresh_postgres_url)
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len({t.params["cell"] for t in complete}) == 6
     assert len({t.user_attrs["worker"] for t in complete}) == 2  # both took cells
-    optuna.delete_study(study_name=name, storage=postgres_url)
+
+
+def test_workers_opening_an_empty_database_at_once_all_get_the_storage(tmp_path, lab_env, fresh_postgres_url):
+    # Optuna creates its schema check-then-create; four workers racing on it must all open the storage
+    script = tmp_path / "open.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys, time
+        from pathlib import Path
+        from training.studies.runner import storage_for
+        ready = Path(sys.argv[2])
+        (ready / str(os.getpid())).touch()
+        while len(list(ready.iterdir())) < 4:
+            time.sleep(0.01)
+        storage_for(sys.argv[1]).engine.dispose()
+        print("OPENED", flush=True)
+    """))
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    procs = [subprocess.Popen([sys.executable, str(script), fresh_postgres_url, str(ready)], cwd=REPO, env=lab_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(4)]
+    for out in [p.communicate(timeout=120)[0] for p in procs]:
+        assert "OPENED" in out, out[-4000:]
 
 
 def test_a_zoo_model_exports_and_is_served_by_the_service(study_data, lab_env, tmp_path):

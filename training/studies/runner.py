@@ -77,15 +77,35 @@ def storage_for(url: str):
         engine = {"pool_pre_ping": True}
         if url.startswith("sqlite"):  # several local processes on one file: wait for the lock, do not fail
             engine["connect_args"] = {"timeout": 60}
-        return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
-                          engine_kwargs=engine)
+        return _open_racing_schema_creation(lambda: RDBStorage(
+            url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3), engine_kwargs=engine))
     except Exception as e:  # an unknown driver, a database that does not answer, a bad URL
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StudyError(f"cannot open the study storage {_safe_url(url)}: {type(e).__name__}: {reason}. "
                          f"Check the URL, and that the database server is running") from None
     finally:
         del optuna
+
+
+def _open_racing_schema_creation(open_storage, attempts: int = 5):
+    """open_storage(), opened again when it lost a race to create the schema.
+
+    RDBStorage creates its tables, its version row and alembic's stamp check-then-create. Workers that
+    open an empty database at the same moment race there: the losers fail with "relation ... already
+    exists" or a duplicate key (PostgreSQL), though the schema they wanted is now there. Opened again,
+    they find it and go on. Any other error is raised at once."""
+    import sqlalchemy.exc
+
+    for attempt in range(attempts):
+        try:
+            return open_storage()
+        except (sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.IntegrityError) as e:
+            text = str(e).lower()
+            lost_race = "already exists" in text or "duplicate key" in text or "unique constraint" in text
+            if not lost_race or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _safe_url(url: str) -> str:
