@@ -12,7 +12,7 @@ methods. It cannot do these things we need:
    (`bentoml/_internal/marshal/dispatcher.py`) learns a `wait` from the queueing time of recent batches;
    after a burst of load even a lone request is held that long (measured here: 116 ms at concurrency 1
    after a concurrency-64 run, against 7 ms before it). We cap the learned wait (default 0: a batch
-   leaves as soon as the model is free). Reported upstream behaviour: see README, "Notes on BentoML".
+   leaves as soon as the model is free). Reported upstream behaviour: see docs/serving.md, "Notes on BentoML".
 
 3. **Guarded HTTP connections.** `bentoml serve` runs uvicorn with httptools and passes it only
    `timeout_keep_alive` and `timeout_graceful_shutdown` (_bentoml_impl/worker/service.py): no limit on
@@ -25,10 +25,13 @@ methods. It cannot do these things we need:
    request it raises ServiceUnavailable, which BentoML logs with a full traceback, once per request.
    A logging filter (quiet_shed_requests) turns those into one line per second with a count.
 
-Each is checked against the pinned versions (TESTED, TESTED_UVICORN); on another version it steps aside
-with one warning (publishing falls back to the public, non-atomic `bentoml.models.create`, which the
-service's sha256 check still protects; the batching cap and the HTTP guard are not installed; the
-filter stays, being harmless), and tests/test_bentoml_compat.py fails so that someone looks.
+Each is checked against the pinned versions (TESTED, TESTED_UVICORN) and tests/test_bentoml_compat.py
+fails on another version so that someone looks. The HTTP guard is a security guard: where it cannot
+install itself (an untested uvicorn, no httptools) the service refuses to start, with one line naming
+the versions, unless LAB_ALLOW_UNGUARDED=1 says to serve without it (logged, and shown by /readyz and
+the lab_guard_active metric). The others step aside with one warning: publishing falls back to the
+public, non-atomic `bentoml.models.create` (the service's sha256 check still protects it), the batching
+cap is not installed, the log filter stays (harmless).
 """
 from __future__ import annotations
 
@@ -44,6 +47,14 @@ import bentoml
 log = logging.getLogger("lab.bentoml_compat")
 TESTED = ("1.4.40",)
 TESTED_UVICORN = ("0.54.0",)
+ALLOW_UNGUARDED = "LAB_ALLOW_UNGUARDED"
+# guard -> "active: ..." or "OFF: why" for every guard installed (or allowed off) in this process
+GUARDS: dict[str, str] = {}
+
+
+class GuardUnavailable(SystemExit):
+    """A security guard cannot install itself and LAB_ALLOW_UNGUARDED is not set: the service must not
+    start. A SystemExit so that `bentoml serve` ends with this one line, not a traceback."""
 
 
 def tested_version() -> bool:
@@ -130,21 +141,25 @@ def guard_http(*, header_timeout: float, max_header_bytes: int, max_headers: int
     import uvicorn
     from uvicorn.protocols.http import auto
 
-    if uvicorn.__version__ not in TESTED_UVICORN:
-        log.warning("uvicorn %s is not a version this project tested (%s): HTTP connections are not guarded "
-                    "(no header timeout or size limit, no connection caps)", uvicorn.__version__,
-                    ", ".join(TESTED_UVICORN))
-        return None
-    try:
-        from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
-    except ImportError:
-        log.warning("httptools is not installed: uvicorn uses h11 (headers bounded at 16 KiB by h11), "
-                    "without header timeouts or connection caps")
-        return None
+    why = None
+    HttpToolsProtocol = STATUS_LINE = None
+    if not tested_version():  # the guard relies on how BentoML's worker builds uvicorn's Config
+        why = f"bentoml {bentoml.__version__} is not a version this project tested ({', '.join(TESTED)})"
+    elif uvicorn.__version__ not in TESTED_UVICORN:
+        why = f"uvicorn {uvicorn.__version__} is not a version this project tested ({', '.join(TESTED_UVICORN)})"
+    else:
+        try:
+            from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+        except ImportError:
+            why = "httptools is not installed (uvicorn would use h11, without header timeouts or connection caps)"
     base = getattr(auto, "_lab_original_protocol", auto.AutoHTTPProtocol)
-    if base is not HttpToolsProtocol:
-        log.warning("uvicorn's auto protocol is %s, not httptools: HTTP connections are not guarded", base)
-        return None
+    if why is None and base is not HttpToolsProtocol:
+        why = f"uvicorn's auto protocol is {base.__name__}, not httptools"
+    if why is not None:
+        return _unguarded("http", why)
+    GUARDS["http"] = (f"active: headers within {header_timeout:g} s and {max_header_bytes} bytes, at most "
+                      f"{max_headers} fields; {max_connections} connections, {max_connections_per_client or 'any'} "
+                      f"per client address")
     open_by_client: dict[str, int] = {}  # one event loop per worker process: no lock needed
 
     class GuardedHttpToolsProtocol(base):
@@ -249,6 +264,17 @@ def guard_http(*, header_timeout: float, max_header_bytes: int, max_headers: int
     auto._lab_original_protocol = base
     auto.AutoHTTPProtocol = GuardedHttpToolsProtocol
     return GuardedHttpToolsProtocol
+
+
+def _unguarded(guard: str, why: str) -> None:
+    """Refuse to go on without `guard` (GuardUnavailable), unless LAB_ALLOW_UNGUARDED=1 allows it."""
+    if os.environ.get(ALLOW_UNGUARDED, "").strip() != "1":
+        raise GuardUnavailable(
+            f"error: the {guard} guard cannot install itself: {why}; the service will not start unguarded. "
+            f"Install the locked environment (make setup), or set {ALLOW_UNGUARDED}=1 to serve without it")
+    GUARDS[guard] = f"OFF ({ALLOW_UNGUARDED}=1): {why}"
+    log.warning("serving WITHOUT the %s guard (%s=1): %s", guard, ALLOW_UNGUARDED, why)
+    return None
 
 
 # ---------------------------------------------------------------- 4. shed requests: one line, not a traceback

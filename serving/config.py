@@ -11,7 +11,7 @@
   LAB_MAX_PIXELS       largest image, width x height (default 40,000,000)
   LAB_MAX_BATCH_IMAGES most images in one /classify_batch request (default 64)
 
-Bounded memory and time per request (README, "Worst-case memory of a worker"):
+Bounded memory and time per request (docs/serving.md, "Worst-case memory of a worker"):
   LAB_MAX_INFLIGHT_BYTES  bytes all in-flight requests of a worker may hold: bodies (counted twice,
                           three times for multipart: their parsed copies) and model inputs; past it,
                           503 + Retry-After (default 256 MiB)
@@ -30,6 +30,8 @@ Bounded memory and time per request (README, "Worst-case memory of a worker"):
                           0: no limit)
 
 Operations:
+  LAB_ALLOW_UNGUARDED     1: serve even where the HTTP guard cannot install itself (an untested uvicorn
+                          or BentoML); by default the service then refuses to start (lab/bentoml_compat.py)
   LAB_RELOAD_SECONDS      how often each worker looks for models published since it started
                           (default 10; 0: never; POST /models/reload from localhost looks at once)
   LAB_LOG_FORMAT          text (default) or json: one JSON object per log line

@@ -14,6 +14,8 @@ on first use (from the service's __init__, after the worker has set its director
   lab_inference_seconds{backend}             seconds per inference call (histogram)
   lab_backend_refused{model,backend}         1 for each backend a served model refused at load
   lab_models_served                          servable models in this worker
+  lab_guard_active{guard}                    1 for each security guard installed, 0 for one allowed off
+                                             (LAB_ALLOW_UNGUARDED=1)
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ class Metrics:
                                                                  1, 2.5, 5, 10))
         self.backend_refused = Gauge("lab_backend_refused", "1 for each backend a served model refused at load",
                                      ["model", "backend"], multiprocess_mode="max")
+        self.guard_active = Gauge("lab_guard_active", "1 for each security guard installed, 0 for one off",
+                                  ["guard"], multiprocess_mode="min")
         self.models_served = Gauge("lab_models_served", "Servable models in this worker", [],
                                    multiprocess_mode="max")
 
@@ -54,6 +58,13 @@ def metrics() -> Metrics | None:
                 except Exception:  # no prometheus_client, or registered twice in one process (tests)
                     return None
     return _metrics
+
+
+def publish_guards(guards: dict[str, str]) -> None:
+    m = metrics()
+    if m is not None:
+        for guard, state in guards.items():
+            m.guard_active.labels(guard).set(1 if state.startswith("active") else 0)
 
 
 def backend_label(name: str | None) -> str:

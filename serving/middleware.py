@@ -7,6 +7,7 @@
   unknown path, 405, ...) are rewritten; any 503 gets Retry-After.
 - Readiness: GET /readyz answers 503 with the reason while no model can be served (empty store, every
   backend refused, bad cards); models published later make it ready (serving/catalog.py reloads).
+  Ready, it answers 200 {"ready": true, "guards": {...}}: the security guards and their state.
 - Overload, bounded: past `max_inflight` requests in the worker, or `max_inflight_per_client` from one
   address, or the worker's budget of in-flight request bytes (serving/http_io.py), a request is
   answered 503 + Retry-After at once instead of queueing.
@@ -26,7 +27,9 @@ import secrets
 import time
 
 from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse
 
+from lab import bentoml_compat
 from serving import catalog as C
 from serving.budget import Reservation
 from serving.catalog import RequestError
@@ -74,6 +77,7 @@ class FrontDoor:
             ok, why = (False, "the service is still starting") if cat is None else cat.servable()
             if not ok:
                 return await error_response(503, f"not ready: {why}")(scope, receive, send)
+            return await JSONResponse({"ready": True, "guards": bentoml_compat.GUARDS})(scope, receive, send)
         if path.startswith(SKIP):
             return await self.app(scope, receive, send)
         if path == "/docs.json" and method == "GET":

@@ -24,6 +24,7 @@ from lab import bentoml_compat  # noqa: E402
 from serving import catalog as C  # noqa: E402
 from serving.config import Settings  # noqa: E402
 from serving.http_io import TICKETS  # noqa: E402
+from serving.metrics import publish_guards  # noqa: E402
 from serving.middleware import FrontDoor  # noqa: E402
 from serving.tryit import TryIt  # noqa: E402
 
@@ -39,6 +40,8 @@ if SETTINGS.log_format == "json":
     use_json_logs()
 if logging.getLogger("lab").level == logging.NOTSET:  # BentoML's set-up leaves the root at WARNING
     logging.getLogger("lab").setLevel(logging.INFO)
+for _guard, _state in bentoml_compat.GUARDS.items():
+    logging.getLogger("lab.service").info("%s guard: %s", _guard, _state)
 # LAB_MAX_BATCH_SIZE=1 turns adaptive batching off (BentoML's batchable APIs need a batch size > 1)
 BATCHING = dict(batchable=SETTINGS.max_batch_size > 1, max_batch_size=max(2, SETTINGS.max_batch_size),
                 max_latency_ms=SETTINGS.max_latency_ms)
@@ -84,6 +87,7 @@ class ImageClassifier:
         self.catalog = C.Catalog.from_store(SETTINGS)
         C.CURRENT = self.catalog
         C.publish_metrics(self.catalog)
+        publish_guards(bentoml_compat.GUARDS)
         self._stop = threading.Event()
         if SETTINGS.reload_seconds > 0:  # models published while the service runs (serving/catalog.py)
             threading.Thread(target=C.watch, args=(self.catalog, SETTINGS.reload_seconds, self._stop),

@@ -62,6 +62,57 @@ def test_the_pinned_uvicorn_is_a_tested_version():
         f"uvicorn {uvicorn.__version__} is not in {compat.TESTED_UVICORN}: check guard_http against it")
 
 
+def test_an_untested_uvicorn_stops_the_http_guard_closed(monkeypatch):
+    """The guard never steps aside quietly: an untested uvicorn raises GuardUnavailable (one line naming
+    the versions and the setting), unless LAB_ALLOW_UNGUARDED=1, which leaves it off and says so."""
+    import uvicorn
+    from uvicorn.protocols.http import auto
+
+    before = auto.AutoHTTPProtocol
+    monkeypatch.setattr(uvicorn, "__version__", "0.999.0")
+    monkeypatch.delenv(compat.ALLOW_UNGUARDED, raising=False)
+    monkeypatch.setattr(compat, "GUARDS", {})
+    args = dict(header_timeout=1, max_header_bytes=4096, max_headers=10, max_connections=10,
+                max_connections_per_client=2)
+    with pytest.raises(compat.GuardUnavailable) as e:
+        compat.guard_http(**args)
+    text = str(e.value)
+    assert "uvicorn 0.999.0" in text and compat.TESTED_UVICORN[0] in text and "LAB_ALLOW_UNGUARDED=1" in text
+    assert "\n" not in text and auto.AutoHTTPProtocol is before and compat.GUARDS == {}
+    monkeypatch.setenv(compat.ALLOW_UNGUARDED, "1")
+    assert compat.guard_http(**args) is None and auto.AutoHTTPProtocol is before
+    assert compat.GUARDS["http"].startswith("OFF") and "0.999.0" in compat.GUARDS["http"]
+
+
+def test_a_service_on_an_untested_uvicorn_refuses_to_start_unless_allowed(store, tmp_path):
+    import requests
+
+    from bench.server import Server
+
+    env = dict(store["env"], LAB_PLUGINS="tests.plugin_untested_uvicorn", LAB_DEFAULT_MODEL="cifar10-airbench-smoke")
+    env.pop(compat.ALLOW_UNGUARDED, None)
+    with pytest.raises(RuntimeError) as e:
+        Server(env, tmp_path / "refused.log", startup_timeout=60).stop()
+    log = (tmp_path / "refused.log").read_text()
+    assert "exited with" in str(e.value), log
+    assert "the http guard cannot install itself: uvicorn 0.999.0" in log and "LAB_ALLOW_UNGUARDED=1" in log, log
+    assert "Traceback" not in log, log
+    with Server(env, tmp_path / "allowed.log", {compat.ALLOW_UNGUARDED: "1"}) as s:
+        ready = requests.get(f"{s.url}/readyz", timeout=10).json()
+        assert ready["ready"] and ready["guards"]["http"].startswith("OFF (LAB_ALLOW_UNGUARDED=1)"), ready
+        metrics = requests.get(f"{s.url}/metrics", timeout=10).text
+        assert 'lab_guard_active{guard="http"} 0.0' in metrics, metrics[-2000:]
+    assert "serving WITHOUT the http guard" in (tmp_path / "allowed.log").read_text()
+
+
+def test_a_service_on_the_locked_install_reports_its_guard_active(server):
+    import requests
+
+    ready = requests.get(f"{server.url}/readyz", timeout=10).json()
+    assert ready["guards"]["http"].startswith("active"), ready
+    assert 'lab_guard_active{guard="http"} 1.0' in requests.get(f"{server.url}/metrics", timeout=10).text
+
+
 def test_http_guard_is_the_protocol_bentoml_workers_get():
     """BentoML's worker builds uvicorn.Config without an `http=` choice, so uvicorn resolves "auto" at
     load time, after the service module (which installs the guard) is imported."""
