@@ -12,7 +12,7 @@ loopback address, measures what it gets), disconnects mid-upload, an overload bu
 Before each case the worker's peak-RSS counter is reset (/proc/<pid>/clear_refs), so `peak MiB` is
 that case's own peak. After each case a good request must still get 200 ("serves").
 
-The stated bound (README, "Worst-case memory of a worker") is printed with the table: the worker's warm
+The stated bound (docs/serving.md, "Worst-case memory of a worker") is printed with the table: the worker's warm
 RSS (after --warmup seconds of load at concurrency 64 on every backend, so that inference arenas and
 caches have grown to full batches; plus 5% for the allocator's drift) + LAB_MAX_DECODE_BYTES +
 LAB_MAX_INFLIGHT_BYTES + connections x 100 KiB; a case whose peak passes it is flagged. Writes

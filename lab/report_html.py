@@ -10,7 +10,7 @@ sideways inside the page, images never exceed the text width. A paragraph that s
 (what `command_line` writes) is shown as the command that produced its section.
 
 Used by bench/report.py (the combined report); training/ reports use it too, so it lives here in lab/
-(training never imports bench/). Needs markdown-it-py only (pinned in requirements.txt).
+(training never imports bench/). Needs markdown-it-py only (in requirements.in).
 """
 from __future__ import annotations
 

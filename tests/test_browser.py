@@ -42,7 +42,7 @@ def why_no_browser() -> str | None:
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
-        return "the playwright package is not installed (pip install -r requirements.txt)"
+        return "the playwright package is not installed (make setup installs requirements.lock)"
     return None
 
 
@@ -337,7 +337,7 @@ def test_locust_web_ui_runs_and_shows_accuracy(page, server, store):
 
 def test_optuna_dashboard_shows_a_study(page, tmp_path):
     optuna = pytest.importorskip("optuna")
-    pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is not installed (requirements.txt pins it)")
+    pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is not installed (requirements.in lists it)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="browser-test-study", storage=storage, direction="maximize")

@@ -285,7 +285,7 @@ def test_icc_profiles_are_documented_as_ignored():
     with Image.open(io.BytesIO(with_icc)) as im:
         assert im.info.get("icc_profile")
     assert np.array_equal(P.decode_uint8(with_icc, SPEC), P.decode_uint8(encode(img, "PNG"), SPEC))
-    assert "ICC" in (REPO / "README.md").read_text()
+    assert "ICC" in (REPO / "docs" / "serving.md").read_text()
 
 
 def test_truncated_files_of_every_format_are_400_never_415():

@@ -332,7 +332,7 @@ def section(ctx: StudyContext, space: SearchSpace, study, study_name: str, stora
                 f"and published as **`{published['tag']}`**: served accuracy (ONNX, full test set) "
                 f"{100 * published['served_accuracy']:.2f}%.", "")
     sec.add("Throughput with 1 and 2 worker processes on one machine: `python bench/tuning_throughput.py` "
-            "(see the README for the figures and what limits them).", "")
+            "(see docs/studies.md for the figures and what limits them).", "")
     sec.write(ctx, seconds)
     return sec
 
