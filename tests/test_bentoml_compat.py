@@ -89,7 +89,13 @@ def test_a_service_on_an_untested_uvicorn_refuses_to_start_unless_allowed(store,
 
     from bench.server import Server
 
-    env = dict(store["env"], LAB_PLUGINS="tests.plugin_untested_uvicorn", LAB_DEFAULT_MODEL="cifar10-airbench-smoke")
+    import shutil
+
+    home = tmp_path / "bentoml"  # its own home: BentoML keeps each home's metrics in one folder
+    shutil.copytree(store["root"] / "bentoml" / "models" / "cifar10-airbench-smoke",
+                    home / "models" / "cifar10-airbench-smoke")
+    env = dict(store["env"], BENTOML_HOME=str(home), LAB_PLUGINS="tests.plugin_untested_uvicorn",
+               LAB_DEFAULT_MODEL="cifar10-airbench-smoke")
     env.pop(compat.ALLOW_UNGUARDED, None)
     with pytest.raises(RuntimeError) as e:
         Server(env, tmp_path / "refused.log", startup_timeout=60).stop()
