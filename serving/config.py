@@ -1,145 +1,153 @@
-"""Service settings, from environment variables (read once, when the service module is imported).
+"""Service settings: each one written once below, with its environment variable, default and meaning.
 
-  LAB_WORKERS          worker processes (default 1)
-  LAB_THREADS          intra-op threads per worker for onnxruntime and torch (default: cores / workers)
-  LAB_MAX_BATCH_SIZE   adaptive batching: largest batch (default 64; 1 turns batching off)
-  LAB_MAX_LATENCY_MS   adaptive batching: longest a request may wait in the queue (default 5000)
-  LAB_BATCH_WAIT_MS    adaptive batching: most a free model waits for more requests (default 0)
-  LAB_MAX_INFLIGHT     requests in flight per worker before answering 503 + Retry-After (default 512)
-  LAB_TIMEOUT          seconds before a request is answered 504 (default 60)
-  LAB_MAX_BODY_BYTES   largest request body (default 10 MiB)
-  LAB_MAX_PIXELS       largest image, width x height (default 40,000,000)
-  LAB_MAX_BATCH_IMAGES most images in one /classify_batch request (default 64)
-
-Bounded memory and time per request (docs/serving.md, "Worst-case memory of a worker"):
-  LAB_MAX_INFLIGHT_BYTES  bytes all in-flight requests of a worker may hold: bodies (counted twice,
-                          three times for multipart: their parsed copies) and model inputs; past it,
-                          503 + Retry-After (default 256 MiB)
-  LAB_MAX_DECODE_BYTES    working memory of the images being decoded at once in a worker, each one
-                          estimated from its header before it is decoded; an image that alone needs
-                          more is refused with 413 (default 768 MiB)
-  LAB_HEADER_TIMEOUT      seconds for a request's line and headers to arrive (default 10)
-  LAB_READ_TIMEOUT        seconds the body may stall between two reads (default 5)
-  LAB_BODY_TIMEOUT        seconds for the whole body to arrive (default 30)
-  LAB_MAX_HEADER_BYTES    request line + headers (default 32 KiB); past it, 431
-  LAB_MAX_HEADERS         header fields per request (default 100); past it, 431
-  LAB_MAX_CONNECTIONS     open connections per worker (default 1024); past it, new ones are closed
-  LAB_MAX_CONNECTIONS_PER_CLIENT  open connections per client address (default 256; 0: no limit,
-                          for a service behind a proxy that all clients come through)
-  LAB_MAX_INFLIGHT_PER_CLIENT     requests in flight per client address (default max_inflight / 4;
-                          0: no limit)
-
-Operations:
-  LAB_ALLOW_UNGUARDED     1: serve even where the HTTP guard cannot install itself (an untested uvicorn
-                          or BentoML); by default the service then refuses to start (lab/bentoml_compat.py)
-  LAB_RELOAD_SECONDS      how often each worker looks for models published since it started
-                          (default 10; 0: never; POST /models/reload from localhost looks at once)
-  LAB_LOG_FORMAT          text (default) or json: one JSON object per log line
-  LAB_DEFAULT_MODEL    model name served when a request names none (default cifar10-airbench)
-  LAB_MODELS           comma-separated model names to serve (default: every model with a lab card)
-  LAB_BACKENDS         comma-separated backends to build (default: every backend of the registry,
-                       lab.backends, that is served by default: onnx, onnx_int8, torch, torch_bf16)
-  LAB_PLUGINS          comma-separated modules to import first (e.g. more backends)
+Read once from the environment when the service module is imported (Settings.from_env); a bad value
+stops the service with one line. `python -m serving.config` prints them all as a Markdown table (the
+table in docs/operations.md is that output). The bounds on memory and time per request are explained
+in docs/serving.md, "Worst-case memory of a worker".
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from pathlib import Path
+from dataclasses import dataclass, field, fields
 
 from lab.backends import default_backends, list_backends
 from lab.hardware import cores
 
-
-def _number(name: str, default, minimum, kind=int):
-    """The environment variable `name` as a `kind` (int or float) >= minimum; `default` when unset."""
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise SystemExit(f"{name}={raw!r} is not {'an integer' if kind is int else 'a number'}") from None
-    if value < minimum:
-        raise SystemExit(f"{name}={value} must be >= {minimum}")
-    return value
+MiB = 1 << 20
 
 
-def _int(name: str, default: int, minimum: int = 1) -> int:
-    return _number(name, default, minimum, int)
-
-
-def _float(name: str, default: float, minimum: float = 0.1) -> float:
-    return _number(name, default, minimum, float)
-
-
-def _list(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
-    raw = os.environ.get(name, "")
-    return tuple(s.strip() for s in raw.split(",") if s.strip()) or default
+def setting(env: str, default, doc: str, minimum=1, group: str = "service", choices: tuple = ()):
+    """A setting: its environment variable, its default (None: derived from others, see __post_init__),
+    the smallest value it takes, what it means."""
+    return field(default=default, metadata=dict(env=env, doc=doc, minimum=minimum, group=group, choices=choices))
 
 
 @dataclass(frozen=True)
 class Settings:
-    workers: int = 1
-    threads: int = 1
-    max_batch_size: int = 64
-    max_latency_ms: int = 5000
-    batch_wait_ms: int = 0
-    max_inflight: int = 512
-    timeout: int = 60
-    max_body_bytes: int = 10 * 1024 * 1024
-    max_pixels: int = 40_000_000
-    max_batch_images: int = 64
-    max_inflight_bytes: int = 256 << 20
-    max_decode_bytes: int = 768 << 20
-    header_timeout: float = 10.0
-    read_timeout: float = 5.0
-    body_timeout: float = 30.0
-    max_header_bytes: int = 32 << 10
-    max_headers: int = 100
-    max_connections: int = 1024
-    max_connections_per_client: int = 256
-    max_inflight_per_client: int = 128
-    reload_seconds: float = 10.0
-    log_format: str = "text"
-    default_model: str = "cifar10-airbench"
-    models: tuple[str, ...] = ()
-    backends: tuple[str, ...] = field(default_factory=lambda: tuple(default_backends()))
+    # ---- workers and batching
+    workers: int = setting("LAB_WORKERS", 1, "worker processes")
+    threads: int | None = setting("LAB_THREADS", None, "intra-op threads per worker for onnxruntime, torch and "
+                                                       "OpenVINO (default: cores / workers)")
+    max_batch_size: int = setting("LAB_MAX_BATCH_SIZE", 64, "adaptive batching: largest batch (1 turns batching off)")
+    max_latency_ms: int = setting("LAB_MAX_LATENCY_MS", 5000, "adaptive batching: longest a request may wait "
+                                                              "in the queue, ms")
+    batch_wait_ms: int = setting("LAB_BATCH_WAIT_MS", 0, "adaptive batching: most a free model waits for more "
+                                                         "requests, ms", minimum=0)
+    # ---- bounded memory and time per request
+    max_inflight: int = setting("LAB_MAX_INFLIGHT", 512, "requests in flight per worker before answering "
+                                                         "503 + Retry-After", group="limits")
+    max_inflight_per_client: int | None = setting(
+        "LAB_MAX_INFLIGHT_PER_CLIENT", None, "requests in flight per client address (default max_inflight / 4; "
+        "0: no limit)", minimum=0, group="limits")
+    timeout: int = setting("LAB_TIMEOUT", 60, "seconds before a request is answered 504", group="limits")
+    max_body_bytes: int = setting("LAB_MAX_BODY_BYTES", 10 * MiB, "largest request body, bytes", group="limits")
+    max_pixels: int = setting("LAB_MAX_PIXELS", 40_000_000, "largest image, width x height", group="limits")
+    max_batch_images: int = setting("LAB_MAX_BATCH_IMAGES", 64, "most images in one /classify_batch request",
+                                    group="limits")
+    max_inflight_bytes: int = setting(
+        "LAB_MAX_INFLIGHT_BYTES", 256 * MiB, "bytes all in-flight requests of a worker may hold: bodies (counted "
+        "twice, three times for multipart: their parsed copies) and model inputs; past it, 503 + Retry-After",
+        group="limits")
+    max_decode_bytes: int = setting(
+        "LAB_MAX_DECODE_BYTES", 768 * MiB, "working memory of the images being decoded at once in a worker, each "
+        "estimated from its header before it is decoded; an image that alone needs more is refused with 413",
+        group="limits")
+    header_timeout: float = setting("LAB_HEADER_TIMEOUT", 10.0, "seconds for a request's line and headers to "
+                                                                "arrive", minimum=0.1, group="limits")
+    read_timeout: float = setting("LAB_READ_TIMEOUT", 5.0, "seconds the body may stall between two reads",
+                                  minimum=0.1, group="limits")
+    body_timeout: float = setting("LAB_BODY_TIMEOUT", 30.0, "seconds for the whole body to arrive", minimum=0.1,
+                                  group="limits")
+    max_header_bytes: int = setting("LAB_MAX_HEADER_BYTES", 32 << 10, "request line + headers, bytes; past it, 431",
+                                    minimum=1024, group="limits")
+    max_headers: int = setting("LAB_MAX_HEADERS", 100, "header fields per request; past it, 431", minimum=8,
+                               group="limits")
+    max_connections: int = setting("LAB_MAX_CONNECTIONS", 1024, "open connections per worker; past it, new ones "
+                                                                "are closed", group="limits")
+    max_connections_per_client: int = setting(
+        "LAB_MAX_CONNECTIONS_PER_CLIENT", 256, "open connections per client address (0: no limit, for a service "
+        "behind a proxy that all clients come through)", minimum=0, group="limits")
+    # ---- operations
+    reload_seconds: float = setting("LAB_RELOAD_SECONDS", 10.0, "how often each worker looks for models published "
+                                    "since it started (0: never; POST /models/reload from localhost looks at once)",
+                                    minimum=0.0, group="operations")
+    log_format: str = setting("LAB_LOG_FORMAT", "text", "text, or json: one JSON object per log line",
+                              group="operations", choices=("text", "json"))
+    default_model: str = setting("LAB_DEFAULT_MODEL", "cifar10-airbench", "model served when a request names none",
+                                 group="operations")
+    models: tuple[str, ...] = setting("LAB_MODELS", (), "comma-separated model names to serve (default: every "
+                                                        "model with a lab card)", group="operations")
+    backends: tuple[str, ...] | None = setting(
+        "LAB_BACKENDS", None, "comma-separated backends to build (default: every backend of the registry, "
+        "lab.backends, that is served by default)", group="operations")
+
+    def __post_init__(self) -> None:  # the defaults derived from other settings
+        derived = {"threads": lambda: max(1, cores() // self.workers),
+                   "max_inflight_per_client": lambda: max(1, self.max_inflight // 4),
+                   "backends": lambda: tuple(default_backends())}
+        for name, value in derived.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value())
 
     @classmethod
-    def from_env(cls) -> "Settings":
-        workers = _int("LAB_WORKERS", 1)
-        backends = _list("LAB_BACKENDS", tuple(default_backends()))
-        unknown = [b for b in backends if b not in list_backends()]
+    def from_env(cls, environ=os.environ) -> "Settings":
+        """The settings whose variables are set in `environ`; SystemExit with one line for a bad value."""
+        values = {}
+        for f in fields(cls):
+            raw = environ.get(f.metadata["env"], "").strip()
+            if raw:
+                values[f.name] = _parse(f, raw)
+        unknown = [b for b in values.get("backends", ()) if b not in list_backends()]
         if unknown:
             raise SystemExit(f"LAB_BACKENDS: unknown backend(s) {unknown}; valid: {', '.join(list_backends())}")
-        max_inflight = _int("LAB_MAX_INFLIGHT", 512)
-        log_format = os.environ.get("LAB_LOG_FORMAT", "text").strip().lower() or "text"
-        if log_format not in ("text", "json"):
-            raise SystemExit(f"LAB_LOG_FORMAT={log_format!r}: valid values are text, json")
-        return cls(
-            workers=workers,
-            threads=_int("LAB_THREADS", max(1, cores() // workers)),
-            max_batch_size=_int("LAB_MAX_BATCH_SIZE", 64),
-            max_latency_ms=_int("LAB_MAX_LATENCY_MS", 5000),
-            batch_wait_ms=_int("LAB_BATCH_WAIT_MS", 0, minimum=0),
-            max_inflight=max_inflight,
-            timeout=_int("LAB_TIMEOUT", 60),
-            max_body_bytes=_int("LAB_MAX_BODY_BYTES", 10 * 1024 * 1024),
-            max_pixels=_int("LAB_MAX_PIXELS", 40_000_000),
-            max_batch_images=_int("LAB_MAX_BATCH_IMAGES", 64),
-            max_inflight_bytes=_int("LAB_MAX_INFLIGHT_BYTES", 256 << 20),
-            max_decode_bytes=_int("LAB_MAX_DECODE_BYTES", 768 << 20),
-            header_timeout=_float("LAB_HEADER_TIMEOUT", 10.0),
-            read_timeout=_float("LAB_READ_TIMEOUT", 5.0),
-            body_timeout=_float("LAB_BODY_TIMEOUT", 30.0),
-            max_header_bytes=_int("LAB_MAX_HEADER_BYTES", 32 << 10, minimum=1024),
-            max_headers=_int("LAB_MAX_HEADERS", 100, minimum=8),
-            max_connections=_int("LAB_MAX_CONNECTIONS", 1024),
-            max_connections_per_client=_int("LAB_MAX_CONNECTIONS_PER_CLIENT", 256, minimum=0),
-            max_inflight_per_client=_int("LAB_MAX_INFLIGHT_PER_CLIENT", max(1, max_inflight // 4), minimum=0),
-            reload_seconds=_float("LAB_RELOAD_SECONDS", 10.0, minimum=0.0),
-            log_format=log_format,
-            default_model=os.environ.get("LAB_DEFAULT_MODEL", "cifar10-airbench"),
-            models=_list("LAB_MODELS", ()),
-            backends=backends,
-        )
+        return cls(**values)
+
+
+def _parse(f, raw: str):
+    env, minimum, choices = f.metadata["env"], f.metadata["minimum"], f.metadata["choices"]
+    if f.name in ("models", "backends"):
+        return tuple(s.strip() for s in raw.split(",") if s.strip())
+    if f.type.startswith("str"):
+        value = raw.lower() if choices else raw
+        if choices and value not in choices:
+            raise SystemExit(f"{env}={raw!r}: valid values are {', '.join(choices)}")
+        return value
+    kind = float if f.type.startswith("float") else int
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise SystemExit(f"{env}={raw!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if value < minimum:
+        raise SystemExit(f"{env}={value} must be >= {minimum}")
+    return value
+
+
+def table() -> str:
+    """Every setting as a Markdown table, by group: what docs/operations.md shows."""
+    rows = ["| group | variable | default | meaning |", "|---|---|---|---|"]
+    for f in fields(Settings):
+        m = f.metadata
+        default = "derived" if f.default is None else ("none" if f.default == () else f"`{f.default}`")
+        rows.append(f"| {m['group']} | `{m['env']}` | {default} | {m['doc']} |")
+    return "\n".join(rows)
+
+
+DOCS_MARKERS = ("<!-- settings table: python -m serving.config --docs -->", "<!-- end of the settings table -->")
+
+
+def write_docs(path) -> None:
+    """Replace the table between DOCS_MARKERS in `path` (docs/operations.md) with table()."""
+    text = Path(path).read_text()
+    head, rest = text.split(DOCS_MARKERS[0], 1)
+    tail = rest.split(DOCS_MARKERS[1], 1)[1]
+    Path(path).write_text(f"{head}{DOCS_MARKERS[0]}\n{table()}\n{DOCS_MARKERS[1]}{tail}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--docs" in sys.argv:
+        write_docs(Path(__file__).resolve().parent.parent / "docs" / "operations.md")
+    else:
+        print(table())
