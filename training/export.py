@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import os
 from contextlib import redirect_stdout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -142,6 +142,7 @@ class ExportContext:
     fp32_logits: np.ndarray       # its logits on `test`
     settings: dict                # the preset's knobs (calibration_images, int8_max_drop, ...)
     log: Callable[[str], None] = print
+    previous: dict = field(default_factory=dict)  # hook name -> record, of the hooks that ran before this one
 
 
 ExportHook = Callable[[ExportContext], "tuple[str | None, dict]"]

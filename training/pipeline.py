@@ -281,6 +281,7 @@ def stage_export(run: Run) -> None:
     hooks = {}
     for name, hook in EXPORT_HOOKS.items():
         made, hooks[name] = hook(ctx)
+        ctx.previous[name] = hooks[name]
         if made:
             files.append(made)
     run.files.write(ExportRecord(parity=result["parity"], served=served, files=files, hooks=hooks))
