@@ -277,7 +277,7 @@ def stage_export(run: Run) -> None:
     ctx = ExportContext(net=net, tta_level=meta.tta_level, out_dir=out_dir, spec=spec, train_set=train_set,
                         test=test, parity_batch=batch, fp32=fp32, fp32_logits=logits, log=run.log,
                         settings={"calibration_images": run.preset.calibration_images,
-                                  "int8_max_drop": run.preset.int8_max_drop})
+                                  "int8_max_drop": run.preset.int8_max_drop, "int8_recipes": run.preset.int8_recipes})
     hooks = {}
     for name, hook in EXPORT_HOOKS.items():
         made, hooks[name] = hook(ctx)
