@@ -221,7 +221,7 @@ def choose_recipe(fp32_onnx: Path, train_set: Any, spec: Any, recipes: Sequence[
         top1 = predict_backend(OnnxBackend(path), held, spec).argmax(1)
         c = Candidate(recipe, want.name, path, int((top1 == fp32_top1).sum()), n_held, seconds)
         candidates.append(c)
-        log(f"  INT8 recipe {recipe.name:28s} held-out top-1 agreement {100 * c.score:6.2f}% "
+        log(f"  INT8 recipe {recipe.name:30s} held-out top-1 agreement {100 * c.score:6.2f}% "
             f"({c.agreement}/{n_held} training images), quantized in {seconds:.1f} s")
     prepared.unlink(missing_ok=True)
     return pick(candidates), candidates
