@@ -143,6 +143,8 @@ class ExportContext:
     settings: dict                # the preset's knobs (calibration_images, int8_max_drop, ...)
     log: Callable[[str], None] = print
     previous: dict = field(default_factory=dict)  # hook name -> record, of the hooks that ran before this one
+    files: list = field(default_factory=list)     # the files to be published so far (the hooks' included)
+    architecture: dict | None = None              # {"name": ..., "kwargs": ...}: what model.pth holds
 
 
 ExportHook = Callable[[ExportContext], "tuple[str | None, dict]"]

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from training.export import ExportContext, export_hook
+from training.export import ExportContext, export_hook, export_verified
 from training.quantize import quantize_int8
 
 
@@ -84,3 +84,128 @@ def int8(ctx: ExportContext) -> tuple[str | None, dict]:
                                 f"{100 * max_drop:.1f}; per recipe: {losses}")
     return (OnnxInt8Backend.file if rec["accepted"] else None), rec
 
+
+
+# ---------------------------------------------------------------- one view: the TTA level as a rung
+
+
+def _one_view_record(ctx: ExportContext, backend, seconds: float) -> dict:
+    from training.evaluate import classification_metrics, predict_backend
+
+    labels = ctx.test.labels.numpy()
+    logits = predict_backend(backend, ctx.test, ctx.spec)
+    m = classification_metrics(labels, logits.argmax(1), ctx.test.classes)
+    fp32_acc = float((ctx.fp32_logits.argmax(1) == labels).mean())
+    return {"accuracy": m["accuracy"], "drop_vs_served": fp32_acc - m["accuracy"], "tta_level": 0, "views": 1,
+            "per_class_accuracy": m["per_class_accuracy"], "macro_f1": m["macro_f1"], "test_images": m["images"],
+            "top1_disagreements_vs_served": int((logits.argmax(1) != ctx.fp32_logits.argmax(1)).sum()),
+            "seconds": round(seconds, 1)}
+
+
+@export_hook("one_view")
+def one_view(ctx: ExportContext) -> tuple[str | None, dict]:
+    """model.1view.sim.onnx: the network without test-time augmentation (1 view instead of the card's
+    TTA views), exported and parity-checked like the served graph; its test accuracy goes in the card."""
+    import shutil
+
+    from lab.backends.one_view import OnnxOneViewBackend
+
+    if ctx.tta_level == 0:
+        return None, {"skipped": "the served graph already has one view"}
+    t0 = time.perf_counter()
+    work = ctx.out_dir / "one_view"
+    try:
+        export_verified(ctx.net, 0, ctx.parity_batch, work)
+        path = ctx.out_dir / OnnxOneViewBackend.file
+        shutil.move(str(work / "model.sim.onnx"), path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rec = _one_view_record(ctx, OnnxOneViewBackend(path), time.perf_counter() - t0)
+    rec["bytes"] = path.stat().st_size
+    ctx.log(f"one view (no TTA): test accuracy {100 * rec['accuracy']:.2f}% "
+            f"({100 * rec['drop_vs_served']:+.2f} points against the served TTA graph)")
+    return OnnxOneViewBackend.file, rec
+
+
+@export_hook("one_view_int8")
+def one_view_int8(ctx: ExportContext) -> tuple[str | None, dict]:
+    """model.1view.int8.onnx: the one-view graph quantized with the recipe the int8 hook chose (on
+    training images); published under the same bound on the test accuracy it loses against one view."""
+    from lab.backends.one_view import OnnxInt8OneViewBackend, OnnxOneViewBackend
+    from training import data as D
+
+    fp32_path = ctx.out_dir / OnnxOneViewBackend.file
+    int8 = ctx.previous.get("int8") or {}
+    one = ctx.previous.get("one_view") or {}
+    if not fp32_path.is_file() or "accuracy" not in one:
+        return None, {"skipped": "no one-view graph"}
+    if "accuracy" not in int8:
+        return None, {"skipped": "no INT8 recipe (the int8 hook did not run)"}
+    recipe = int8.get("recipe")
+    n = (recipe or {}).get("calibration_images") or int8.get("calibration_images", 512)
+    calib = D.to_float(D.shuffled(ctx.train_set, 99).images[:n], ctx.spec).numpy()
+    t0 = time.perf_counter()
+    path = ctx.out_dir / OnnxInt8OneViewBackend.file
+    if recipe:
+        from training.quantize import Recipe
+
+        fields = {k: v for k, v in recipe.items() if k in Recipe.__dataclass_fields__}
+        quantize_int8(fp32_path, calib, path, Recipe(**fields))
+    else:
+        quantize_int8(fp32_path, calib, path)
+    rec = _one_view_record(ctx, OnnxInt8OneViewBackend(path), time.perf_counter() - t0)
+    drop = one["accuracy"] - rec["accuracy"]
+    max_drop = ctx.settings.get("int8_max_drop", 0.01)
+    rec.update(drop_vs_one_view=drop, recipe=recipe or "default", bytes=path.stat().st_size, accepted=drop <= max_drop)
+    ctx.log(f"one view INT8: test accuracy {100 * rec['accuracy']:.2f}% ({100 * drop:+.2f} points against one "
+            f"view fp32)" + ("" if rec["accepted"] else f"; NOT published: more than {100 * max_drop:.1f} points lost"))
+    if not rec["accepted"]:
+        path.unlink(missing_ok=True)
+        return None, rec
+    return OnnxInt8OneViewBackend.file, rec
+
+
+# ---------------------------------------------------------------- the ladder: every published rung measured
+
+
+@export_hook("ladder")
+def ladder(ctx: ExportContext) -> tuple[None, dict]:
+    """Measure every rung the model will be published with (training/ladder.py): accuracy on the test
+    set, latency at batch 1, throughput at batch 64; the card gets them and the best rung (the fastest
+    within MAX_DROP of the served fp32 graph), which the service answers with by default. Runs last."""
+    from types import SimpleNamespace
+
+    from lab.backends import get_backend, list_backends
+    from lab.card import Architecture
+    from lab.hardware import cores
+    from training.ladder import MAX_DROP, best_rung, cpu_flags, measure
+
+    arch = ctx.architecture
+    card = SimpleNamespace(tta_level=ctx.tta_level, preprocessing=ctx.spec,
+                           architecture=Architecture(arch["name"], arch["kwargs"]) if arch else None)
+    published = set(ctx.files)
+    builders, files = {}, {}
+    for name in list_backends():
+        cls = get_backend(name)
+        if name in ctx.settings.get("ladder_skip", ()) or cls.file not in published or (cls.file == "model.pth" and card.architecture is None):
+            continue
+        path = ctx.out_dir / cls.file
+
+        def build(cls=cls, path=path):
+            cls.check_available()
+            return cls(path, card, threads=cores())
+
+        builders[name], files[name] = build, path
+    t0 = time.perf_counter()
+    images = ctx.test.images.permute(0, 2, 3, 1).numpy()
+    rungs = measure(builders, images, ctx.test.labels.numpy(), ctx.spec, reference="onnx", files=files,
+                    log=ctx.log, progress=False)
+    best, rule = best_rung(rungs, "onnx", ctx.settings.get("ladder_max_drop", MAX_DROP))
+    for r in rungs.values():
+        if not r.note:
+            ctx.log(f"  rung {r.backend:16s} {100 * r.accuracy:6.2f}% ({100 * r.diff:+.2f} points) "
+                    f"{r.images_per_s_b64:8.1f} images/s at batch 64, {r.ms_b1_p50:6.2f} ms at batch 1")
+    ctx.log(f"best rung: {best} ({rule})")
+    return None, {"rungs": {n: r.to_dict() for n, r in rungs.items()}, "best": best, "rule": rule,
+                  "reference": "onnx", "threads": cores(), "cpu_flags": cpu_flags(),
+                  "seconds": round(time.perf_counter() - t0, 1)}

@@ -277,7 +277,9 @@ def stage_export(run: Run) -> None:
     ctx = ExportContext(net=net, tta_level=meta.tta_level, out_dir=out_dir, spec=spec, train_set=train_set,
                         test=test, parity_batch=batch, fp32=fp32, fp32_logits=logits, log=run.log,
                         settings={"calibration_images": run.preset.calibration_images,
-                                  "int8_max_drop": run.preset.int8_max_drop, "int8_recipes": run.preset.int8_recipes})
+                                  "int8_max_drop": run.preset.int8_max_drop, "int8_recipes": run.preset.int8_recipes,
+                                  "ladder_skip": run.preset.ladder_skip})
+    ctx.files, ctx.architecture = files, meta.architecture
     hooks = {}
     for name, hook in EXPORT_HOOKS.items():
         made, hooks[name] = hook(ctx)
@@ -359,5 +361,6 @@ def make_card(run: Run, meta: TrainedRecord, exported: ExportRecord, metrics: Ev
         metrics=card_metrics, dataset=meta.dataset, training=meta.training,
         parameters=count_parameters(net), flops_per_image=flops,
         flops_per_image_with_tta=flops * passes(meta.tta_level), parity=exported.parity,
-        int8=exported.hooks.get("int8"), versions=versions(),
+        int8=exported.hooks.get("int8"), rungs=(exported.hooks.get("ladder") or {}).get("rungs"),
+        best_rung=(exported.hooks.get("ladder") or {}).get("best"), versions=versions(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), run_dir=str(run.dir))
