@@ -189,6 +189,16 @@ def build_report(args, log=print) -> Path:
     md += ["## Accuracy and latency per backend (in process)", "", command_line(acc_cmd), "",
            *(f"#{line}" if line.startswith("## ") else line for line in acc_md.strip().splitlines()), ""]
     results = {"model": tag, "machine": mach, "accuracy": acc}
+    if args.ladder:
+        from bench.ladder import ladder
+
+        results["ladder"] = ladder(tag, out, data_root=args.data_root, limit=args.limit, rounds=args.ladder_rounds,
+                                   log=log)
+        lad_cmd = ["python", "bench/ladder.py", "--model", tag] + (["--limit", str(args.limit)] if args.limit else [])
+        lad_md = (out / "ladder.md").read_text().split("\n", 1)[1]
+        lad_md = lad_md.split("```", 2)[2] if lad_md.lstrip().startswith("```") else lad_md  # its own command line
+        md += ["## The optimization ladder (in process)", "", command_line(lad_cmd), "",
+               *(f"#{line}" if line.startswith("## ") else line for line in lad_md.strip().splitlines()), ""]
     if args.load:
         backends = [b for b in args.backends.split(",") if b in acc["backends"]]
         server = None
@@ -222,6 +232,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--data-root", type=Path, default=None)
     ap.add_argument("--limit", type=int, default=0, help="test images for the accuracy part (0 = all)")
     ap.add_argument("--no-load", dest="load", action="store_false", help="skip the service part")
+    ap.add_argument("--no-ladder", dest="ladder", action="store_false", help="skip the optimization ladder")
+    ap.add_argument("--ladder-rounds", type=int, default=5, help="interleaved speed rounds of the ladder")
     ap.add_argument("--host", default="", help="a running service on 127.0.0.1 (default: start one)")
     ap.add_argument("--backends", default=",".join(default_backends()), help="backends the load part exercises")
     ap.add_argument("--images", type=int, default=1000, help="test images the load part cycles through")

@@ -62,6 +62,8 @@ class Card:
     created: str
     files: dict[str, FileRecord] = field(default_factory=dict)  # added when published
     int8: dict[str, Any] | None = None
+    rungs: dict[str, Any] | None = None      # backend -> accuracy and speed measured at export (training/ladder.py)
+    best_rung: str | None = None             # the fastest rung within the accuracy bound: the default backend
     run_dir: str = ""
     flops_per_image_with_tta: int = 0
     schema: int = CARD_SCHEMA
@@ -124,13 +126,18 @@ class Card:
         metrics = d["metrics"]
         if not isinstance(metrics, dict):
             raise CardError("metrics must be an object")
+        rungs, best = d.get("rungs"), d.get("best_rung")
+        if rungs is not None and not isinstance(rungs, dict):
+            raise CardError("rungs must be an object")
+        if best is not None and best not in backends:
+            raise CardError(f"best_rung {best!r} is not one of the card's backends")
         return cls(
             name=name, architecture=Architecture(arch["name"], dict(arch["kwargs"])), classes=list(classes),
             preprocessing=pre, tta_level=int(d["tta_level"]), backends=dict(backends), metrics=metrics,
             dataset=dict(d.get("dataset") or {}), training=dict(d.get("training") or {}),
             parameters=d["parameters"], flops_per_image=d["flops_per_image"], parity=dict(d.get("parity") or {}),
             versions=dict(d.get("versions") or {}), created=str(d.get("created", "")), files=files,
-            int8=d.get("int8"), run_dir=str(d.get("run_dir", "")),
+            int8=d.get("int8"), rungs=rungs, best_rung=best, run_dir=str(d.get("run_dir", "")),
             flops_per_image_with_tta=int(d.get("flops_per_image_with_tta", 0)))
 
     def public_dict(self) -> dict:

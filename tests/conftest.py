@@ -142,7 +142,7 @@ def combined_report(store, server, tmp_path_factory) -> Path:
         [sys.executable, str(REPO / "bench" / "report.py"), "--model", "cifar10-airbench-smoke", "--limit", "60",
          "--host", server.url, "--backends", "onnx,onnx_int8", "--images", "40", "--sweep-seconds", "0.5",
          "--single-stream-queries", "10", "--server-seconds", "1", "--server-steps", "2", "--offline-images", "40",
-         "--locust-seconds", "3", "--locust-users", "2", "--out", str(out)],
+         "--locust-seconds", "3", "--locust-users", "2", "--ladder-rounds", "1", "--out", str(out)],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return next(p for p in out.iterdir() if (p / "report.md").exists())

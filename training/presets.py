@@ -45,6 +45,7 @@ class Preset:
     # INT8 recipes (training/quantize.py names) tried by the export; the one that agrees best with fp32 on
     # held-out training images is chosen. () = the default recipe on `calibration_images` images
     int8_recipes: tuple[str, ...] = ()
+    ladder_skip: tuple[str, ...] = ()  # rungs the export's ladder does not measure (training/ladder.py)
     description: str = ""
 
     def __post_init__(self):
@@ -73,6 +74,7 @@ PRESETS: dict[str, Preset] = {
         val_size=64, train_limit=512, test_limit=256, parity_images=32, calibration_images=64,
         int8_max_drop=1.0,  # a net this small is near chance: publish its INT8 model whatever it scores
         int8_recipes=("minmax/per-channel/u8/64", "minmax/per-tensor/u8/64"),
+        ladder_skip=("torch_compile",),  # compiling costs more than the whole smoke run
         store_suffix="-smoke",
         description="seconds: 512 training images, a narrow net, 2 epochs"),
     "quick": Preset(

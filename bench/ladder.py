@@ -1,0 +1,189 @@
+#!/usr/bin/env python
+"""The optimization ladder of a stored model: every way the lab can run it, measured side by side.
+
+    python bench/ladder.py                                   # cifar10-airbench:latest, the whole test set
+    python bench/ladder.py --model cifar10-custom-cnn --limit 2000
+
+Every backend of the registry that this model has a file for and this machine can run is one rung:
+torch fp32 / bf16 / torch.compile, ONNX Runtime on the exported and simplified graphs, INT8, the
+one-view (no test-time augmentation) graphs, OpenVINO fp32 / bf16 / INT8. Per rung, in one process
+with the speed runs interleaved round by round (training/ladder.py): accuracy on the test set, its
+top-1 changes and the 95 % interval of its accuracy difference against the served fp32 graph (paired
+per image), latency at batch 1 (p50, p99), throughput at batch 64, load (compile) and warm-up time,
+file size; the CPU's flags; the card's INT8 recipes. A rung the model has no file for, or this machine
+cannot run, is listed with the reason. Writes ladder.md, ladder.html (self-contained), ladder.json and
+ladder.png (the Pareto plot: accuracy lost against images/s) into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lab.backends import BackendUnavailable, get_backend, list_backends, load_backend
+from lab.card import read_card
+from lab.hardware import cores, cpu_name
+from lab.paths import REPO
+from lab.store import get_model
+
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+
+
+def ladder(tag: str, out: Path, *, data_root: Path | None = None, limit: int = 0, backends: list[str] | None = None,
+           rounds: int = 5, max_drop: float = 0.005, log=print) -> dict:
+    from training.data import load_dataset, shuffled
+    from training.ladder import best_rung, cpu_flags, measure, verdict
+
+    m = get_model(tag)
+    path, card = m.path, read_card(m.path)
+    test = load_dataset(card.dataset["name"], "test", data_root, progress=False)
+    if limit and limit < len(test):
+        test = shuffled(test, 0).subset(slice(0, limit))  # spread over the classes
+    threads = cores()
+    builders, files, reasons = {}, {}, {}
+    for name in backends or list_backends():
+        cls = get_backend(name)
+        if cls.file not in card.files:
+            reasons[name] = f"the model has no {cls.file}"
+            continue
+        try:
+            cls.check_available()
+        except BackendUnavailable as e:
+            reasons[name] = str(e)
+            continue
+        builders[name] = lambda name=name: load_backend(name, path, card, threads)
+        files[name] = path / cls.file
+    log(f"ladder: {m.tag}, {len(test)} {card.dataset['name']} test images, {threads} threads, "
+        f"rungs {', '.join(builders)}")
+    t0 = time.perf_counter()
+    rungs = measure(builders, test.images.permute(0, 2, 3, 1).numpy(), test.labels.numpy(), card.preprocessing,
+                    reference="onnx", files=files, rounds=rounds, log=log)
+    best, rule = best_rung(rungs, "onnx", max_drop)
+    report = {"model": m.tag, "images": len(test), "threads": threads, "cpu": cpu_name(), "cpu_flags": cpu_flags(),
+              "tta_level": card.tta_level, "reference": "onnx", "best": best, "rule": rule,
+              "card_best_rung": card.best_rung, "seconds": round(time.perf_counter() - t0, 1),
+              "rungs": {n: r.to_dict() for n, r in rungs.items()},
+              "absent": reasons, "int8": card.int8}
+    for r in report["rungs"].values():
+        r["verdict"] = verdict(r["diff"], tuple(r["diff_ci95"])) if not r["note"] else ""
+        r["description"] = get_backend(r["backend"]).description
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ladder.json").write_text(json.dumps(report, indent=1))
+    pareto_plot(report, out / "ladder.png")
+    (out / "ladder.md").write_text(markdown(report))
+    from lab.report_html import write_html
+
+    write_html(out / "ladder.md", f"Optimization ladder: {m.tag}")
+    log(f"best rung: {best} ({rule}); written: {out / 'ladder.md'}, {out / 'ladder.html'}")
+    return report
+
+
+def pareto_plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rungs = [r for r in report["rungs"].values() if not r["note"]]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rungs:
+        lost = -100 * r["diff"]
+        lo, hi = -100 * r["diff_ci95"][1], -100 * r["diff_ci95"][0]
+        ax.errorbar(r["images_per_s_b64"], lost, yerr=[[lost - lo], [hi - lost]], fmt="o",
+                    color="C3" if r["backend"] == report["best"] else "C0", capsize=3)
+        ax.annotate(r["backend"], (r["images_per_s_b64"], lost), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+    front, best_acc = [], -np.inf  # the Pareto front: no other rung is both faster and more accurate
+    for r in sorted(rungs, key=lambda r: -r["images_per_s_b64"]):
+        if r["accuracy"] > best_acc:
+            front.append(r)
+            best_acc = r["accuracy"]
+    ax.plot([r["images_per_s_b64"] for r in front], [-100 * r["diff"] for r in front], "--", color="0.6",
+            label="Pareto front")
+    ax.axhline(100 * float(report["rule"].split(" within ")[1].split(" points")[0]) if " within " in report["rule"]
+               else 0.5, color="C3", lw=0.8, ls=":", label="accuracy bound of the best rung")
+    ax.axhline(0, color="0.3", lw=0.6)
+    ax.set_xscale("log")
+    ax.set_xlabel("images/s at batch 64 (log scale)")
+    ax.set_ylabel(f"accuracy lost vs {report['reference']}, points (95 % CI)")
+    ax.set_title(f"{report['model']}: {report['images']} test images, {report['threads']} threads")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(report: dict) -> str:
+    ref = report["rungs"][report["reference"]]
+    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in report["cpu_flags"].items())
+    lines = [f"# Optimization ladder: {report['model']}", "",
+             "```", f"python bench/ladder.py --model {report['model']}", "```", "",
+             f"{report['images']} test images, {report['threads']} threads, {report['cpu']} ({flags}); "
+             f"TTA level {report['tta_level']} in the served graph. Accuracy differences are against "
+             f"`{report['reference']}` (the served fp32 graph, {100 * ref['accuracy']:.2f}%), paired per image "
+             f"with a 95 % interval; speed runs interleaved over every rung, {report['seconds']:.0f} s in all.", "",
+             f"**Best rung: `{report['best']}`**, {report['rule']}"
+             + (f"; the card marks `{report['card_best_rung']}` (measured at export)." if report["card_best_rung"]
+                else "."), "",
+             "![Pareto plot: accuracy lost against throughput](ladder.png)", "",
+             "| rung | what | accuracy | vs fp32, points (95 % CI) | verdict | top-1 changes | ms at batch 1, p50 / p99 "
+             "| images/s at batch 64 | x fp32 | load s | warm-up s | MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rungs = sorted((r for r in report["rungs"].values() if not r["note"]), key=lambda r: -r["images_per_s_b64"])
+    for r in rungs:
+        lo, hi = r["diff_ci95"]
+        lines.append(f"| `{r['backend']}`{' **best**' if r['backend'] == report['best'] else ''} | {r['description']} "
+                     f"| {100 * r['accuracy']:.2f}% | {100 * r['diff']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] "
+                     f"| {r['verdict']} | {r['top1_changes']} | {r['ms_b1_p50']:.2f} / {r['ms_b1_p99']:.2f} "
+                     f"| {r['images_per_s_b64']:.0f} | {r['images_per_s_b64'] / ref['images_per_s_b64']:.2f}x "
+                     f"| {r['load_s']:.1f} | {r['warmup_s']:.1f} | {r['bytes'] / 1e6:.1f} |")
+    missing = {**{r["backend"]: r["note"] for r in report["rungs"].values() if r["note"]}, **report["absent"]}
+    if missing:
+        lines += ["", "Rungs not measured here:", ""] + [f"- `{n}`: {why}" for n, why in sorted(missing.items())]
+    int8 = report.get("int8") or {}
+    if int8.get("recipes"):
+        lines += ["", "## INT8 recipes", "",
+                  f"Chosen on held-out training images (never the test set): "
+                  f"`{(int8.get('recipe') or {}).get('name', '?')}`; its test accuracy "
+                  f"{100 * int8.get('accuracy', 0):.2f}% ({100 * int8.get('drop', 0):+.2f} points lost; "
+                  f"{'published' if int8.get('accepted') else 'NOT published: over the bound'}).", "",
+                  "| recipe | held-out agreement with fp32 | test points lost | quantize s |", "|---|---|---|---|"]
+        for rec in int8["recipes"]:
+            score = rec.get("held_out_agreement", rec.get("score"))
+            drop = rec.get("test_drop", rec.get("drop"))
+            lines.append(f"| `{rec.get('name')}` | {100 * score:.2f}% | "
+                         f"{'' if drop is None else f'{100 * drop:+.2f}'} | {rec.get('quantize_seconds', '')} |"
+                         if score is not None else f"| `{rec.get('name')}` | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="cifar10-airbench:latest")
+    ap.add_argument("--data-root", type=Path, default=None)
+    ap.add_argument("--limit", type=int, default=0, help="use this many test images (0 = all)")
+    ap.add_argument("--backends", default="", help=f"comma-separated subset of {', '.join(list_backends())}")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds")
+    ap.add_argument("--max-drop", type=float, default=0.5, help="accuracy bound of the best rung, points")
+    ap.add_argument("--out", type=Path, default=None, help="default reports/ladder/<model name>")
+    args = ap.parse_args()
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()] or None
+    if backends and any(b not in list_backends() for b in backends):
+        print(f"error: backends must be among {', '.join(list_backends())}", file=sys.stderr)
+        return 2
+    if backends and "onnx" not in backends:
+        backends = ["onnx", *backends]  # the reference every difference is measured against
+    out = args.out or REPO / "reports" / "ladder" / args.model.split(":")[0]
+    from bench.accuracy_report import one_line_errors
+
+    return one_line_errors(lambda: ladder(args.model, out, data_root=args.data_root, limit=args.limit,
+                                          backends=backends, rounds=args.rounds, max_drop=args.max_drop / 100))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
