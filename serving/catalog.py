@@ -63,9 +63,18 @@ class ServedModel:
     def classes(self) -> list[str]:
         return self.card.classes
 
-    def describe(self) -> dict:
+    def default_backend(self, configured: str = "") -> str:
+        """The backend a request naming none gets: the configured one, else the card's best rung (the
+        fastest within its accuracy bound), else onnx, else the first built; each only when built."""
+        for b in (configured, self.card.best_rung, "onnx"):
+            if b and b in self.backends:
+                return b
+        return sorted(self.backends)[0]
+
+    def describe(self, configured_backend: str = "") -> dict:
         return {"tag": self.tag, "backends": sorted(self.backends), "refused": self.refused,
-                "card": self.card.public_dict()}
+                "default_backend": self.default_backend(configured_backend) if self.backends else None,
+                "rungs": (self.card.rungs or {}), "card": self.card.public_dict()}
 
 
 class Catalog:
@@ -118,7 +127,10 @@ class Catalog:
             log.error("refusing model %s: %s", tag, e)
             return None, str(e)
         served = ServedModel(tag=tag, name=tag.split(":")[0], path=path, card=card, created=created)
-        for backend in self.settings.backends:
+        wanted = list(self.settings.backends)
+        if card.best_rung and card.best_rung not in wanted and not self.settings.default_backend:
+            wanted.append(card.best_rung)  # requests naming no backend get it (ServedModel.default_backend)
+        for backend in wanted:
             try:
                 built = load_backend(backend, path, card, threads=self.settings.threads)
                 smoke_test(built, card)
@@ -272,7 +284,7 @@ class Catalog:
 
     def describe(self) -> dict:
         return {"default": self.default,
-                "models": {name: m.describe() for name, m in sorted(self.latest.items())},
+                "models": {name: m.describe(self.settings.default_backend) for name, m in sorted(self.latest.items())},
                 "versions": {name: sorted(v) for name, v in sorted(self.index.items())},
                 "refused": dict(sorted(self.refused_models.items()))}
 

@@ -74,6 +74,8 @@ class Settings:
                                     minimum=0.0, group="operations")
     log_format: str = setting("LAB_LOG_FORMAT", "text", "text, or json: one JSON object per log line",
                               group="operations", choices=("text", "json"))
+    default_backend: str = setting("LAB_DEFAULT_BACKEND", "", "backend a request naming none is answered by "
+                                   "(default: the model card's best rung, else onnx)", group="operations")
     default_model: str = setting("LAB_DEFAULT_MODEL", "cifar10-airbench", "model served when a request names none",
                                  group="operations")
     models: tuple[str, ...] = setting("LAB_MODELS", (), "comma-separated model names to serve (default: every "
@@ -98,9 +100,10 @@ class Settings:
             raw = environ.get(f.metadata["env"], "").strip()
             if raw:
                 values[f.name] = _parse(f, raw)
-        unknown = [b for b in values.get("backends", ()) if b not in list_backends()]
+        unknown = [b for b in (*values.get("backends", ()), values.get("default_backend")) if b and b not in list_backends()]
         if unknown:
-            raise SystemExit(f"LAB_BACKENDS: unknown backend(s) {unknown}; valid: {', '.join(list_backends())}")
+            raise SystemExit(f"LAB_BACKENDS / LAB_DEFAULT_BACKEND: unknown backend(s) {unknown}; "
+                             f"valid: {', '.join(list_backends())}")
         return cls(**values)
 
 

@@ -249,7 +249,7 @@ async def _resolve(cat: C.Catalog, opts: dict[str, str]) -> tuple[C.ServedModel,
     model = cat.loaded(name, version)
     if model is None:  # an older version, loaded once off the event loop
         model = await anyio.to_thread.run_sync(cat.load_version, name, version)
-    backend = opts.get("backend") or "onnx"
+    backend = opts.get("backend") or model.default_backend(cat.settings.default_backend)
     cat.backend(model, backend)  # raises for unknown or refused backends
     try:
         top_k = int(opts.get("top_k", 3))

@@ -29,8 +29,10 @@ BATCH_ANSWER = {"type": "object", "properties": {
 
 def options() -> dict:
     return {
-        "backend": {"type": "string", "enum": list_backends(), "default": "onnx",
-                    "description": "the inference backend (GET /models/ lists each model's)"},
+        "backend": {"type": "string", "enum": list_backends(),
+                    "description": "the inference backend (GET /models/ lists each model's, its measured rungs "
+                                   "and its default_backend: the card's best rung unless LAB_DEFAULT_BACKEND "
+                                   "says otherwise)"},
         "model": {"type": "string", "description": "model name, or name:version (default: the default model)"},
         "version": {"type": "string", "description": "a version of the named model"},
         "top_k": {"type": "integer", "minimum": 1, "default": 3},
