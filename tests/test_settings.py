@@ -32,7 +32,8 @@ def test_settings_come_from_the_environment_and_derived_defaults_follow_them():
     ("LAB_HEADER_TIMEOUT", "0", "LAB_HEADER_TIMEOUT=0.0 must be >= 0.1"),
     ("LAB_MAX_HEADERS", "4", "LAB_MAX_HEADERS=4 must be >= 8"),
     ("LAB_LOG_FORMAT", "xml", "LAB_LOG_FORMAT='xml': valid values are text, json"),
-    ("LAB_BACKENDS", "onnx,tpu", "LAB_BACKENDS: unknown backend(s) ['tpu']"),
+    ("LAB_BACKENDS", "onnx,tpu", "unknown backend(s) ['tpu']"),
+    ("LAB_DEFAULT_BACKEND", "gpu9", "unknown backend(s) ['gpu9']"),
 ])
 def test_a_bad_value_is_one_line(env, value, message):
     with pytest.raises(SystemExit) as e:
