@@ -128,7 +128,8 @@ class Catalog:
             return None, str(e)
         served = ServedModel(tag=tag, name=tag.split(":")[0], path=path, card=card, created=created)
         wanted = list(self.settings.backends)
-        if card.best_rung and card.best_rung not in wanted and not self.settings.default_backend:
+        if (card.best_rung and card.best_rung not in wanted and not self.settings.default_backend
+                and not self.settings.backends_chosen):
             wanted.append(card.best_rung)  # requests naming no backend get it (ServedModel.default_backend)
         for backend in wanted:
             try:

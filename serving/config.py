@@ -81,10 +81,16 @@ class Settings:
     models: tuple[str, ...] = setting("LAB_MODELS", (), "comma-separated model names to serve (default: every "
                                                         "model with a lab card)", group="operations")
     backends: tuple[str, ...] | None = setting(
-        "LAB_BACKENDS", None, "comma-separated backends to build (default: every backend of the registry, "
-        "lab.backends, that is served by default)", group="operations")
+        "LAB_BACKENDS", None, "comma-separated backends to build, exactly these (default: every backend of the "
+        "registry, lab.backends, that is served by default, and each model's best rung)", group="operations")
+
+    @property
+    def backends_chosen(self) -> bool:
+        """Whether LAB_BACKENDS (or the caller) named the backends: then exactly those are built."""
+        return self._backends_chosen
 
     def __post_init__(self) -> None:  # the defaults derived from other settings
+        object.__setattr__(self, "_backends_chosen", self.backends is not None)
         derived = {"threads": lambda: max(1, cores() // self.workers),
                    "max_inflight_per_client": lambda: max(1, self.max_inflight // 4),
                    "backends": lambda: tuple(default_backends())}

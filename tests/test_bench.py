@@ -77,7 +77,7 @@ def test_accuracy_report_matches_direct_evaluation(store, tmp_path):
     assert rep["backends"]["torch"]["accuracy"] == pytest.approx(direct)
     assert rep["backends"]["onnx"]["accuracy"] == pytest.approx(direct)
     assert rep["top1_differences"]["torch"]["onnx"] == 0
-    assert {"torch", "torch_bf16", "onnx_raw", "onnx", "onnx_int8"} == set(rep["backends"])
+    assert {"torch", "torch_bf16", "onnx_raw", "onnx", "onnx_int8"} <= set(rep["backends"])  # and what else runs here
     md = (tmp_path / "accuracy.md").read_text()
     assert "Accuracy for class: airplane" in md and "INT8 vs FP32 ONNX" in md
     assert (tmp_path / "per_class_accuracy.png").exists() and (tmp_path / "confusion_onnx_int8.png").exists()

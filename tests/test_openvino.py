@@ -1,4 +1,4 @@
-"""The OpenVINO backends (lab/backends/openvino.py): the same answers as ONNX Runtime on the smoke
+"""The OpenVINO and torch.compile backends: the same answers as ONNX Runtime / eager torch on the smoke
 model's graphs, served by the service when LAB_BACKENDS names them, and refused on an untested version."""
 from __future__ import annotations
 
@@ -72,3 +72,22 @@ def test_the_service_serves_openvino_when_asked(store, tmp_path):
             assert r.status_code == 200, r.text
             answers[backend] = [p["label"] for p in r.json()["predictions"]]
         assert answers["onnx"][0] == answers["openvino"][0], answers
+
+
+def test_torch_compile_agrees_with_eager_torch(store):
+    """torch_compile (lab/backends/torch_compile.py) is the torch backend compiled once at load: the same
+    function to float rounding, at every batch size it was compiled for."""
+    from lab.backends import get_backend
+
+    try:
+        get_backend("torch_compile").check_available()
+    except BackendUnavailable as e:
+        pytest.skip(str(e))
+    card = read_card(store["model_dir"])
+    x = _batch(card, 64)
+    compiled = load_backend("torch_compile", store["model_dir"], card, threads=2)
+    eager = load_backend("torch", store["model_dir"], card, threads=2)
+    assert compiled.compile_seconds > 0
+    for n in (1, 7, 64):
+        got, want = compiled.predict(x[:n]), eager.predict(x[:n])
+        assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), n
