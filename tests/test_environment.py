@@ -57,3 +57,14 @@ def test_every_direct_dependency_is_in_the_lock_at_its_pin():
         m = PIN.match(line.split("#")[0].strip())
         if m:
             assert want.get(canonicalize_name(m.group(1))) == m.group(2), f"{line.strip()}: make lock"
+
+
+def test_the_bentofile_pins_what_the_lock_pins():
+    """A Bento installs bentofile.yaml's packages: the same versions as the tested environment."""
+    want = locked(REPO / "requirements.lock")
+    text = (REPO / "bentofile.yaml").read_text()
+    pins = [PIN.match(line.strip().removeprefix("- ").split("#")[0].strip())
+            for line in text.splitlines() if "==" in line and line.strip().startswith("- ")]
+    assert pins and all(pins)
+    for m in pins:
+        assert want.get(canonicalize_name(m.group(1))) == m.group(2), f"bentofile.yaml: {m.group(0)} vs the lock"
