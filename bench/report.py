@@ -71,7 +71,9 @@ def _export_section(card: dict) -> list[str]:
         lines.append(f"| {name} | {p['max_abs_diff']:.2e} | {p['atol']:g} | {100 * p['top1_agreement']:.1f}% | {p['images']} |")
     i8 = card.get("int8")
     if i8:
-        lines += ["", f"INT8 (static, per-channel, calibrated on {i8['calibration_images']} training images): "
+        recipe = (i8.get("recipe") or {}).get("name", "minmax/per-channel/u8")
+        lines += ["", f"INT8 (static, recipe `{recipe}` chosen on held-out training images, calibrated on "
+                      f"{i8['calibration_images']} training images): "
                       f"{_pct(i8['accuracy'])} vs {_pct(i8['fp32_accuracy'])} FP32, {100 * i8['drop']:+.2f} points "
                       f"lost, {i8['top1_disagreements_vs_fp32']} test images change top-1; "
                       f"{'published' if i8['accepted'] else 'not published'}."]
