@@ -262,12 +262,21 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "reports" / "accuracy")
     args = ap.parse_args()
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()] or None
-    if backends and any(b not in list_backends() for b in backends):
-        print(f"error: backends must be among {', '.join(list_backends())}", file=sys.stderr)
+    try:
+        backends = parse_backends(args.backends)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     return one_line_errors(lambda: accuracy_report(args.model, args.out, data_root=args.data_root,
                                                    limit=args.limit, backends=backends, threads=args.threads))
+
+
+def parse_backends(text: str) -> list[str] | None:
+    """A comma-separated --backends value: the names (None when empty); ValueError for an unknown one."""
+    backends = [b.strip() for b in text.split(",") if b.strip()] or None
+    if backends and any(b not in list_backends() for b in backends):
+        raise ValueError(f"backends must be among {', '.join(list_backends())}")
+    return backends
 
 
 def one_line_errors(job) -> int:

@@ -61,8 +61,7 @@ def ladder(tag: str, out: Path, *, data_root: Path | None = None, limit: int = 0
     log(f"ladder: {m.tag}, {len(test)} {card.dataset['name']} test images, {threads} threads, "
         f"rungs {', '.join(builders)}")
     t0 = time.perf_counter()
-    rungs = measure(builders, test.images.permute(0, 2, 3, 1).numpy(), test.labels.numpy(), card.preprocessing,
-                    reference="onnx", files=files, rounds=rounds, log=log)
+    rungs = measure(builders, test, card.preprocessing, reference="onnx", files=files, rounds=rounds, log=log)
     best, rule = best_rung(rungs, "onnx", max_drop)
     report = {"model": m.tag, "images": len(test), "threads": threads, "cpu": cpu_name(), "cpu_flags": cpu_flags(),
               "tta_level": card.tta_level, "reference": "onnx", "best": best, "rule": rule, "max_drop": max_drop,
@@ -171,15 +170,16 @@ def main() -> int:
     ap.add_argument("--max-drop", type=float, default=0.5, help="accuracy bound of the best rung, points")
     ap.add_argument("--out", type=Path, default=None, help="default reports/ladder/<model name>")
     args = ap.parse_args()
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()] or None
-    if backends and any(b not in list_backends() for b in backends):
-        print(f"error: backends must be among {', '.join(list_backends())}", file=sys.stderr)
+    from bench.accuracy_report import one_line_errors, parse_backends
+
+    try:
+        backends = parse_backends(args.backends)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if backends and "onnx" not in backends:
         backends = ["onnx", *backends]  # the reference every difference is measured against
     out = args.out or REPO / "reports" / "ladder" / args.model.split(":")[0]
-    from bench.accuracy_report import one_line_errors
-
     return one_line_errors(lambda: ladder(args.model, out, data_root=args.data_root, limit=args.limit,
                                           backends=backends, rounds=args.rounds, max_drop=args.max_drop / 100))
 

@@ -115,7 +115,7 @@ class Settings:
 
 def _parse(f, raw: str):
     env, minimum, choices = f.metadata["env"], f.metadata["minimum"], f.metadata["choices"]
-    if f.name in ("models", "backends"):
+    if f.type.startswith("tuple"):  # a comma-separated list
         return tuple(s.strip() for s in raw.split(",") if s.strip())
     if f.type.startswith("str"):
         value = raw.lower() if choices else raw

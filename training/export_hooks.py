@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from training.export import ExportContext, export_hook, export_verified
-from training.quantize import quantize_int8
+from training.quantize import SHUFFLE_SEED, Recipe, quantize_int8
 
 
 @export_hook("int8")
@@ -141,22 +141,17 @@ def one_view_int8(ctx: ExportContext) -> tuple[str | None, dict]:
         return None, {"skipped": "no one-view graph"}
     if "accuracy" not in int8:
         return None, {"skipped": "no INT8 recipe (the int8 hook did not run)"}
-    recipe = int8.get("recipe")
-    n = (recipe or {}).get("calibration_images") or int8.get("calibration_images", 512)
-    calib = D.to_float(D.shuffled(ctx.train_set, 99).images[:n], ctx.spec).numpy()
+    recipe = Recipe.parse(int8["recipe"]["name"]) if int8.get("recipe") else Recipe()
+    # the calibration images the int8 hook used: the first N of the training set in its fixed order
+    calib = D.to_float(D.shuffled(ctx.train_set, SHUFFLE_SEED).images[:int8.get("calibration_images", 512)],
+                       ctx.spec).numpy()
     t0 = time.perf_counter()
     path = ctx.out_dir / OnnxInt8OneViewBackend.file
-    if recipe:
-        from training.quantize import Recipe
-
-        fields = {k: v for k, v in recipe.items() if k in Recipe.__dataclass_fields__}
-        quantize_int8(fp32_path, calib, path, Recipe(**fields))
-    else:
-        quantize_int8(fp32_path, calib, path)
+    quantize_int8(fp32_path, calib, path, recipe)
     rec = _one_view_record(ctx, OnnxInt8OneViewBackend(path), time.perf_counter() - t0)
     drop = one["accuracy"] - rec["accuracy"]
     max_drop = ctx.settings.get("int8_max_drop", 0.01)
-    rec.update(drop_vs_one_view=drop, recipe=recipe or "default", bytes=path.stat().st_size, accepted=drop <= max_drop)
+    rec.update(drop_vs_one_view=drop, recipe=recipe.to_dict(), bytes=path.stat().st_size, accepted=drop <= max_drop)
     ctx.log(f"one view INT8: test accuracy {100 * rec['accuracy']:.2f}% ({100 * drop:+.2f} points against one "
             f"view fp32)" + ("" if rec["accepted"] else f"; NOT published: more than {100 * max_drop:.1f} points lost"))
     if not rec["accepted"]:
@@ -180,14 +175,14 @@ def ladder(ctx: ExportContext) -> tuple[None, dict]:
     from lab.hardware import cores
     from training.ladder import MAX_DROP, best_rung, cpu_flags, measure
 
-    arch = ctx.architecture
+    arch = ctx.architecture  # what the torch backends build model.pth into
     card = SimpleNamespace(tta_level=ctx.tta_level, preprocessing=ctx.spec,
-                           architecture=Architecture(arch["name"], arch["kwargs"]) if arch else None)
+                           architecture=Architecture(arch["name"], arch["kwargs"]))
     published = set(ctx.files)
     builders, files = {}, {}
     for name in list_backends():
         cls = get_backend(name)
-        if name in ctx.settings.get("ladder_skip", ()) or cls.file not in published or (cls.file == "model.pth" and card.architecture is None):
+        if name in ctx.settings.get("ladder_skip", ()) or cls.file not in published:
             continue
         path = ctx.out_dir / cls.file
 
@@ -197,9 +192,7 @@ def ladder(ctx: ExportContext) -> tuple[None, dict]:
 
         builders[name], files[name] = build, path
     t0 = time.perf_counter()
-    images = ctx.test.images.permute(0, 2, 3, 1).numpy()
-    rungs = measure(builders, images, ctx.test.labels.numpy(), ctx.spec, reference="onnx", files=files,
-                    log=ctx.log, progress=False)
+    rungs = measure(builders, ctx.test, ctx.spec, reference="onnx", files=files, log=ctx.log, progress=False)
     best, rule = best_rung(rungs, "onnx", ctx.settings.get("ladder_max_drop", MAX_DROP))
     for r in rungs.values():
         if not r.note:

@@ -7,7 +7,7 @@ ratios hold on a noisy machine; load and warm-up time; file size. The export hoo
 rungs a model is published with (their accuracy and speed go into the card, with the best rung);
 bench/ladder.py measures every rung of a stored model and writes the page.
 
-    rungs = measure({"onnx": lambda: OnnxBackend(path), ...}, images, labels, spec)
+    rungs = measure({"onnx": lambda: OnnxBackend(path), ...}, test, spec, reference="onnx")
     best = best_rung(rungs, reference="onnx", max_drop=0.005)
 """
 from __future__ import annotations
@@ -64,23 +64,18 @@ def verdict(diff: float, ci: tuple[float, float]) -> str:
     return "not established"
 
 
-def _predict_all(backend, images: np.ndarray, spec, batch_size: int = 250) -> np.ndarray:
-    from lab.preprocess import normalize
-
-    return np.concatenate([backend.predict(normalize(images[i:i + batch_size], spec))
-                           for i in range(0, len(images), batch_size)])
-
-
-def measure(builders: dict[str, Callable[[], object]], images: np.ndarray, labels: np.ndarray, spec, *,
+def measure(builders: dict[str, Callable[[], object]], test, spec, *,
             reference: str, files: dict[str, Path] | None = None, rounds: int = 5, b1_calls: int = 20,
             b64_calls: int = 3, log=print, progress: bool = True) -> dict[str, Rung]:
-    """Measure each rung. `images` are uint8 NHWC test images, `labels` their classes; `builders` make
+    """Measure each rung on `test` (a training.data.ArrayDataset of test images); `builders` make
     the backends (a builder that raises BackendUnavailable or fails is skipped with its reason in `note`).
     The reference rung must build: every accuracy difference is against it."""
     from tqdm import tqdm
 
     from lab.preprocess import normalize
+    from training.evaluate import predict_backend
 
+    images, labels = test.images.permute(0, 2, 3, 1).numpy(), test.labels.numpy()
     rungs: dict[str, Rung] = {}
     built: dict[str, object] = {}
     skipped: dict[str, str] = {}
@@ -109,7 +104,7 @@ def measure(builders: dict[str, Callable[[], object]], images: np.ndarray, label
     # accuracy on every test image
     pred = {}
     for name in tqdm(list(built), desc="ladder: accuracy", disable=not progress, leave=False):
-        pred[name] = _predict_all(built[name], images, spec).argmax(1)
+        pred[name] = predict_backend(built[name], test, spec, batch_size=250).argmax(1)
         rungs[name].correct = pred[name] == labels
         rungs[name].accuracy = float(rungs[name].correct.mean())
     for name, r in rungs.items():
