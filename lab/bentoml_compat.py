@@ -8,37 +8,28 @@ methods. It cannot do these things we need:
    file (`shutil.copytree`), so a kill half-way leaves a half-model that `bentoml models list` shows.
    We let it create the model in a private staging store beside the real one (its `_model_store`
    argument, undocumented), then move the finished folder into the store with one `os.rename`.
-2. **A learned batching wait that holds lone requests.** BentoML's adaptive-batching dispatcher
-   (`bentoml/_internal/marshal/dispatcher.py`) learns a `wait` from the queueing time of recent batches;
-   after a burst of load even a lone request is held that long (measured here: 116 ms at concurrency 1
-   after a concurrency-64 run, against 7 ms before it). We cap the learned wait (default 0: a batch
-   leaves as soon as the model is free). Reported upstream behaviour: see docs/serving.md, "Notes on BentoML".
-
-3. **Guarded HTTP connections.** `bentoml serve` runs uvicorn with httptools and passes it only
+2. **Guarded HTTP connections.** `bentoml serve` runs uvicorn with httptools and passes it only
    `timeout_keep_alive` and `timeout_graceful_shutdown` (_bentoml_impl/worker/service.py): no limit on
    the size or count of headers (one 128 MiB header was accepted), no timeout for a request's headers
    (a connection that sends half a header line is kept for ever), no cap on connections, and plain-text
    400s for malformed requests. uvicorn's own `limit_concurrency` and `h11_max_incomplete_event_size`
    cannot be passed through BentoML. We subclass uvicorn's httptools protocol (guard_http) and install
    it as uvicorn's "auto" HTTP protocol before the worker builds its uvicorn.Config.
-4. **One line, not a traceback, per shed request.** When BentoML's batching dispatcher sheds a queued
-   request it raises ServiceUnavailable, which BentoML logs with a full traceback, once per request.
-   A logging filter (quiet_shed_requests) turns those into one line per second with a count.
-
 Each is checked against the pinned versions (TESTED, TESTED_UVICORN) and tests/test_bentoml_compat.py
 fails on another version so that someone looks. The HTTP guard is a security guard: where it cannot
 install itself (an untested uvicorn, no httptools) the service refuses to start, with one line naming
 the versions, unless LAB_ALLOW_UNGUARDED=1 says to serve without it (logged, and shown by /readyz and
-the lab_guard_active metric). The others step aside with one warning: publishing falls back to the
-public, non-atomic `bentoml.models.create` (the service's sha256 check still protects it), the batching
-cap is not installed, the log filter stays (harmless).
+the lab_guard_active metric). Publishing steps aside with one warning: it falls back to the public,
+non-atomic `bentoml.models.create` (the service's sha256 check still protects it).
+
+BentoML's adaptive-batching dispatcher is not used: the service batches in its own queue
+(serving/batching.py), which measured faster (docs/serving.md, "Notes on BentoML").
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -100,31 +91,7 @@ def point_latest(name_dir: Path, version: str) -> None:
     os.replace(tmp, name_dir / "latest")
 
 
-# ---------------------------------------------------------------- 2. the batching wait
-
-
-def cap_learned_batch_wait(max_wait_ms: int) -> bool:
-    """Cap the dispatcher's learned wait in every dispatcher created from now on. Returns whether it did."""
-    if not tested_version():
-        _warn_untested("the batching wait is not capped (lone requests may wait after bursts)")
-        return False
-    from bentoml._internal.marshal import dispatcher
-
-    base = getattr(dispatcher, "_lab_original_optimizer", dispatcher.Optimizer)
-
-    class CappedWaitOptimizer(base):
-        max_wait_s = max_wait_ms / 1000.0
-
-        def trigger_refresh(self):
-            super().trigger_refresh()
-            self.wait = min(self.wait, self.max_wait_s)
-
-    dispatcher._lab_original_optimizer = base
-    dispatcher.Optimizer = CappedWaitOptimizer
-    return True
-
-
-# ---------------------------------------------------------------- 3. guarded HTTP connections
+# ---------------------------------------------------------------- 2. guarded HTTP connections
 
 
 def guard_http(*, header_timeout: float, max_header_bytes: int, max_headers: int, max_connections: int,
@@ -275,41 +242,3 @@ def _unguarded(guard: str, why: str) -> None:
     GUARDS[guard] = f"OFF ({ALLOW_UNGUARDED}=1): {why}"
     log.warning("serving WITHOUT the %s guard (%s=1): %s", guard, ALLOW_UNGUARDED, why)
     return None
-
-
-# ---------------------------------------------------------------- 4. shed requests: one line, not a traceback
-
-
-class _QuietShed(logging.Filter):
-    """Drops BentoML's per-request traceback for requests its dispatcher shed (ServiceUnavailable);
-    logs one line per second instead, with how many were shed."""
-
-    def __init__(self):
-        super().__init__()
-        self.shed, self.last = 0, 0.0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if exc is None or type(exc).__name__ != "ServiceUnavailable":
-            return True
-        self.shed += 1
-        now = time.monotonic()
-        if now - self.last < 1.0:
-            return False
-        self.last = now
-        record.msg, record.args = "shed %d queued request(s) with 503 (the batching queue was over its latency)", \
-            (self.shed,)
-        record.exc_info = record.exc_text = None
-        self.shed = 0
-        return True
-
-
-def quiet_shed_requests() -> logging.Filter:
-    """Install the filter on the logger BentoML's HTTP app logs request exceptions with."""
-    logger = logging.getLogger("bentoml._internal.server.http_app")
-    for f in logger.filters:
-        if isinstance(f, _QuietShed):
-            return f
-    f = _QuietShed()
-    logger.addFilter(f)
-    return f

@@ -20,14 +20,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from lab.backends import BackendUnavailable, load_backend, softmax
+from lab.backends import BackendUnavailable, load_backend
 from lab.card import Card, read_card
 from lab.preprocess import Preprocessing
 from lab.store import lab_models
@@ -88,7 +87,6 @@ class Catalog:
         self.refused_models: dict[str, str] = {}                    # tag -> why it cannot be served
         self.default: str | None = None
         self._lock = threading.Lock()
-        self.item_seconds: dict[str, float] = {}  # backend -> inference seconds per image (moving average)
 
     # ------------------------------------------------------------ loading
 
@@ -210,11 +208,6 @@ class Catalog:
                 _collect_replaced()
             return changes
 
-    def queue_seconds(self, images: int, backend: str | None = None) -> float:
-        """About how long `images` queued images take to infer (0 before any inference was timed)."""
-        per_item = self.item_seconds.get(backend or "", 0.0) or max(self.item_seconds.values(), default=0.0)
-        return images * per_item
-
     def servable(self) -> tuple[bool, str]:
         """Whether a request naming no model can be answered; else why not (for /readyz)."""
         if self.default is not None and self.latest.get(self.default) is not None:
@@ -289,52 +282,6 @@ class Catalog:
                 "versions": {name: sorted(v) for name, v in sorted(self.index.items())},
                 "refused": dict(sorted(self.refused_models.items()))}
 
-    # ------------------------------------------------------------ inference
-
-    def infer(self, items: list) -> list[dict]:
-        """Run a batch of request items (serving.http_io.Item), grouped by model and backend.
-
-        Returns one result per item, in order: {"status": 200, "body": {...}} or an error. A failure in
-        one group answers 500 for that group's items only; a None item (its request has gone: a timeout)
-        answers 503.
-        """
-        results: list[dict | None] = [None] * len(items)
-        groups: dict[tuple[int, str], list[int]] = {}
-        for i, it in enumerate(items):
-            if it is None:
-                results[i] = {"status": 503, "body": {"error": "the request timed out before inference"}}
-            elif it.error is not None:
-                results[i] = {"status": it.error[0], "body": {"error": it.error[1]}}
-            else:
-                groups.setdefault((id(it.model), it.backend), []).append(i)
-        for (_, backend_name), idx in groups.items():
-            model = items[idx[0]].model
-            try:
-                t0 = time.perf_counter()
-                batch = np.stack([items[i].x for i in idx])
-                probs = softmax(model.backends[backend_name].predict(batch).astype(np.float64))
-                ms = (time.perf_counter() - t0) * 1000
-            except Exception as e:
-                log.exception("inference failed on %s/%s for a batch of %d", model.tag, backend_name, len(idx))
-                for i in idx:
-                    results[i] = {"status": 500, "body": {"error": f"inference failed: {type(e).__name__}"}}
-                continue
-            _observe(backend_name, len(idx), ms / 1000)
-            per_item = ms / 1000 / len(idx)
-            self.item_seconds[backend_name] = 0.8 * self.item_seconds.get(backend_name, per_item) + 0.2 * per_item
-            for row, i in zip(probs, idx):
-                it = items[i]
-                top = np.argsort(-row, kind="stable")[:it.top_k]  # ties: the lowest index, as np.argmax
-                results[i] = {"status": 200, "body": {
-                    "model": model.tag, "backend": backend_name,
-                    "predictions": [{"label": model.classes[j], "index": int(j), "probability": float(row[j])}
-                                    for j in top],
-                    "inference_ms": round(ms, 3), "batch_size": len(idx),
-                    "preprocess_ms": round(it.preprocess_ms, 3), "queue_ms": round((t0 - it.ready_at) * 1000, 3),
-                    **({"filename": it.filename} if it.filename else {}),
-                }}
-        return results
-
 
 def _collect_replaced() -> None:
     """The service froze everything it loaded at start-up out of the collector's sight (gc.freeze); a
@@ -345,15 +292,6 @@ def _collect_replaced() -> None:
     gc.unfreeze()
     gc.collect()
     gc.freeze()
-
-
-def _observe(backend: str, n: int, seconds: float) -> None:
-    from serving.metrics import metrics
-
-    m = metrics()
-    if m is not None:
-        m.batch_size.labels(backend).observe(n)
-        m.inference_seconds.labels(backend).observe(seconds)
 
 
 def smoke_test(backend, card: Card) -> None:

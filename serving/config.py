@@ -30,16 +30,23 @@ class Settings:
     threads: int | None = setting("LAB_THREADS", None, "intra-op threads per worker for onnxruntime, torch and "
                                                        "OpenVINO (default: cores / workers)")
     max_batch_size: int = setting("LAB_MAX_BATCH_SIZE", 64, "adaptive batching: largest batch (1 turns batching off)")
-    max_latency_ms: int = setting("LAB_MAX_LATENCY_MS", 5000, "adaptive batching: longest a request may wait "
-                                                              "in the queue, ms")
+    max_latency_ms: int = setting("LAB_MAX_LATENCY_MS", 5000, "adaptive batching: longest an image may wait in "
+                                  "the queue, ms; past it, 503 without running it")
     batch_wait_ms: int = setting("LAB_BATCH_WAIT_MS", 0, "adaptive batching: most a free model waits for more "
-                                                         "requests, ms", minimum=0)
+                                                         "images to fill a batch, ms", minimum=0)
+    max_queue: int | None = setting("LAB_MAX_QUEUE", None, "images waiting per (model, backend) queue; past it, "
+                                    "503 + Retry-After (default 4 x max_batch_size)")
+    max_queue_bytes: int = setting("LAB_MAX_QUEUE_BYTES", 64 * MiB, "bytes of images waiting in all the queues "
+                                   "of a worker; past it, 503 + Retry-After")
     # ---- bounded memory and time per request
     max_inflight: int = setting("LAB_MAX_INFLIGHT", 512, "requests in flight per worker before answering "
                                                          "503 + Retry-After", group="limits")
     max_inflight_per_client: int | None = setting(
         "LAB_MAX_INFLIGHT_PER_CLIENT", None, "requests in flight per client address (default max_inflight / 4; "
         "0: no limit)", minimum=0, group="limits")
+    trusted_proxies: tuple[str, ...] = setting(
+        "LAB_TRUSTED_PROXIES", (), "comma-separated proxy addresses whose X-Forwarded-For names the client for "
+        "the per-client request limit (connection limits always count the peer address)", group="limits")
     timeout: int = setting("LAB_TIMEOUT", 60, "seconds before a request is answered 504", group="limits")
     max_body_bytes: int = setting("LAB_MAX_BODY_BYTES", 10 * MiB, "largest request body, bytes", group="limits")
     max_pixels: int = setting("LAB_MAX_PIXELS", 40_000_000, "largest image, width x height", group="limits")
@@ -93,6 +100,7 @@ class Settings:
         object.__setattr__(self, "_backends_chosen", self.backends is not None)
         derived = {"threads": lambda: max(1, cores() // self.workers),
                    "max_inflight_per_client": lambda: max(1, self.max_inflight // 4),
+                   "max_queue": lambda: 4 * self.max_batch_size,
                    "backends": lambda: tuple(default_backends())}
         for name, value in derived.items():
             if getattr(self, name) is None:

@@ -8,26 +8,22 @@ POST /classify_batch  multipart/form-data with one or more files in the field "i
 Options, as query parameters (or multipart text fields): backend (a name of the registry, lab.backends),
 model (name, or name:version), version, top_k.
 
-The front door (serving/middleware.py) parses and preprocesses a request before BentoML sees it: every
-bad input gets its 4xx JSON error at once and never waits in the batching queue, size limits apply
-before decoding, and nothing in a request ever becomes a file path or a URL to fetch. A parsed request
-becomes tickets: its items wait in this worker's `TICKETS` table, and BentoML's typed, batchable API
-(`classify(tickets: list[str]) -> list[dict]`, serving/service.py) is called with their ids as JSON, so
-BentoML batches many requests' tickets into one inference call through its public API.
+The front door (serving/middleware.py) parses and preprocesses a request here before anything else:
+every bad input gets its 4xx JSON error at once and never waits in the batching queue, size limits
+apply before decoding, and nothing in a request ever becomes a file path or a URL to fetch. A parsed
+request is a list of `Item`s, each a uint8 image at the model's size (or the error of that image),
+which go to the batching queue (serving/batching.py).
 """
 from __future__ import annotations
 
-import json
-import secrets
 import time
 from dataclasses import dataclass
 
 import anyio
 import numpy as np
 from starlette.requests import ClientDisconnect
-from starlette.responses import JSONResponse, Response
 
-from lab.preprocess import ImageError, decode_estimate, decode_opened, normalize, open_header
+from lab.preprocess import ImageError, decode_estimate, decode_opened, open_header
 from serving import catalog as C
 from serving.budget import BudgetExceeded, ByteBudget, Reservation
 from serving.config import Settings
@@ -37,6 +33,9 @@ ROUTES = {"/classify": "single", "/classify_batch": "batch"}
 BODY_COPIES = {"raw": 2, "multipart": 3}  # bytes a body costs while read and parsed, per byte received
 DECODE_WAIT_S = 10.0  # longest an image waits for a decode slot or decode memory before 503
 MAX_FIELDS, MAX_FIELD_BYTES = 16, 64 * 1024  # multipart text fields (backend, model, version, top_k)
+# Decoded on the event loop, not in a thread: files up to this size whose header says at most this many
+# pixels (a 32x32 JPEG decodes in about 40 us here; the hand-off to a thread and back costs more).
+INLINE_MAX_FILE_BYTES, INLINE_MAX_PIXELS = 64 * 1024, 64 * 64
 
 
 class Overloaded(Exception):
@@ -64,48 +63,15 @@ def limits(settings: Settings) -> Limits:
     return _limits
 
 
-@dataclass
+@dataclass(slots=True)
 class Item:
-    x: np.ndarray | None = None          # float32 (C, H, W)
+    x: np.ndarray | None = None          # uint8 (H, W, C) at the model's size
     model: C.ServedModel | None = None
     backend: str = ""
     top_k: int = 3
     filename: str | None = None
     error: tuple[int, str] | None = None
     preprocess_ms: float = 0.0
-    ready_at: float = 0.0                # perf_counter() when it joined the batching queue
-
-
-class Tickets:
-    """Items parsed by the front door, waiting for the batchable API to take them (one table per worker)."""
-
-    def __init__(self):
-        self._items: dict[str, Item] = {}
-
-    def issue(self, items: list[Item]) -> list[str]:
-        ids = [secrets.token_hex(12) for _ in items]
-        self._items.update(zip(ids, items))
-        return ids
-
-    def take(self, ids: list[str]) -> list[Item | None]:
-        """The items of these tickets (None for a ticket whose request has gone)."""
-        return [self._items.pop(i, None) for i in ids]
-
-    def drop(self, ids: list[str]) -> None:
-        for i in ids:
-            self._items.pop(i, None)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def oldest_wait(self) -> float:
-        """Seconds the oldest waiting item has waited since it was parsed (0 when none waits)."""
-        for item in self._items.values():  # insertion order: the first is the oldest
-            return max(0.0, time.perf_counter() - item.ready_at)
-        return 0.0
-
-
-TICKETS = Tickets()
 
 
 # ---------------------------------------------------------------- reading
@@ -260,20 +226,44 @@ async def _resolve(cat: C.Catalog, opts: dict[str, str]) -> tuple[C.ServedModel,
     return model, backend, top_k
 
 
-def _decode(data: bytes, spec, s: Settings, budget: ByteBudget) -> np.ndarray:
-    """Header, memory estimate, reservation, decode: in a worker thread, never on the event loop."""
-    img, info = open_header(data, s.max_pixels)
+def _need(info, spec, budget: ByteBudget) -> int:
+    """Decode memory an image needs (from its header); 413 when it alone is more than the budget."""
     need = decode_estimate(info, spec)
     if need > budget.capacity:
         raise ImageError(f"a {info.width}x{info.height} {info.format} image ({info.mode}) needs about "
                          f"{need >> 20} MiB to decode; this worker decodes at most {budget.capacity >> 20} MiB "
                          f"at once", status=413)
+    return need
+
+
+def _decode(data: bytes, spec, s: Settings, budget: ByteBudget) -> np.ndarray:
+    """Header, memory estimate, reservation (waiting for room), decode to uint8 at the model's size:
+    in a worker thread, never on the event loop."""
+    img, info = open_header(data, s.max_pixels)
+    need = _need(info, spec, budget)
     try:
         budget.take(need, DECODE_WAIT_S)
     except BudgetExceeded:
         raise Overloaded(f"no decode memory free within {DECODE_WAIT_S:g} s") from None
     try:
-        return normalize(decode_opened(img, spec), spec)
+        return decode_opened(img, spec)
+    finally:
+        budget.give(need)
+
+
+def _decode_inline(data: bytes, spec, s: Settings, budget: ByteBudget) -> np.ndarray | None:
+    """Decode on the event loop when the file and the image are small (a thumbnail decodes in less
+    time than a hand-off to a thread and back), with room in the budget now; None: use a thread."""
+    if len(data) > INLINE_MAX_FILE_BYTES:
+        return None
+    img, info = open_header(data, s.max_pixels)
+    if info.width * info.height > INLINE_MAX_PIXELS:
+        return None
+    need = _need(info, spec, budget)
+    if not budget.try_take(need):
+        return None
+    try:
+        return decode_opened(img, spec)
     finally:
         budget.give(need)
 
@@ -282,31 +272,20 @@ async def _preprocess(data: bytes, model: C.ServedModel, where: str | None, s: S
                       ) -> tuple[np.ndarray, float]:
     t0 = time.perf_counter()
     lim = limits(s)
-    with anyio.move_on_after(DECODE_WAIT_S) as waited:
-        await lim.decode_slots.acquire()
-    if waited.cancelled_caught:
-        raise Overloaded(f"no decode slot free within {DECODE_WAIT_S:g} s")
     try:
-        x = await anyio.to_thread.run_sync(_decode, data, model.spec, s, lim.decode_bytes)
+        x = _decode_inline(data, model.spec, s, lim.decode_bytes)
+        if x is None:
+            with anyio.move_on_after(DECODE_WAIT_S) as waited:
+                await lim.decode_slots.acquire()
+            if waited.cancelled_caught:
+                raise Overloaded(f"no decode slot free within {DECODE_WAIT_S:g} s")
+            try:
+                x = await anyio.to_thread.run_sync(_decode, data, model.spec, s, lim.decode_bytes)
+            finally:
+                lim.decode_slots.release()
     except ImageError as e:
         raise C.RequestError(e.status, f"{where}: {e}" if where else str(e)) from None
-    finally:
-        lim.decode_slots.release()
     return x, (time.perf_counter() - t0) * 1000
-
-
-def _replay(body: bytes, receive):
-    """A receive channel that yields `body` once, then the client's later messages (a disconnect)."""
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
 
 
 def _safe_name(name: str | None, i: int) -> str:
@@ -340,8 +319,7 @@ async def parse(scope, receive, kind: str, held: Reservation) -> list[Item]:
         x, ms = await _preprocess(body, model, None, s)
         del body
         held.shrink_to(x.nbytes)
-        return [Item(x=x, model=model, backend=backend, top_k=top_k, preprocess_ms=ms,
-                     ready_at=time.perf_counter())]
+        return [Item(x=x, model=model, backend=backend, top_k=top_k, preprocess_ms=ms)]
     field = "image" if kind == "single" else "images"
     limit = 1 if kind == "single" else s.max_batch_images
     form, parts = await anyio.to_thread.run_sync(parse_multipart, body, header(scope, b"content-type") or "",
@@ -367,54 +345,8 @@ async def parse(scope, receive, kind: str, held: Reservation) -> list[Item]:
             items.append(Item(filename=name, error=(e.status, e.message)))
             continue
         files[i] = (fname, b"")  # done with its bytes
-        items.append(Item(x=x, model=model, backend=backend, top_k=top_k, filename=name, preprocess_ms=ms,
-                          ready_at=time.perf_counter()))
+        items.append(Item(x=x, model=model, backend=backend, top_k=top_k, filename=name, preprocess_ms=ms))
     del files
     # the body and its copies are gone: hold what the items hold (their model inputs), no less
     held.shrink_to(max(sum(it.x.nbytes for it in items if it.x is not None), 1))
     return items
-
-
-# ---------------------------------------------------------------- responses
-
-
-def error_response(status: int, message: str, close: bool = False) -> Response:
-    resp = JSONResponse({"error": message}, status_code=status)
-    if status == 503:
-        resp.headers["Retry-After"] = "1"
-    if close:  # the rest of the request is not read: do not keep the connection for another one
-        resp.headers["Connection"] = "close"
-    return resp
-
-
-def item_error(item: Item) -> dict:
-    return {"status": item.error[0], "body": {"error": item.error[1]}}
-
-
-def single_response(result: dict) -> Response:
-    if result["status"] != 200:
-        return error_response(result["status"], result["body"]["error"])
-    return JSONResponse(result["body"])
-
-
-def batch_response(results: list[dict], items: list[Item]) -> Response:
-    """One entry per image, in order. 200 when any image was classified; else the first image's error."""
-    ok = [r for r in results if r["status"] == 200]
-    if not ok:
-        first = results[0]
-        resp = error_response(first["status"], first["body"]["error"])
-        resp.body = json.dumps({"error": first["body"]["error"], "results": [
-            {"filename": it.filename, "error": r["body"]["error"], "status": r["status"]}
-            for r, it in zip(results, items)]}).encode()
-        resp.headers["content-length"] = str(len(resp.body))
-        return resp
-    first = ok[0]["body"]
-    entries = []
-    for r, it in zip(results, items):
-        if r["status"] == 200:
-            entries.append({k: r["body"][k] for k in ("filename", "predictions", "batch_size")})
-        else:
-            entries.append({"filename": it.filename, "error": r["body"]["error"], "status": r["status"]})
-    return JSONResponse({"model": first["model"], "backend": first["backend"],
-                         "inference_ms": max(r["body"]["inference_ms"] for r in ok),
-                         "errors": len(results) - len(ok), "results": entries})

@@ -78,3 +78,10 @@ def count_error(status: int, backend: str | None = None, kind: str | None = None
     m = metrics()
     if m is not None:
         m.errors.labels(backend_label(backend), kind or KINDS.get(status, str(status))).inc()
+
+
+def observe_batch(backend: str, images: int, seconds: float) -> None:
+    m = metrics()
+    if m is not None:
+        m.batch_size.labels(backend).observe(images)
+        m.inference_seconds.labels(backend).observe(seconds)

@@ -11,15 +11,19 @@
 - Overload, bounded: past `max_inflight` requests in the worker, or `max_inflight_per_client` from one
   address, or the worker's budget of in-flight request bytes (serving/http_io.py), a request is
   answered 503 + Retry-After at once instead of queueing.
-- Parsing: POST /classify and /classify_batch are read (within the read timeouts), validated and
-  preprocessed here (serving.http_io.parse). A bad request is answered with its 4xx JSON error right
-  away and never waits in the batching queue. A good one goes on to BentoML's typed batchable API as a
-  JSON body of ticket ids; its JSON answer comes back here and becomes the response of the HTTP contract.
-- OpenAPI: /docs.json describes the real request bodies of /classify and /classify_batch (image upload,
-  the backends of the registry), not the internal ticket form (serving/openapi.py).
+- Classifying, one way through: POST /classify and /classify_batch are read (within the read
+  timeouts), validated and preprocessed (serving/http_io.py), their images put in the batching queue of
+  their (model, backend) (serving/batching.py; a full queue answers 503 + Retry-After), and the answers,
+  typed, rendered as JSON by serving/schema.py. A bad request gets its 4xx JSON error right away and
+  never waits in the queue. BentoML's app behind this door serves the rest: /models/, /metrics,
+  /livez, the docs UI.
+- Per-client limits key on the peer address, or, for a peer listed in LAB_TRUSTED_PROXIES, on the
+  nearest address in its X-Forwarded-For that is not a trusted proxy.
+- OpenAPI: /docs.json is generated from the answer types and the registry (serving/openapi.py).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -27,22 +31,22 @@ import secrets
 import time
 
 from starlette.requests import ClientDisconnect
-from starlette.responses import JSONResponse
 
 from lab import bentoml_compat
+from serving import batching
 from serving import catalog as C
+from serving.batching import QueueFull
 from serving.budget import Reservation
 from serving.catalog import RequestError
 from serving.config import Settings
-from serving.http_io import (ROUTES, TICKETS, Overloaded, _replay, batch_response, error_response, header,
-                             item_error, limits, parse, single_response)
+from serving.http_io import ROUTES, Overloaded, header, limits, parse
 from serving.metrics import count_error
+from serving.schema import ErrorAnswer, Failure, Prediction, batch_answer, render
 
 SKIP = ("/metrics", "/livez", "/readyz", "/healthz", "/models")
 QUIET = ("/metrics", "/livez", "/readyz", "/healthz")  # logged at DEBUG only
 access_log = logging.getLogger("lab.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-QUEUE_FRACTION = 0.8  # of max_latency_ms: past it, a parsed request is answered 503 rather than queued
 
 
 def request_id(scope) -> str:
@@ -76,25 +80,29 @@ class FrontDoor:
             cat = C.CURRENT
             ok, why = (False, "the service is still starting") if cat is None else cat.servable()
             if not ok:
-                return await error_response(503, f"not ready: {why}")(scope, receive, send)
-            return await JSONResponse({"ready": True, "guards": bentoml_compat.GUARDS})(scope, receive, send)
+                return await respond(send, 503, f"not ready: {why}")
+            return await respond_json(send, 200, json.dumps({"ready": True, "guards": bentoml_compat.GUARDS}))
         if path.startswith(SKIP):
             return await self.app(scope, receive, send)
         if path == "/docs.json" and method == "GET":
-            return await self._openapi(scope, receive, send)
-        kind = ROUTES.get(path) if method == "POST" else None
+            from serving.openapi import document
+
+            return await respond_json(send, 200, document())
+        kind = ROUTES.get(path)
         if kind is None:
             return await self.app(scope, receive, send)
-        client = scope["client"][0] if scope.get("client") else ""
+        if method != "POST":
+            return await respond(send, 405, f"{method} is not allowed on {path}: use POST", allow=b"POST")
+        client = client_address(scope, self.settings.trusted_proxies)
         per_client = self.settings.max_inflight_per_client
         if self.inflight >= self.max_inflight:
             count_error(503, kind="overloaded")
-            return await error_response(503, f"overloaded: {self.inflight} requests in flight in this worker; "
-                                             f"retry after {self.retry_after} s", close=True)(scope, receive, send)
+            return await respond(send, 503, f"overloaded: {self.inflight} requests in flight in this worker; "
+                                            f"retry after {self.retry_after} s", close=True)
         if per_client and self.by_client.get(client, 0) >= per_client:
             count_error(503, kind="per_client")
-            return await error_response(503, f"overloaded: {per_client} requests in flight from your address; "
-                                             f"retry after {self.retry_after} s", close=True)(scope, receive, send)
+            return await respond(send, 503, f"overloaded: {per_client} requests in flight from your address; "
+                                            f"retry after {self.retry_after} s", close=True)
         self.inflight += 1
         self.by_client[client] = self.by_client.get(client, 0) + 1
         held = Reservation(limits(self.settings).request_bytes)
@@ -114,86 +122,44 @@ class FrontDoor:
             items = await parse(scope, receive, kind, held)
         except RequestError as e:
             count_error(e.status, _query_backend(scope))
-            return await error_response(e.status, e.message, close=e.status in (408, 413))(scope, receive, send)
+            return await respond(send, e.status, e.message, close=e.status in (408, 413))
         except Overloaded as e:
             count_error(503, _query_backend(scope), kind="memory" if "budget" in str(e) else "overloaded")
-            return await error_response(503, f"overloaded: {e}; retry after {self.retry_after} s",
-                                        close=True)(scope, receive, send)
+            return await respond(send, 503, f"overloaded: {e}; retry after {self.retry_after} s", close=True)
         except ClientDisconnect:
             # Nobody to answer, but answer anyway (uvicorn drops it): BentoML's TimeoutMiddleware, around
             # this one, waits for a first message or LAB_TIMEOUT; a request that sends none would hold
             # its task that long, and a graceful shutdown with it. 499: nginx's "client closed request".
-            return await error_response(499, "the client closed the connection before the whole request "
-                                             "was read", close=True)(scope, receive, send)
+            return await respond(send, 499, "the client closed the connection before the whole request "
+                                            "was read", close=True)
         good = [it for it in items if it.error is None]
-        if good:  # shed here, at once, what BentoML's batcher would shed after a wait (max_latency_ms)
-            backlog = TICKETS.oldest_wait() + C.CURRENT.queue_seconds(len(TICKETS) + len(good), good[0].backend)
-            if backlog > QUEUE_FRACTION * self.settings.max_latency_ms / 1000:
-                count_error(503, good[0].backend, kind="queue_full")
-                return await error_response(503, f"overloaded: the batching queue holds about {backlog:.1f} s of "
-                                                 f"work; retry after {self.retry_after} s")(scope, receive, send)
-        ids = TICKETS.issue(good)
-        try:
-            answers = await self._infer(scope, receive, ids) if ids else []
-        finally:
-            TICKETS.drop(ids)  # whatever the API did not take (a timeout, a failure)
-        if isinstance(answers, tuple):  # BentoML answered with an error status of its own
-            status, message = answers
-            count_error(status, good[0].backend if good else None, kind="shed" if status == 503 else None)
-            return await error_response(status, message)(scope, receive, send)
-        it = iter(answers)
-        results = [next(it) if item.error is None else item_error(item) for item in items]
-        _count_results(items, results)
-        response = single_response(results[0]) if kind == "single" else batch_response(results, items)
-        await response(scope, receive, send)
-
-    async def _infer(self, scope, receive, ids: list[str]):
-        """Call BentoML's batchable API with the tickets; its list of results, or (status, message)."""
-        body = json.dumps({"tickets": ids}).encode()
-        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-type", b"content-length")]
-        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        inner = dict(scope, headers=headers)
-        status, chunks = 500, []
-
-        async def capture(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
-
-        await self.app(inner, _replay(body, receive), capture)
-        raw = b"".join(chunks)
-        if status != 200:
-            if status == 503:  # BentoML's dispatcher shed it: the batching queue is over its latency
-                return 503, f"overloaded: the batching queue is full; retry after {self.retry_after} s"
+        answers = []
+        if good:
             try:
-                message = json.loads(raw).get("error") or raw.decode(errors="replace")
-            except (ValueError, AttributeError):
-                message = raw.decode(errors="replace") or "inference failed"
-            return status, str(message)
-        return json.loads(raw)
-
-    async def _openapi(self, scope, receive, send):
-        from serving.openapi import describe_http_contract
-
-        status, chunks, start = 200, [], None
-
-        async def capture(message):
-            nonlocal status, start
-            if message["type"] == "http.response.start":
-                status, start = message["status"], message
-            elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
-
-        await self.app(scope, receive, capture)
-        raw = b"".join(chunks)
-        if status == 200:
-            raw = json.dumps(describe_http_contract(json.loads(raw))).encode()
-        headers = [(k, v) for k, v in (start or {}).get("headers", []) if k.lower() != b"content-length"]
-        await send({"type": "http.response.start", "status": status,
-                    "headers": headers + [(b"content-length", str(len(raw)).encode())]})
-        await send({"type": "http.response.body", "body": raw})
+                futures = batching.CURRENT.submit(good[0].model, good[0].backend,
+                                                  [(it.x, it.top_k, it.preprocess_ms) for it in good])
+            except QueueFull as e:
+                count_error(503, good[0].backend, kind="queue_full")
+                return await respond(send, 503, f"overloaded: {e}; retry after {self.retry_after} s")
+            for it in good:
+                it.x = None  # the queue holds the image now
+            try:
+                answers = await asyncio.gather(*futures)
+            finally:
+                for f in futures:
+                    f.cancel()  # the request has gone (a timeout): its images are not run
+        it = iter(answers)
+        results = [next(it) if item.error is None else Failure(*item.error) for item in items]
+        _count_results(items, results)
+        if kind == "single":
+            result = results[0]
+            if isinstance(result, Failure):
+                count_error(result.status, items[0].backend, kind="shed" if result.status == 503 else None)
+                return await respond(send, result.status, result.error)
+            result.filename = items[0].filename
+            return await respond_json(send, 200, render(result))
+        status, answer = batch_answer(results, [item.filename for item in items])
+        await respond_json(send, status, render(answer))
 
     def _log(self, scope, rid: str, status: int, ms: float) -> None:
         path = scope["path"]
@@ -222,9 +188,40 @@ def _count_results(items, results) -> None:
     for item, r in zip(items, results):
         model = item.model.name if item.model is not None else ""
         backend = item.backend or ""
-        m.requests.labels(model, backend, str(r["status"])).inc()
-        if r["status"] != 200:
-            count_error(r["status"], backend)
+        status = 200 if isinstance(r, Prediction) else r.status
+        m.requests.labels(model, backend, str(status)).inc()
+        if status != 200:
+            count_error(status, backend)
+
+
+def client_address(scope, trusted_proxies: tuple[str, ...]) -> str:
+    """Who a request comes from, for per-client limits: the peer address; behind a trusted proxy, the
+    nearest X-Forwarded-For address that is not itself a trusted proxy."""
+    peer = scope["client"][0] if scope.get("client") else ""
+    if peer not in trusted_proxies:
+        return peer
+    forwarded = header(scope, b"x-forwarded-for")
+    for address in reversed([a.strip() for a in (forwarded or "").split(",") if a.strip()]):
+        if address not in trusted_proxies:
+            return address[:64]
+    return peer
+
+
+async def respond_json(send, status: int, body: bytes | str, close: bool = False, allow: bytes = b"") -> None:
+    """A whole JSON response (Retry-After is added to a 503 by _Outgoing)."""
+    body = body.encode() if isinstance(body, str) else body
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if allow:
+        headers.append((b"allow", allow))
+    if close:  # the rest of the request is not read: do not keep the connection for another one
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def respond(send, status: int, message: str, close: bool = False, allow: bytes = b"") -> None:
+    """An error answer: {"error": message}."""
+    await respond_json(send, status, render(ErrorAnswer(error=message)), close, allow)
 
 
 class _Outgoing:

@@ -1,30 +1,19 @@
-"""The OpenAPI description of the HTTP contract (serving/http_io.py), laid over BentoML's /docs.json.
-
-BentoML describes the typed API it sees, `{"tickets": [...]}`: the internal form the front door sends
-it. People and tools reading /docs.json need the form they send: an image upload with the options,
-one `backend` of the registry (lab.backends) among them.
+"""The OpenAPI document served at /docs.json (and read by the docs UI at /docs), generated from the
+request options below, the backends of the registry (lab.backends) and the answer types of
+serving/schema.py: nothing in it is written twice.
 """
 from __future__ import annotations
 
-import copy
+import functools
+import json
 
 from lab.backends import list_backends
+from serving.schema import json_schemas
 
-ERROR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
-PREDICTION = {"type": "object", "properties": {
-    "label": {"type": "string"}, "index": {"type": "integer"}, "probability": {"type": "number"}}}
-ANSWER = {"type": "object", "properties": {
-    "model": {"type": "string", "description": "name:version"},
-    "backend": {"type": "string"},
-    "predictions": {"type": "array", "items": PREDICTION},
-    "inference_ms": {"type": "number", "description": "the backend call for the whole batch this image rode in"},
-    "batch_size": {"type": "integer"}, "preprocess_ms": {"type": "number"}, "queue_ms": {"type": "number"},
-    "filename": {"type": "string"}}}
-BATCH_ANSWER = {"type": "object", "properties": {
-    "model": {"type": "string"}, "backend": {"type": "string"}, "inference_ms": {"type": "number"},
-    "errors": {"type": "integer", "description": "images that could not be classified"},
-    "results": {"type": "array", "items": {"type": "object", "description":
-                "per image, in order: filename, predictions and batch_size, or error and status"}}}}
+IMAGE = {"type": "string", "format": "binary"}
+ERRORS = {"400": "a malformed request, image or option", "404": "unknown model, version or backend",
+          "413": "body, image or batch over its limit", "415": "not an image of a supported format",
+          "503": "overloaded (a full queue, too many requests in flight): retry after the Retry-After seconds"}
 
 
 def options() -> dict:
@@ -39,37 +28,44 @@ def options() -> dict:
     }
 
 
-def _parameters() -> list[dict]:
-    return [{"name": k, "in": "query", "required": False, "schema": v} for k, v in options().items()]
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _responses(answer: dict) -> dict:
-    def err(text):
-        return {"description": text, "content": {"application/json": {"schema": ERROR}}}
-    return {"200": {"description": "classified", "content": {"application/json": {"schema": answer}}},
-            "400": err("a malformed request, image or option"), "404": err("unknown model, version or backend"),
-            "413": err("body, image or batch over its limit"), "415": err("not an image of a supported format"),
-            "503": err("overloaded: retry after the Retry-After header's seconds")}
+def _operation(summary: str, body: dict, answer: str) -> dict:
+    responses = {"200": {"description": "classified", "content": {"application/json": {"schema": _ref(answer)}}}}
+    for status, text in ERRORS.items():
+        responses[status] = {"description": text, "content": {"application/json": {"schema": _ref("ErrorAnswer")}}}
+    return {"post": {"summary": summary, "requestBody": {"required": True, "content": body},
+                     "parameters": [{"name": k, "in": "query", "required": False, "schema": v}
+                                    for k, v in options().items()],
+                     "responses": responses}}
 
 
-def describe_http_contract(spec: dict) -> dict:
-    spec = copy.deepcopy(spec)
-    paths = spec.get("paths", {})
-    image = {"type": "string", "format": "binary"}
-    if "/classify" in paths and "post" in paths["/classify"]:
-        op = paths["/classify"]["post"]
-        op["requestBody"] = {"required": True, "content": {
-            "image/*": {"schema": image},
-            "application/octet-stream": {"schema": image},
-            "multipart/form-data": {"schema": {"type": "object", "required": ["image"],
-                                               "properties": {"image": image, **options()}}}}}
-        op["parameters"], op["responses"] = _parameters(), _responses(ANSWER)
-        op["description"] = "Classify one image: the raw bytes as the body, or a multipart file field 'image'."
-    if "/classify_batch" in paths and "post" in paths["/classify_batch"]:
-        op = paths["/classify_batch"]["post"]
-        op["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": {
-            "type": "object", "required": ["images"],
-            "properties": {"images": {"type": "array", "items": image}, **options()}}}}}
-        op["parameters"], op["responses"] = _parameters(), _responses(BATCH_ANSWER)
-        op["description"] = "Classify several images: multipart file fields 'images'; each gets its own entry."
-    return spec
+def _get(summary: str) -> dict:
+    return {"get": {"summary": summary, "responses": {"200": {"description": "OK"}}}}
+
+
+@functools.lru_cache(maxsize=1)
+def document() -> str:
+    single = {"image/*": {"schema": IMAGE}, "application/octet-stream": {"schema": IMAGE},
+              "multipart/form-data": {"schema": {"type": "object", "required": ["image"],
+                                                 "properties": {"image": IMAGE, **options()}}}}
+    batch = {"multipart/form-data": {"schema": {"type": "object", "required": ["images"], "properties": {
+        "images": {"type": "array", "items": IMAGE}, **options()}}}}
+    return json.dumps({
+        "openapi": "3.0.2",
+        "info": {"title": "image_classifier", "version": "1",
+                 "description": "Image classification with Torch, ONNX Runtime and OpenVINO backends side by side."},
+        "paths": {
+            "/classify": _operation("Classify one image: the raw bytes as the body, or a multipart file field "
+                                    "'image'.", single, "Prediction"),
+            "/classify_batch": _operation("Classify several images: multipart file fields 'images'; each gets "
+                                          "its own entry.", batch, "BatchAnswer"),
+            "/models/": _get("The served models: versions, backends, refused backends, rungs and cards."),
+            "/readyz": _get("200 {ready, guards} when a model can be served; else 503 with the reason."),
+            "/livez": _get("200 while the worker runs."),
+            "/metrics": _get("Prometheus metrics: BentoML's and the lab_* ones."),
+        },
+        "components": {"schemas": json_schemas()},
+    })

@@ -1,9 +1,11 @@
 """The BentoML service: `bentoml serve` (from the project root; see bentofile.yaml).
 
-One small class: models are loaded from BentoML's model store by tag in __init__; two typed batchable
-APIs run inference for many concurrent requests at once (adaptive batching), on the backend each
-request asks for. The HTTP contract (image uploads in, JSON answers out) is kept by the front door in
-front of them (serving/middleware.py, serving/http_io.py); serving/config.py lists the settings.
+One small class: in each worker it loads the models from BentoML's model store by tag, starts the
+batching queue (serving/batching.py), says when it is ready, and stops it all on shutdown. A request
+travels one way through the front door (serving/middleware.py): parsed and preprocessed
+(serving/http_io.py), queued with the other requests for its model and backend, run as a batch,
+answered in the types of serving/schema.py. BentoML serves /models/, /metrics, /livez and the docs UI
+behind that door; serving/config.py lists the settings.
 """
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import gc
 import logging
 import os
 import threading
-import typing as t
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
@@ -21,19 +22,17 @@ from starlette.responses import JSONResponse  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
 from lab import bentoml_compat  # noqa: E402
+from serving import batching  # noqa: E402
 from serving import catalog as C  # noqa: E402
 from serving.config import Settings  # noqa: E402
-from serving.http_io import TICKETS  # noqa: E402
 from serving.metrics import publish_guards  # noqa: E402
 from serving.middleware import FrontDoor  # noqa: E402
 from serving.tryit import TryIt  # noqa: E402
 
 SETTINGS = Settings.from_env()
-bentoml_compat.cap_learned_batch_wait(SETTINGS.batch_wait_ms)
 bentoml_compat.guard_http(header_timeout=SETTINGS.header_timeout, max_header_bytes=SETTINGS.max_header_bytes,
                           max_headers=SETTINGS.max_headers, max_connections=SETTINGS.max_connections,
                           max_connections_per_client=SETTINGS.max_connections_per_client)
-bentoml_compat.quiet_shed_requests()
 if SETTINGS.log_format == "json":
     from serving.logs import use_json_logs
 
@@ -42,10 +41,6 @@ if logging.getLogger("lab").level == logging.NOTSET:  # BentoML's set-up leaves 
     logging.getLogger("lab").setLevel(logging.INFO)
 for _guard, _state in bentoml_compat.GUARDS.items():
     logging.getLogger("lab.service").info("%s guard: %s", _guard, _state)
-# LAB_MAX_BATCH_SIZE=1 turns adaptive batching off (BentoML's batchable APIs need a batch size > 1)
-BATCHING = dict(batchable=SETTINGS.max_batch_size > 1, max_batch_size=max(2, SETTINGS.max_batch_size),
-                max_latency_ms=SETTINGS.max_latency_ms)
-Answers = t.List[t.Dict[str, t.Any]]
 
 
 async def _list_models(request):
@@ -75,7 +70,7 @@ info_app = Starlette(routes=[Route("/", _list_models, methods=["GET"]), Route("/
 @bentoml.service(
     name="image_classifier",
     workers=SETTINGS.workers,
-    threads=1,  # inference runs on one thread per worker; onnxruntime/torch use SETTINGS.threads inside it
+    threads=1,  # inference runs on the batching queue's thread (serving/batching.py), SETTINGS.threads inside it
     traffic={"timeout": SETTINGS.timeout},
     logging={"access": {"enabled": False}},  # the front door logs each request once, with its X-Request-ID
     http={"host": "127.0.0.1", "port": 3000},
@@ -86,6 +81,11 @@ class ImageClassifier:
     def __init__(self) -> None:
         self.catalog = C.Catalog.from_store(SETTINGS)
         C.CURRENT = self.catalog
+        self.batcher = batching.Batcher(max_batch=SETTINGS.max_batch_size, max_queue=SETTINGS.max_queue,
+                                        max_bytes=SETTINGS.max_queue_bytes,
+                                        max_wait_s=SETTINGS.max_latency_ms / 1000,
+                                        wait_s=SETTINGS.batch_wait_ms / 1000)
+        batching.CURRENT = self.batcher
         C.publish_metrics(self.catalog)
         publish_guards(bentoml_compat.GUARDS)
         self._stop = threading.Event()
@@ -103,19 +103,9 @@ class ImageClassifier:
         return self.catalog.servable()[0]
 
     @bentoml.on_shutdown
-    def _stop_watching(self) -> None:
+    def _shutdown(self) -> None:
         self._stop.set()
-
-    @bentoml.api(route="/classify", **BATCHING)
-    def classify(self, tickets: t.List[str]) -> Answers:
-        """Classify one image: the raw body (Content-Type image/*) or a multipart file field 'image'.
-        Query parameters: backend, model, top_k."""
-        return self.catalog.infer(TICKETS.take(tickets))
-
-    @bentoml.api(route="/classify_batch", **BATCHING)
-    def classify_batch(self, tickets: t.List[str]) -> Answers:
-        """Classify several images: multipart file fields 'images'. Query parameters as /classify."""
-        return self.catalog.infer(TICKETS.take(tickets))
+        self.batcher.close()  # answers what is still queued first
 
 
 ImageClassifier.add_asgi_middleware(FrontDoor, settings=SETTINGS)

@@ -60,7 +60,6 @@ def test_load_test_refuses_remote_hosts():
 
 def test_accuracy_report_matches_direct_evaluation(store, tmp_path):
     from models import create_model, with_tta
-    from lab.preprocess import Preprocessing
     from training.data import load_dataset
     from training.evaluate import predict_torch
 

@@ -20,27 +20,6 @@ def test_the_store_is_where_bentoml_keeps_it():
     assert models_dir().resolve() == type(models_dir())(BentoMLContainer.model_store_dir.get()).resolve()
 
 
-def test_learned_batch_wait_is_capped():
-    from bentoml._internal.marshal import dispatcher
-
-    stock = dispatcher.Optimizer(max_latency=5.0)
-    assert compat.cap_learned_batch_wait(0)
-    capped = dispatcher.Optimizer(max_latency=5.0)
-    assert type(capped) is not type(stock)
-    for opt in (stock, capped):
-        for _ in range(20):  # batches that each waited 200 ms in the queue, as after a burst
-            opt.log_outbound(n=64, wait=0.2, duration=0.25)
-        opt.trigger_refresh()
-    assert stock.wait > 0.1  # BentoML's own optimizer would now hold even a lone request back
-    assert capped.wait == 0.0
-    # the dispatchers BentoML builds for batchable APIs pick the capped optimizer up
-    d = dispatcher.CorkDispatcher(max_latency_in_ms=1000, max_batch_size=8, fallback=lambda: None,
-                                  get_batch_size=len)
-    assert type(d.optimizer) is type(capped)
-    compat.cap_learned_batch_wait(0)  # installing twice does not stack subclasses
-    assert dispatcher.Optimizer.__mro__[1] is dispatcher._lab_original_optimizer
-
-
 def test_staged_create_builds_the_model_outside_the_store(tmp_path):
     staging = tmp_path / "staging"
     with compat.create_staged("compat-staged", {}, {"k": 1}, staging) as model:
@@ -148,31 +127,3 @@ def test_http_guard_is_the_protocol_bentoml_workers_get():
             assert hook in vars(HttpToolsProtocol), hook  # what the guard overrides still exists upstream
     finally:
         auto.AutoHTTPProtocol = before
-
-
-def test_shed_requests_log_one_line_not_a_traceback():
-    import logging
-
-    from bentoml.exceptions import ServiceUnavailable
-
-    f = compat.quiet_shed_requests()
-    assert compat.quiet_shed_requests() is f  # installed once
-
-    def record(exc):
-        try:
-            raise exc
-        except Exception:
-            import sys
-
-            return logging.LogRecord("bentoml._internal.server.http_app", logging.ERROR, __file__, 1,
-                                     "Exception on %s [%s]", ("/classify", "POST"), sys.exc_info())
-
-    f.last = 0.0
-    first = record(ServiceUnavailable("process is overloaded"))
-    assert f.filter(first) and first.exc_info is None and "shed 1" in first.getMessage()
-    assert not f.filter(record(ServiceUnavailable("process is overloaded")))  # the same second: dropped
-    other = record(ValueError("a real bug"))
-    assert f.filter(other) and other.exc_info is not None  # other errors keep their traceback
-    from bentoml._internal.server import http_app
-
-    assert http_app.logger.name == "bentoml._internal.server.http_app"  # where BentoML logs them

@@ -8,8 +8,7 @@ import torch.nn.functional as F
 
 from models import create_model
 from models.custom_layers import (SoftPool2d, SoftPoolFunction, SqueezeExcite, SqueezeExciteFunction, Swish,
-                                  SwishFunction, WSConv2d, WSConv2dFunction, set_custom_mode,
-                                  soft_pool2d_reference)
+                                  SwishFunction, WSConv2d, WSConv2dFunction, set_custom_mode)
 from training.export import export_verified
 
 f64 = torch.float64

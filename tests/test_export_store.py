@@ -12,7 +12,6 @@ from onnx import numpy_helper
 
 from models import create_model
 from lab.card import Card, IntegrityError, read_card, verify_files
-from tests.conftest import REPO
 from training import export as E
 
 
@@ -126,7 +125,7 @@ S.publish("killed-model", {{k: S.Path(v) for k, v in json.loads({json.dumps(json
     assert "killed-model" not in listed.stdout
     assert not list(models_dir.glob("killed-model/*/*")) if models_dir.exists() else True
     # the leftovers sit in the staging area, which the next run_all.py clears
-    code = f"""
+    code = """
 from lab.store import clean_staging; print(clean_staging())
 """
     out = subprocess.run([sys.executable, "-c", code], env=lab_env, capture_output=True, text=True, check=True)

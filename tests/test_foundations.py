@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
 import requests
 import torch
 

@@ -14,7 +14,7 @@ import requests
 from lab.backends import softmax
 from lab.backends.onnx import OnnxBackend
 from lab.card import read_card
-from lab.preprocess import Preprocessing, preprocess_bytes
+from lab.preprocess import preprocess_bytes
 from tests.conftest import MAX_BODY, SHARED_DATA, has_real_cifar
 from tests.images import awkward_valid, broken, decompression_bomb, encode, gradient
 from bench.server import REPO, Server

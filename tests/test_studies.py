@@ -1,15 +1,12 @@
 """The studies (issues 10-12): every stage on smoke, the grid runner's resume and workers, bad input."""
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
-import pytest
 
 from tests.conftest import REPO, run_all
 

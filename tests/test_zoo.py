@@ -7,8 +7,7 @@ import torch.nn as nn
 
 from models import count_parameters, create_model, describe_model
 from models.kernel_cnn import KERNELS, format_kernel_variants, kernel_variants, solve_width
-from models.receptive_field import (LayerSpec, analytic_receptive_field, empirical_receptive_field,
-                                    layer_spec)
+from models.receptive_field import (LayerSpec, analytic_receptive_field, empirical_receptive_field)
 
 # (name, kwargs): every new architecture and variant.
 SMALL_ZOO = [

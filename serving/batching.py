@@ -1,0 +1,173 @@
+"""The batching queue: images wait here, one FIFO queue per (model, backend), for the worker's inference thread.
+
+`Batcher.submit` puts a request's images in their queue at once, or none of them: past `max_queue`
+images in that queue, or `max_bytes` of images in all the queues, it raises QueueFull (the front door
+answers 503 + Retry-After; the bound is exact, nothing is estimated). One inference thread per worker
+takes the queue whose oldest image has waited longest and runs, as one batch, what waits there (up to
+`max_batch` images; with `wait_s` > 0 a batch smaller than that waits up to that long for more). An
+image whose deadline passed while it waited is answered 503 without running; one whose request has
+gone (its future cancelled) is dropped. The inference itself: the uint8 images stacked and normalised
+as one array, the backend's logits, softmax, top-k, one `Prediction` per image; the answers go back to
+the event loop in one callback per batch.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from lab.backends import softmax
+from lab.preprocess import normalize
+from serving.schema import Failure, Label, Prediction
+
+log = logging.getLogger("lab.serving")
+
+
+class QueueFull(Exception):
+    """No room in the queue for this request's images now: 503 with Retry-After."""
+
+
+@dataclass(slots=True)
+class Job:
+    x: np.ndarray                  # uint8 (H, W, C), the image at the model's size
+    top_k: int
+    preprocess_ms: float
+    enqueued: float                # time.perf_counter() when it joined the queue
+    deadline: float                # time.perf_counter() past which it is answered 503 instead of run
+    future: asyncio.Future
+
+
+class Batcher:
+    def __init__(self, max_batch: int, max_queue: int, max_bytes: int, max_wait_s: float, wait_s: float = 0.0):
+        self.max_batch, self.max_queue, self.max_bytes = max_batch, max_queue, max_bytes
+        self.max_wait_s, self.wait_s = max_wait_s, wait_s
+        self.bytes = 0                                   # bytes of images in all the queues
+        self._queues: dict[tuple, deque[Job]] = {}       # (model tag, backend) -> jobs, oldest first
+        self._models: dict[tuple, tuple] = {}            # (model tag, backend) -> (ServedModel, backend name)
+        self._cond = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    # ------------------------------------------------------------ the event loop's side
+
+    def submit(self, model, backend: str, images: list[tuple[np.ndarray, int, float]]) -> list[asyncio.Future]:
+        """Queue a request's images, each (uint8 image, top_k, preprocess ms); one future per image,
+        resolved to a Prediction or a Failure. Raises QueueFull; never waits (for the event loop)."""
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        key = (model.tag, backend)
+        need = sum(x.nbytes for x, _, _ in images)
+        jobs = [Job(x, k, ms, now, now + self.max_wait_s, loop.create_future()) for x, k, ms in images]
+        with self._cond:
+            if self._closing:
+                raise QueueFull("the worker is shutting down")
+            queue = self._queues.get(key)
+            waiting = len(queue) if queue is not None else 0
+            if waiting + len(jobs) > self.max_queue:
+                raise QueueFull(f"the queue of {model.tag} on {backend} holds {waiting} images (limit "
+                                f"{self.max_queue})")
+            if self.bytes + need > self.max_bytes:
+                raise QueueFull(f"the queues of this worker hold {self.bytes} bytes of images (limit "
+                                f"{self.max_bytes})")
+            if queue is None:
+                queue = self._queues[key] = deque()
+                self._models[key] = (model, backend)
+            queue.extend(jobs)
+            self.bytes += need
+            if self._thread is None:
+                self._loop = loop
+                self._thread = threading.Thread(target=self._run, name="lab-inference", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return [j.future for j in jobs]
+
+    def waiting(self) -> int:
+        with self._cond:
+            return sum(len(q) for q in self._queues.values())
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Answer what is queued, then stop the inference thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------ the inference thread
+
+    def _next_batch(self) -> tuple[tuple, list[Job]] | None:
+        """The oldest queue's batch (waiting for it); None once closing and empty. Holds the lock."""
+        while True:
+            ready = [k for k, q in self._queues.items() if q]
+            if ready:
+                break
+            if self._closing:
+                return None
+            self._cond.wait()
+        key = min(ready, key=lambda k: self._queues[k][0].enqueued)
+        queue = self._queues[key]
+        if self.wait_s > 0 and len(queue) < self.max_batch and not self._closing:
+            until = queue[0].enqueued + self.wait_s
+            while len(queue) < self.max_batch and (left := until - time.perf_counter()) > 0:
+                self._cond.wait(left)
+        batch = [queue.popleft() for _ in range(min(self.max_batch, len(queue)))]
+        self.bytes -= sum(j.x.nbytes for j in batch)
+        pair = self._models[key]
+        if not queue:  # a replaced model version leaves no queue behind
+            del self._queues[key], self._models[key]
+        return pair, batch
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                got = self._next_batch()
+            if got is None:
+                return
+            (model, backend), jobs = got
+            now = time.perf_counter()
+            late = [j for j in jobs if now > j.deadline]
+            jobs = [j for j in jobs if now <= j.deadline and not j.future.cancelled()]
+            results: list = [Failure(503, f"overloaded: waited {1000 * (now - j.enqueued):.0f} ms in the batching "
+                                          f"queue, past its limit of {1000 * self.max_wait_s:.0f} ms; retry later")
+                             for j in late]
+            if jobs:
+                results += predict(model, backend, jobs)
+            self._loop.call_soon_threadsafe(_deliver, late + jobs, results)
+
+
+def _deliver(jobs: list[Job], results: list) -> None:
+    for job, result in zip(jobs, results):
+        if not job.future.done():
+            job.future.set_result(result)
+
+
+def predict(model, backend: str, jobs: list[Job]) -> list[Prediction | Failure]:
+    """One batch through the backend: a Prediction per job, or the same Failure for all of them."""
+    from serving.metrics import observe_batch
+
+    t0 = time.perf_counter()
+    try:
+        x = normalize(np.stack([j.x for j in jobs]), model.spec)
+        probs = softmax(np.asarray(model.backends[backend].predict(x), np.float64))
+    except Exception as e:
+        log.exception("inference failed on %s/%s for a batch of %d", model.tag, backend, len(jobs))
+        return [Failure(500, f"inference failed: {type(e).__name__}")] * len(jobs)
+    ms = (time.perf_counter() - t0) * 1000
+    observe_batch(backend, len(jobs), ms / 1000)
+    top = np.argsort(-probs, axis=1, kind="stable")  # ties: the lowest index first, as np.argmax
+    classes, n = model.classes, len(jobs)
+    return [Prediction(model=model.tag, backend=backend,
+                       predictions=[Label(classes[c], int(c), float(row[c])) for c in order[:j.top_k]],
+                       inference_ms=round(ms, 3), batch_size=n, preprocess_ms=round(j.preprocess_ms, 3),
+                       queue_ms=round((t0 - j.enqueued) * 1000, 3))
+            for j, row, order in zip(jobs, probs, top)]
+
+
+# One queue per worker process, made by the service at start-up; used by the front door.
+CURRENT: Batcher | None = None
