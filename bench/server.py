@@ -22,7 +22,8 @@ class Server:
     """`bentoml serve` from the project root (or `cmd`, given {port}), stopped with its process group."""
 
     def __init__(self, env: dict, log_path: Path, extra_env: dict | None = None,
-                 startup_timeout: float = 120, cmd: list[str] | None = None, ready_path: str = "/readyz"):
+                 startup_timeout: float = 120, cmd: list[str] | None = None, ready_path: str = "/readyz",
+                 cwd: Path = REPO):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -31,7 +32,7 @@ class Server:
         cmd = cmd or [str(bin_dir / "bentoml"), "serve", "--host", "127.0.0.1", "--port", "{port}"]
         cmd = [c.replace("{port}", str(self.port)) for c in cmd]
         self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.time() + startup_timeout
         while time.time() < deadline:

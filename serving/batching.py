@@ -50,7 +50,6 @@ class Batcher:
         self._queues: dict[tuple, deque[Job]] = {}       # (model tag, backend) -> jobs, oldest first
         self._models: dict[tuple, tuple] = {}            # (model tag, backend) -> (ServedModel, backend name)
         self._cond = threading.Condition()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closing = False
 
@@ -81,7 +80,6 @@ class Batcher:
             queue.extend(jobs)
             self.bytes += need
             if self._thread is None:
-                self._loop = loop
                 self._thread = threading.Thread(target=self._run, name="lab-inference", daemon=True)
                 self._thread.start()
             self._cond.notify()
@@ -138,11 +136,14 @@ class Batcher:
                              for j in late]
             if jobs:
                 results += predict(model, backend, jobs)
-            self._loop.call_soon_threadsafe(_deliver, late + jobs, results)
+            jobs = late + jobs
+            for loop in {j.future.get_loop() for j in jobs}:  # one event loop per worker; a test may run more
+                mine = [(j, r) for j, r in zip(jobs, results) if j.future.get_loop() is loop]
+                loop.call_soon_threadsafe(_deliver, mine)
 
 
-def _deliver(jobs: list[Job], results: list) -> None:
-    for job, result in zip(jobs, results):
+def _deliver(answers: list[tuple[Job, object]]) -> None:
+    for job, result in answers:
         if not job.future.done():
             job.future.set_result(result)
 

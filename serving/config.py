@@ -34,8 +34,8 @@ class Settings:
                                   "the queue, ms; past it, 503 without running it")
     batch_wait_ms: int = setting("LAB_BATCH_WAIT_MS", 0, "adaptive batching: most a free model waits for more "
                                                          "images to fill a batch, ms", minimum=0)
-    max_queue: int | None = setting("LAB_MAX_QUEUE", None, "images waiting per (model, backend) queue; past it, "
-                                    "503 + Retry-After (default 4 x max_batch_size)")
+    max_queue: int = setting("LAB_MAX_QUEUE", 256, "images waiting per (model, backend) queue; past it, "
+                                                   "503 + Retry-After")
     max_queue_bytes: int = setting("LAB_MAX_QUEUE_BYTES", 64 * MiB, "bytes of images waiting in all the queues "
                                    "of a worker; past it, 503 + Retry-After")
     # ---- bounded memory and time per request
@@ -100,7 +100,6 @@ class Settings:
         object.__setattr__(self, "_backends_chosen", self.backends is not None)
         derived = {"threads": lambda: max(1, cores() // self.workers),
                    "max_inflight_per_client": lambda: max(1, self.max_inflight // 4),
-                   "max_queue": lambda: 4 * self.max_batch_size,
                    "backends": lambda: tuple(default_backends())}
         for name, value in derived.items():
             if getattr(self, name) is None:
