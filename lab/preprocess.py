@@ -198,7 +198,10 @@ def _load_first_frame(img: Image.Image) -> tuple[Image.Image, int]:
         if getattr(img, "is_animated", False):
             img.seek(0)  # first frame of an animated GIF / WebP / APNG
         img.load()
-        orientation = img.getexif().get(0x0112, 1)
+        if img.format == "JPEG" and "exif" not in img.info and "xmp" not in img.info:
+            orientation = 1  # where a JPEG's orientation would be: none (getexif() would say 1, slower)
+        else:
+            orientation = img.getexif().get(0x0112, 1)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"image too large: {e}", status=413) from None
     except MemoryError:

@@ -52,6 +52,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._wake_scheduled = False
 
     # ------------------------------------------------------------ the event loop's side
 
@@ -82,8 +83,19 @@ class Batcher:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="lab-inference", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+        if not self._wake_scheduled:  # one wake-up per turn of the event loop, whatever it queued
+            self._wake_scheduled = True
+            loop.call_soon(self._wake)
         return [j.future for j in jobs]
+
+    def _wake(self) -> None:
+        """Tell the inference thread what this turn of the event loop queued. Waking it once per turn
+        rather than per request lets the requests parsed together go as one batch, and keeps the
+        thread from taking the GIL between every two requests (with a 32 x 32 JPEG and no model, a
+        wake-up per request cost more than the whole rest of the request)."""
+        self._wake_scheduled = False
+        with self._cond:
+            self._cond.notify()
 
     def waiting(self) -> int:
         with self._cond:

@@ -42,8 +42,8 @@ class Settings:
     max_inflight: int = setting("LAB_MAX_INFLIGHT", 512, "requests in flight per worker before answering "
                                                          "503 + Retry-After", group="limits")
     max_inflight_per_client: int | None = setting(
-        "LAB_MAX_INFLIGHT_PER_CLIENT", None, "requests in flight per client address (default max_inflight / 4; "
-        "0: no limit)", minimum=0, group="limits")
+        "LAB_MAX_INFLIGHT_PER_CLIENT", None, "requests in flight per client address while the worker holds at "
+        "least max_inflight / 2 (default max_inflight / 4; 0: no limit)", minimum=0, group="limits")
     trusted_proxies: tuple[str, ...] = setting(
         "LAB_TRUSTED_PROXIES", (), "comma-separated proxy addresses whose X-Forwarded-For names the client for "
         "the per-client request limit (connection limits always count the peer address)", group="limits")

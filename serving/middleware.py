@@ -8,9 +8,10 @@
 - Readiness: GET /readyz answers 503 with the reason while no model can be served (empty store, every
   backend refused, bad cards); models published later make it ready (serving/catalog.py reloads).
   Ready, it answers 200 {"ready": true, "guards": {...}}: the security guards and their state.
-- Overload, bounded: past `max_inflight` requests in the worker, or `max_inflight_per_client` from one
-  address, or the worker's budget of in-flight request bytes (serving/http_io.py), a request is
-  answered 503 + Retry-After at once instead of queueing.
+- Overload, bounded: past `max_inflight` requests in the worker, or the worker's budget of in-flight
+  request bytes (serving/http_io.py), a request is answered 503 + Retry-After at once instead of
+  queueing. Past `max_inflight_per_client` from one address too, but only while the worker is at least
+  half full: one client may use the room nobody else wants, and cannot take the last half of it.
 - Classifying, one way through: POST /classify and /classify_batch are read (within the read
   timeouts), validated and preprocessed (serving/http_io.py), their images put in the batching queue of
   their (model, backend) (serving/batching.py; a full queue answers 503 + Retry-After), and the answers,
@@ -100,7 +101,7 @@ class FrontDoor:
             count_error(503, kind="overloaded")
             return await respond(send, 503, f"overloaded: {self.inflight} requests in flight in this worker; "
                                             f"retry after {self.retry_after} s", close=True)
-        if per_client and self.by_client.get(client, 0) >= per_client:
+        if per_client and self.by_client.get(client, 0) >= per_client and 2 * self.inflight >= self.max_inflight:
             count_error(503, kind="per_client")
             return await respond(send, 503, f"overloaded: {per_client} requests in flight from your address; "
                                             f"retry after {self.retry_after} s", close=True)
@@ -168,9 +169,10 @@ class FrontDoor:
         if not access_log.isEnabledFor(level):
             return
         client = scope["client"][0] if scope.get("client") else "-"
+        extra = ({"x_request_id": rid, "client": client, "method": scope["method"], "path": path,
+                  "status": status, "ms": round(ms, 2)} if self.settings.log_format == "json" else None)
         access_log.log(level, '%s %s "%s %s" %d %.1f ms', rid, client, scope["method"], path, status, ms,
-                       extra={"x_request_id": rid, "client": client, "method": scope["method"], "path": path,
-                              "status": status, "ms": round(ms, 2)})
+                       extra=extra)
 
 
 def _query_backend(scope) -> str | None:
@@ -187,12 +189,17 @@ def _count_results(items, results) -> None:
     if m is None:
         return
     for item, r in zip(items, results):
-        model = item.model.name if item.model is not None else ""
-        backend = item.backend or ""
-        status = 200 if isinstance(r, Prediction) else r.status
-        m.requests.labels(model, backend, str(status)).inc()
-        if status != 200:
-            count_error(status, backend)
+        key = (item.model.name if item.model is not None else "", item.backend or "",
+               200 if isinstance(r, Prediction) else r.status)
+        counter = _request_counters.get(key)
+        if counter is None:
+            counter = _request_counters[key] = m.requests.labels(key[0], key[1], str(key[2]))
+        counter.inc()
+        if key[2] != 200:
+            count_error(key[2], key[1])
+
+
+_request_counters: dict[tuple, object] = {}  # (model, backend, status) -> its child of lab_requests_total
 
 
 def client_address(scope, trusted_proxies: tuple[str, ...]) -> str:
@@ -208,16 +215,21 @@ def client_address(scope, trusted_proxies: tuple[str, ...]) -> str:
     return peer
 
 
-async def respond_json(send, status: int, body: bytes | str, close: bool = False, allow: bytes = b"") -> None:
-    """A whole JSON response (Retry-After is added to a 503 by _Outgoing)."""
+async def respond_json(send: "_Outgoing", status: int, body: bytes | str, close: bool = False,
+                       allow: bytes = b"") -> None:
+    """A whole JSON response of the front door's own, with its X-Request-ID (and Retry-After on a 503)."""
     body = body.encode() if isinstance(body, str) else body
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"x-request-id", send.rid)]
+    if status == 503:
+        headers.append((b"retry-after", str(send.retry_after).encode()))
     if allow:
         headers.append((b"allow", allow))
     if close:  # the rest of the request is not read: do not keep the connection for another one
         headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    send.status = status
+    await send.send({"type": "http.response.start", "status": status, "headers": headers})
+    await send.send({"type": "http.response.body", "body": body})
 
 
 async def respond(send, status: int, message: str, close: bool = False, allow: bytes = b"") -> None:
@@ -226,8 +238,10 @@ async def respond(send, status: int, message: str, close: bool = False, allow: b
 
 
 class _Outgoing:
-    """The response channel of one request: adds X-Request-ID (and Retry-After to 503s), and turns a
-    non-JSON error response (Starlette's plain-text 404/405, BentoML's) into {"error": "..."}."""
+    """The response channel of one request, for the responses of the app behind the front door: adds
+    X-Request-ID (and Retry-After to 503s), and turns a non-JSON error response (Starlette's plain-text
+    404/405, BentoML's) into {"error": "..."}. The front door's own responses (respond_json) go
+    straight to `send`."""
 
     def __init__(self, send, rid: str, retry_after: int, jsonify: bool):
         self.send, self.rid, self.retry_after, self.jsonify = send, rid.encode(), retry_after, jsonify

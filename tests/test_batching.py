@@ -244,3 +244,32 @@ def test_a_batch_answer_is_200_when_any_image_was_classified():
 def test_per_client_limits_key_on_a_trusted_proxys_forwarded_address(peer, forwarded, trusted, expected):
     headers = [(b"host", b"x")] + ([(b"x-forwarded-for", forwarded.encode())] if forwarded else [])
     assert client_address({"client": (peer, 1234), "headers": headers}, trusted) == expected
+
+
+def test_one_client_may_use_the_room_nobody_else_wants_but_not_the_last_half():
+    import json
+
+    from serving import catalog as C
+    from serving.config import Settings
+    from serving.middleware import FrontDoor
+
+    door = FrontDoor(None, Settings(max_inflight=8, max_inflight_per_client=2))
+
+    def ask(inflight: int) -> str:
+        door.inflight, door.by_client = inflight, {"1.2.3.4": inflight}
+        scope = {"type": "http", "method": "POST", "path": "/classify", "query_string": b"", "client": ("1.2.3.4", 9),
+                 "headers": [(b"content-type", b"image/png"), (b"content-length", b"0")]}
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        run(door(scope, receive, send))
+        return json.loads(sent[1]["body"])["error"]
+
+    C.CURRENT = None  # an admitted request goes on to parsing, which says the service is starting
+    assert "still starting" in ask(3)                        # 3 of this client's, the worker under half full
+    assert "2 requests in flight from your address" in ask(4)  # half full: the per-client cap holds
