@@ -30,6 +30,7 @@ from serving.middleware import FrontDoor  # noqa: E402
 from serving.tryit import TryIt  # noqa: E402
 
 SETTINGS = Settings.from_env()
+bentoml_compat.cancel_request_timers()
 bentoml_compat.guard_http(header_timeout=SETTINGS.header_timeout, max_header_bytes=SETTINGS.max_header_bytes,
                           max_headers=SETTINGS.max_headers, max_connections=SETTINGS.max_connections,
                           max_connections_per_client=SETTINGS.max_connections_per_client)

@@ -127,3 +127,40 @@ def test_http_guard_is_the_protocol_bentoml_workers_get():
             assert hook in vars(HttpToolsProtocol), hook  # what the guard overrides still exists upstream
     finally:
         auto.AutoHTTPProtocol = before
+
+
+def test_request_timers_are_cancelled_when_the_request_is_done():
+    """BentoML's TimeoutMiddleware leaves each request's timer scheduled for the whole timeout; the
+    installed one cancels it, and still answers 504 past the timeout."""
+    import asyncio
+
+    from bentoml._internal.server.http import traffic
+
+    stock = getattr(traffic, "_lab_original_timeout", traffic.TimeoutMiddleware)
+    patched = compat.cancel_request_timers()
+    assert traffic.TimeoutMiddleware is patched and patched.__mro__[1] is stock
+    assert compat.cancel_request_timers().__mro__[1] is stock  # installing twice does not stack subclasses
+
+    async def quick(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def stuck(scope, receive, send):
+        await asyncio.sleep(10)
+
+    def timers_left(cls, app, timeout=60) -> tuple[int, list]:
+        async def go():
+            sent = []
+
+            async def send(message):
+                sent.append(message)
+
+            await cls(app, timeout=timeout)({"type": "http"}, None, send)
+            await asyncio.sleep(0)  # a cancelled app's own timers go once its cancellation has run
+            return sum(not h.cancelled() for h in asyncio.get_running_loop()._scheduled), sent
+        return asyncio.run(go())
+
+    assert timers_left(stock, quick)[0] == 1    # upstream: the 60 s timer outlives the request
+    assert timers_left(patched, quick)[0] == 0  # here: gone with it
+    left, sent = timers_left(patched, stuck, timeout=0.05)
+    assert sent[0]["status"] == 504 and left == 0
