@@ -34,7 +34,7 @@ class Settings:
                                   "the queue, ms; past it, 503 without running it")
     batch_wait_ms: int = setting("LAB_BATCH_WAIT_MS", 0, "adaptive batching: most a free model waits for more "
                                                          "images to fill a batch, ms", minimum=0)
-    max_queue: int = setting("LAB_MAX_QUEUE", 256, "images waiting per (model, backend) queue; past it, "
+    max_queue: int = setting("LAB_MAX_QUEUE", 512, "images waiting per (model, backend) queue; past it, "
                                                    "503 + Retry-After")
     max_queue_bytes: int = setting("LAB_MAX_QUEUE_BYTES", 64 * MiB, "bytes of images waiting in all the queues "
                                    "of a worker; past it, 503 + Retry-After")
