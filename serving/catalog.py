@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +134,11 @@ class Catalog:
             try:
                 built = load_backend(backend, path, card, threads=self.settings.threads)
                 smoke_test(built, card)
+                if built.shape_warmup:
+                    t0 = time.perf_counter()
+                    warm_up(built, card, self.settings.max_batch_size)
+                    log.info("%s of %s: called once at every batch size 1..%d in %.1f s", backend, tag,
+                             self.settings.max_batch_size, time.perf_counter() - t0)
                 served.backends[backend] = built
             except BackendUnavailable as e:
                 served.refused[backend] = str(e)
@@ -304,6 +310,14 @@ def smoke_test(backend, card: Card) -> None:
         raise ValueError(f"smoke inference gave shape {out.shape}, expected (2, {len(card.classes)})")
     if not np.all(np.isfinite(out)):
         raise ValueError("smoke inference gave non-finite logits")
+
+
+def warm_up(backend, card: Card, max_batch: int) -> None:
+    """One call at every batch size 1..max_batch (zeros), for a backend that prepares each new shape the
+    first time it sees it: no request pays for that."""
+    spec = card.preprocessing
+    for n in range(1, max_batch + 1):
+        backend.predict(np.zeros((n, spec.channels, *spec.size), np.float32))
 
 
 def store_signature() -> tuple:

@@ -273,3 +273,12 @@ def test_one_client_may_use_the_room_nobody_else_wants_but_not_the_last_half():
     C.CURRENT = None  # an admitted request goes on to parsing, which says the service is starting
     assert "still starting" in ask(3)                        # 3 of this client's, the worker under half full
     assert "2 requests in flight from your address" in ask(4)  # half full: the per-client cap holds
+
+
+def test_a_backend_that_prepares_each_shape_is_called_at_every_batch_size_before_serving():
+    from serving.catalog import warm_up
+
+    rec = Recorder()
+    card = SimpleNamespace(preprocessing=SPEC)
+    warm_up(rec, card, 5)
+    assert rec.sizes == [1, 2, 3, 4, 5] and rec.seen[4].shape == (5, 3, 4, 4)

@@ -41,6 +41,8 @@ class Backend:
     file: ClassVar[str]                      # the file of the model folder it runs
     description: ClassVar[str] = ""
     serve_by_default: ClassVar[bool] = True  # built by the service unless LAB_BACKENDS says otherwise
+    shape_warmup: ClassVar[bool] = False     # its first call at each batch size is slow: the service calls
+                                             # it once at every size up to its largest batch before serving
 
     @classmethod
     def check_available(cls) -> None:

@@ -55,6 +55,8 @@ class OpenVinoBackend(Backend):
         wanted = os.environ.get("LAB_OPENVINO_DEVICE", "").strip()
         return [wanted, *[d for d in have if d != wanted]] if wanted in have else ["CPU", *[d for d in have if d != "CPU"]]
 
+    shape_warmup = True  # each new batch size costs about 50 ms the first time (3.3 s over sizes 1..64 here)
+
     def __init__(self, path: Path, card=None, threads: int | None = None):
         core = _core()
         self.device = self.devices()[0]
