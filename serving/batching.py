@@ -140,18 +140,29 @@ class Batcher:
             if got is None:
                 return
             (model, backend), jobs = got
-            now = time.perf_counter()
-            late = [j for j in jobs if now > j.deadline]
-            jobs = [j for j in jobs if now <= j.deadline and not j.future.cancelled()]
-            results: list = [Failure(503, f"overloaded: waited {1000 * (now - j.enqueued):.0f} ms in the batching "
-                                          f"queue, past its limit of {1000 * self.max_wait_s:.0f} ms; retry later")
-                             for j in late]
-            if jobs:
-                results += predict(model, backend, jobs)
-            jobs = late + jobs
-            for loop in {j.future.get_loop() for j in jobs}:  # one event loop per worker; a test may run more
-                mine = [(j, r) for j, r in zip(jobs, results) if j.future.get_loop() is loop]
-                loop.call_soon_threadsafe(_deliver, mine)
+            try:
+                answers = self._answer(model, backend, jobs)
+            except Exception as e:  # never leave a request waiting on a thread that has died
+                log.exception("the batching queue failed on a batch of %d", len(jobs))
+                answers = [(j, Failure(500, f"inference failed: {type(e).__name__}")) for j in jobs]
+            for loop in {j.future.get_loop() for j, _ in answers}:  # one event loop per worker; tests run more
+                try:
+                    loop.call_soon_threadsafe(_deliver, [(j, r) for j, r in answers if j.future.get_loop() is loop])
+                except RuntimeError:  # that loop has closed: nobody is waiting
+                    pass
+
+    def _answer(self, model, backend: str, jobs: list[Job]) -> list[tuple[Job, object]]:
+        """Each job with its answer: 503 for one past its deadline (not run), the backend's for the rest
+        (a job whose request has gone is dropped)."""
+        now = time.perf_counter()
+        late = [j for j in jobs if now > j.deadline]
+        run = [j for j in jobs if now <= j.deadline and not j.future.cancelled()]
+        answers = [(j, Failure(503, f"overloaded: waited {1000 * (now - j.enqueued):.0f} ms in the batching "
+                                    f"queue, past its limit of {1000 * self.max_wait_s:.0f} ms; retry later"))
+                   for j in late]
+        if run:
+            answers += zip(run, predict(model, backend, run))
+        return answers
 
 
 def _deliver(answers: list[tuple[Job, object]]) -> None:

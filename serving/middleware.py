@@ -156,7 +156,6 @@ class FrontDoor:
         if kind == "single":
             result = results[0]
             if isinstance(result, Failure):
-                count_error(result.status, items[0].backend, kind="shed" if result.status == 503 else None)
                 return await respond(send, result.status, result.error)
             result.filename = items[0].filename
             return await respond_json(send, 200, render(result))
@@ -195,8 +194,8 @@ def _count_results(items, results) -> None:
         if counter is None:
             counter = _request_counters[key] = m.requests.labels(key[0], key[1], str(key[2]))
         counter.inc()
-        if key[2] != 200:
-            count_error(key[2], key[1])
+        if key[2] != 200:  # a 503 here is an image that waited past LAB_MAX_LATENCY_MS: shed
+            count_error(key[2], key[1], kind="shed" if key[2] == 503 else None)
 
 
 _request_counters: dict[tuple, object] = {}  # (model, backend, status) -> its child of lab_requests_total

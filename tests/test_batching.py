@@ -282,3 +282,20 @@ def test_a_backend_that_prepares_each_shape_is_called_at_every_batch_size_before
     card = SimpleNamespace(preprocessing=SPEC)
     warm_up(rec, card, 5)
     assert rec.sizes == [1, 2, 3, 4, 5] and rec.seen[4].shape == (5, 3, 4, 4)
+
+
+def test_a_batch_that_fails_past_the_backend_is_answered_500_and_the_thread_goes_on():
+    class TooWide:  # more logits than the model has classes: building the answers fails
+        def predict(self, x):
+            return np.zeros((len(x), 5), np.float32)
+
+    b = Batcher(max_batch=8, max_queue=64, max_bytes=1 << 20, max_wait_s=10)
+
+    async def go():
+        bad = await asyncio.gather(*b.submit(model(TooWide()), "rec", [(image(0), 5, 0.0)]))
+        good = await asyncio.gather(*b.submit(model(Recorder(), "m:2"), "rec", [(image(0), 1, 0.0)]))
+        return bad, good
+
+    bad, good = run(go())
+    b.close()
+    assert isinstance(bad[0], Failure) and bad[0].status == 500 and isinstance(good[0], Prediction)
