@@ -215,7 +215,7 @@ def main(argv=None) -> int:
 def _soak(server, args, out, tag, samples, expected, offline_correct, backends, seconds, warmup, workers_fn) -> int:
     import requests
 
-    for s in samples[:20]:  # warm the batching dispatcher and the sessions
+    for s in samples[:20]:  # warm the batching queue and the sessions
         for b in backends:
             requests.post(f"{server.url}/classify", data=s.body, params={"backend": b},
                           headers={"Content-Type": s.content_type}, timeout=60)

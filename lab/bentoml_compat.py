@@ -1,8 +1,8 @@
 """The places where this project needs more than BentoML's public API; each behind a version check.
 
 BentoML's public API covers almost everything here: models are created with `bentoml.models.create`,
-found with `bentoml.models.get/list` by tag, and served through typed, batchable `@bentoml.api`
-methods. It cannot do these things we need:
+found with `bentoml.models.get/list` by tag, and served by `bentoml serve` with the service's
+lifecycle. It cannot do these things we need:
 
 1. **All-or-nothing publishing.** `bentoml.models.create` copies the finished model into the store file by
    file (`shutil.copytree`), so a kill half-way leaves a half-model that `bentoml models list` shows.

@@ -1,5 +1,5 @@
-"""The HTTP contract: requests parsed into items, items handed to the batchable API by ticket, and
-the answers turned into responses with proper status codes.
+"""The HTTP contract: requests read, validated and parsed into items (decoded images) for the
+batching queue.
 
 POST /classify        one image: the raw body (Content-Type image/* or application/octet-stream), or
                       multipart/form-data with one file in the field "image"
