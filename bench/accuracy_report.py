@@ -262,11 +262,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "reports" / "accuracy")
     args = ap.parse_args()
-    try:
-        backends = parse_backends(args.backends)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    backends = backends_or_exit(args.backends)
     return one_line_errors(lambda: accuracy_report(args.model, args.out, data_root=args.data_root,
                                                    limit=args.limit, backends=backends, threads=args.threads))
 
@@ -277,6 +273,15 @@ def parse_backends(text: str) -> list[str] | None:
     if backends and any(b not in list_backends() for b in backends):
         raise ValueError(f"backends must be among {', '.join(list_backends())}")
     return backends
+
+
+def backends_or_exit(text: str) -> list[str] | None:
+    """parse_backends for a script's --backends: an unknown name ends the script with one line, status 2."""
+    try:
+        return parse_backends(text)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def one_line_errors(job) -> int:

@@ -170,13 +170,9 @@ def main() -> int:
     ap.add_argument("--max-drop", type=float, default=0.5, help="accuracy bound of the best rung, points")
     ap.add_argument("--out", type=Path, default=None, help="default reports/ladder/<model name>")
     args = ap.parse_args()
-    from bench.accuracy_report import one_line_errors, parse_backends
+    from bench.accuracy_report import backends_or_exit, one_line_errors
 
-    try:
-        backends = parse_backends(args.backends)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    backends = backends_or_exit(args.backends)
     if backends and "onnx" not in backends:
         backends = ["onnx", *backends]  # the reference every difference is measured against
     out = args.out or REPO / "reports" / "ladder" / args.model.split(":")[0]

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.accuracy_report import parse_backends
+from bench.accuracy_report import backends_or_exit
 from bench.loadgen import closed_loop, poisson, run
 from bench.samples import cifar_test_samples
 from bench.server import Server
@@ -127,11 +127,7 @@ def main() -> int:
     ap.add_argument("--skip-unbatched", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "reports")
     args = ap.parse_args()
-    try:
-        backends = parse_backends(args.backends) or ["onnx"]
-    except ValueError as e:
-        print(f"error: --backends: {e}", file=sys.stderr)
-        return 2
+    backends = backends_or_exit(args.backends) or ["onnx"]
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         tag, path, card = stored_model(args.model)

@@ -34,7 +34,8 @@ BODY_COPIES = {"raw": 2, "multipart": 3}  # bytes a body costs while read and pa
 DECODE_WAIT_S = 10.0  # longest an image waits for a decode slot or decode memory before 503
 MAX_FIELDS, MAX_FIELD_BYTES = 16, 64 * 1024  # multipart text fields (backend, model, version, top_k)
 # Decoded on the event loop, not in a thread: files up to this size whose header says at most this many
-# pixels (a 32x32 JPEG decodes in about 40 us here; the hand-off to a thread and back costs more).
+# pixels (a 32x32 JPEG decodes in about 100 us here; a hand-off to a thread and back alone costs 110-120 us,
+# both printed by bench/serve_latency.py).
 INLINE_MAX_FILE_BYTES, INLINE_MAX_PIXELS = 64 * 1024, 64 * 64
 
 
@@ -245,6 +246,11 @@ def _decode(data: bytes, spec, s: Settings, budget: ByteBudget) -> np.ndarray:
         budget.take(need, DECODE_WAIT_S)
     except BudgetExceeded:
         raise Overloaded(f"no decode memory free within {DECODE_WAIT_S:g} s") from None
+    return _decode_reserved(img, spec, budget, need)
+
+
+def _decode_reserved(img, spec, budget: ByteBudget, need: int) -> np.ndarray:
+    """Decode an image whose `need` bytes are reserved in `budget`; gives them back after."""
     try:
         return decode_opened(img, spec)
     finally:
@@ -262,10 +268,7 @@ def _decode_inline(data: bytes, spec, s: Settings, budget: ByteBudget) -> np.nda
     need = _need(info, spec, budget)
     if not budget.try_take(need):
         return None
-    try:
-        return decode_opened(img, spec)
-    finally:
-        budget.give(need)
+    return _decode_reserved(img, spec, budget, need)
 
 
 async def _preprocess(data: bytes, model: C.ServedModel, where: str | None, s: Settings

@@ -55,6 +55,14 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def hold(b: Batcher, m, rec: Recorder) -> list:
+    """Queue one image and wait until the backend holds it (until rec.gate is set): its futures."""
+    rec.gate.clear()
+    futures = b.submit(m, "rec", [(image(0), 1, 0.0)])
+    await rec.busy()
+    return futures
+
+
 def test_a_batch_is_what_waits_in_order_normalised_as_one_array():
     rec = Recorder()
     b = Batcher(max_batch=8, max_queue=64, max_bytes=1 << 20, max_wait_s=10)
@@ -86,9 +94,7 @@ def test_a_full_queue_refuses_the_whole_request_exactly_at_its_bound():
     m = model(rec)
 
     async def go():
-        rec.gate.clear()
-        held = b.submit(m, "rec", [(image(0), 1, 0.0)])  # taken by the inference thread, which waits
-        await rec.busy()
+        held = await hold(b, m, rec)
         queued = b.submit(m, "rec", [(image(1), 1, 0.0)] * 5)  # 5 of 6 places
         with pytest.raises(QueueFull, match="holds 5 images"):
             b.submit(m, "rec", [(image(2), 1, 0.0)] * 2)  # all or none: 7 > 6
@@ -108,9 +114,7 @@ def test_the_byte_bound_counts_every_queue_of_the_worker():
     b = Batcher(max_batch=4, max_queue=100, max_bytes=3 * one, max_wait_s=10)
 
     async def go():
-        rec.gate.clear()
-        held = b.submit(model(rec), "rec", [(image(0), 1, 0.0)])
-        await rec.busy()
+        held = await hold(b, model(rec), rec)
         futures = b.submit(model(rec, "m:2"), "rec", [(image(1), 1, 0.0)] * 2)
         futures += b.submit(model(rec, "m:3"), "rec", [(image(1), 1, 0.0)])
         with pytest.raises(QueueFull, match="bytes"):
@@ -129,9 +133,7 @@ def test_an_image_past_its_deadline_is_answered_503_without_running():
     m = model(rec)
 
     async def go():
-        rec.gate.clear()
-        first = b.submit(m, "rec", [(image(0), 1, 0.0)])
-        await rec.busy()
+        first = await hold(b, m, rec)
         late = b.submit(m, "rec", [(image(1), 1, 0.0)] * 3)
         await asyncio.sleep(0.5)  # past their 0.3 s while the backend is held
         rec.gate.set()
@@ -150,9 +152,7 @@ def test_images_of_a_request_that_has_gone_are_not_run():
     m = model(rec)
 
     async def go():
-        rec.gate.clear()
-        first = b.submit(m, "rec", [(image(0), 1, 0.0)])
-        await rec.busy()
+        first = await hold(b, m, rec)
         gone = b.submit(m, "rec", [(image(1), 1, 0.0)] * 4)
         for f in gone:
             f.cancel()  # the client disconnected, or its request timed out
