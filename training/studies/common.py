@@ -3,12 +3,15 @@ and the report section it writes.
 
 A cell is one training run: a registry model on a dataset with a seed, through the engine
 (training/engine.py), measured the same way everywhere:
-  test_acc, test_loss        on the study's test images, eval mode, after the last epoch
-  train_eval_acc             on as many training images, eval mode: the overfitting gap is the difference
-  history                    per epoch: train loss/accuracy, train_eval and test loss/accuracy, seconds
+  val_acc, val_loss          on held-out training images after the last epoch (what settings are chosen on)
+  test_acc, test_correct     on the study's test images, eval mode, after the last epoch; test_correct is
+                             which images it got right (training/studies/stats.py: paired intervals)
+  train_eval_acc             on as many training images as held-out ones, eval mode: the overfitting gap
+  history                    per epoch: train loss/accuracy, train_eval and val loss/accuracy, seconds
   train_seconds              optimisation time (no evaluation)
   infer_ms_b1, infer_ms_b256 forward time per image at batch 1 and batch 256 (fp32, median of repeats)
-  params, macro_f1, confusion
+  params, macro_f1, confusion, precision, threads
+A cell trained to choose a setting (evaluate_on="val") never touches the test images.
 """
 from __future__ import annotations
 
@@ -47,10 +50,11 @@ STUDY_PRESETS = {
                          epochs={"default": 1}, batch_size=32, timing_reps=(1, 1), val_images=32,
                          description="seconds: 64 training and 32 test images per dataset, 1 epoch (for the tests)",
                          store_suffix="-smoke"),  # never a new version of a real study's model
-    "quick": StudyPreset("quick", seeds=(0, 1, 2), train_limit={"cifar10": 8000, "mnist": 8000}, test_limit=2000,
+    "quick": StudyPreset("quick", seeds=(0, 1, 2), train_limit={"cifar10": 8000, "mnist": 8000}, test_limit=0,
                          epochs={"default": 4, "kernels": 3},
                          description="this 2-core CPU: 8,000 training images per dataset (of 50,000 / 60,000), "
-                                     "2,000 test images (of 10,000), 4 epochs (3 for kernel sizes), 3 seeds"),
+                                     "2,000 more held out, the whole test set (10,000 images), 4 epochs (3 for "
+                                     "kernel sizes), 3 seeds; each variant's LR swept on the held-out images"),
     "full": StudyPreset("full", seeds=(0, 1, 2, 3, 4), train_limit={"cifar10": 0, "mnist": 0}, test_limit=0,
                         epochs={"default": 30}, batch_size=128, val_images=5000,
                         description="for a GPU: all training and test images, 30 epochs, 5 seeds"),
@@ -112,12 +116,27 @@ class StudyContext:
             train = pool.subset(slice(0, min(limit, len(pool) - n_val)))
             if self.preset.test_limit:
                 test = D.shuffled(test, self.data_seed + 1).subset(slice(0, self.preset.test_limit))
-            train_eval = train.subset(slice(0, len(test)))
+            train_eval = train.subset(slice(0, min(len(train), len(val))))
             self._data[dataset] = (train, train_eval, test, make_spec(train), val)
         return self._data[dataset]
 
 
 # ---------------------------------------------------------------- running a grid from a stage
+
+
+def protocol(ctx: StudyContext) -> dict:
+    """How every cell computes on this machine: the training precision and the torch threads per worker."""
+    from lab.hardware import cores
+    from training.engine import pick_device, resolve_precision
+
+    return {"precision": resolve_precision("auto", pick_device()), "threads": max(1, cores() // ctx.workers)}
+
+
+def protocol_line(ctx: StudyContext) -> str:
+    p = protocol(ctx)
+    how = "bf16 autocast (this CPU computes bf16 natively)" if p["precision"] == "bf16" else "fp32"
+    return (f"Cells train in {how} with {p['threads']} torch thread(s) in each of {ctx.workers} worker "
+            f"process(es); both are part of each cell's key.")
 
 
 class WorkerDone(Exception):
@@ -134,6 +153,9 @@ def grid(ctx: StudyContext, spec) -> dict[str, dict]:
     from training.studies.runner import run_grid
 
     torch.set_num_threads(max(1, cores() // ctx.workers))
+    # precision and threads change what a cell computes (bf16 rounding; chaotic runs follow the order of
+    # reductions): they are part of every cell's key, so results made otherwise are never mixed in
+    spec.config = {**spec.config, **protocol(ctx)}
     helpers = []
     if not ctx.is_worker:
         for _ in range(ctx.workers - 1):
@@ -161,47 +183,70 @@ def train_cell(ctx: StudyContext, dataset: str, model: str, kwargs: dict, seed: 
                inspect: Callable[[torch.nn.Module, object], dict] | None = None,
                on_epoch: Callable[[dict], None] | None = None, evaluate_on: str = "test",
                epoch_f1: bool = False) -> dict:
-    """Train one cell through the engine and measure it (see the module docstring). With
-    evaluate_on="val", the "test" figures are on held-out training images instead (for choosing settings), and
-    the history's evaluation keys are val_acc / val_loss."""
+    """Train one cell through the engine and measure it (see the module docstring). Every epoch is monitored
+    on the held-out split (history keys val_acc / val_loss); with evaluate_on="test" the final model is then
+    scored once on the test images, with evaluate_on="val" it never sees them (cells that choose settings).
+
+    A run whose loss turns non-finite is recorded, not raised: `diverged` holds the engine's message and the
+    net is scored as it stands (NaN logits predict one class: chance)."""
     from training.engine import train as run_training
     from training.evaluate import classification_metrics, predict_torch
     from training.recipes import make_config
 
+    if evaluate_on not in ("test", "val"):
+        raise ValueError(f"evaluate_on must be 'test' or 'val', got {evaluate_on!r}")
     train_set, train_eval, test, spec = ctx.data(dataset)
-    if evaluate_on == "val":
-        test = ctx.val(dataset)
+    val = ctx.val(dataset)
     overrides = {"epochs": ctx.preset.epochs_for(stage), "batch_size": ctx.preset.batch_size,
                  **(train or {}), "seed": seed}
     cfg = make_config(recipe, dataset=dataset, **overrides)
     net = create_model(model, seed=seed, num_classes=len(train_set.classes), in_channels=train_set.channels,
                        image_size=train_set.size[0], **kwargs)
+
     def hook(model, record):  # after each epoch's evaluation, the model in eval mode
-        if epoch_f1:  # macro-F1 on the evaluation set, in the epoch's record
-            logits = predict_torch(model, test, spec, precision="fp32")
-            record[f"{evaluate_on}_macro_f1"] = classification_metrics(
-                test.labels.numpy(), logits.argmax(1), test.classes)["macro_f1"]
+        if epoch_f1:  # macro-F1 on the held-out images, in the epoch's record
+            logits = predict_torch(model, val, spec, precision="fp32")
+            record["val_macro_f1"] = classification_metrics(
+                val.labels.numpy(), logits.argmax(1), val.classes)["macro_f1"]
         if on_epoch is not None:
             on_epoch(record)
 
-    result = run_training(net, train_set, spec, cfg, eval_sets={"train_eval": train_eval, evaluate_on: test},
-                          progress=False, log=lambda *_: None, after_backward=after_backward, on_epoch_end=hook)
-    net = result.model.eval()
-    logits = predict_torch(net, test, spec, precision="fp32")
-    m = classification_metrics(test.labels.numpy(), logits.argmax(1), test.classes)
-    last = result.history[-1]
+    diverged, history, train_seconds, precision = "", [], 0.0, ""
+    try:
+        result = run_training(net, train_set, spec, cfg, eval_sets={"train_eval": train_eval, "val": val},
+                              progress=False, log=lambda *_: None, after_backward=after_backward,
+                              on_epoch_end=hook)
+        net, history = result.model, result.history
+        train_seconds, precision = result.train_seconds, result.precision
+    except FloatingPointError as e:
+        diverged = str(e)
+    net = net.eval()
+    scored = test if evaluate_on == "test" else val
+    logits = predict_torch(net, scored, spec, precision="fp32")
+    pred = logits.argmax(1)
+    m = classification_metrics(scored.labels.numpy(), pred, scored.classes)
+    if history:
+        val_acc = history[-1]["val_acc"]
+    else:  # diverged before its first evaluation: score the net as it stands
+        val_acc = float((predict_torch(net, val, spec, precision="fp32").argmax(1) == val.labels.numpy()).mean())
+    train_eval_acc = history[-1]["train_eval_acc"] if history else 0.0
     record = {
         "dataset": dataset, "model": model, "kwargs": kwargs, "seed": seed, "recipe": recipe,
-        "evaluated_on": evaluate_on,
+        "evaluated_on": evaluate_on, "diverged": diverged,
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("threads", "compile")},
-        "params": count_parameters(net), "history": result.history,
-        "test_acc": m["accuracy"], "test_loss": last[f"{evaluate_on}_loss"], "macro_f1": m["macro_f1"],
-        "train_eval_acc": last["train_eval_acc"], "gap": last["train_eval_acc"] - m["accuracy"],
-        "confusion": m["confusion_matrix"], "per_class_accuracy": m["per_class_accuracy"],
-        "train_seconds": result.train_seconds, "precision": result.precision,
-        "train_images": len(train_set), "test_images": len(test),
-        **inference_ms(net, test, spec, *ctx.preset.timing_reps),
+        "params": count_parameters(net), "history": history,
+        "val_acc": val_acc, "val_loss": history[-1]["val_loss"] if history else float("nan"),
+        "train_eval_acc": train_eval_acc, "macro_f1": m["macro_f1"],
+        "train_seconds": train_seconds, "precision": precision or cfg.precision, "threads": torch.get_num_threads(),
+        "train_images": len(train_set), "val_images": len(val),
     }
+    if evaluate_on == "test":  # a cell that only chooses a setting is not timed
+        record.update(inference_ms(net, scored, spec, *ctx.preset.timing_reps))
+        from training.studies.stats import pack_correct
+
+        record.update(test_acc=m["accuracy"], test_images=len(test), gap=train_eval_acc - m["accuracy"],
+                      test_correct=pack_correct(pred == test.labels.numpy()),
+                      confusion=m["confusion_matrix"], per_class_accuracy=m["per_class_accuracy"])
     if inspect is not None:
         record["inspect"] = inspect(net, test)
     return record
@@ -227,7 +272,7 @@ def inference_ms(net: torch.nn.Module, test, spec, reps1: int = 20, reps256: int
     return out
 
 
-# ---------------------------------------------------------------- statistics over seeds
+# ---------------------------------------------------------------- figures over seeds (comparisons: stats.py)
 
 
 @dataclass(frozen=True)
@@ -258,20 +303,6 @@ def group(records: dict[str, dict], *keys: str) -> dict[tuple, list[dict]]:
     return out
 
 
-def compare(name_a: str, a: list[float], name_b: str, b: list[float], unit: str = "%") -> str:
-    """A sentence with both figures and whether the difference is outside the seed spread."""
-    sa, sb = Spread.of(a), Spread.of(b)
-    scale, digits = (100, 1) if unit == "%" else (1, 3)  # percentages in points, fractions (F1) in 3 decimals
-    fa = f"{scale * sa.mean:.{digits}f} ± {scale * sa.std:.{digits}f}{unit}"
-    fb = f"{scale * sb.mean:.{digits}f} ± {scale * sb.std:.{digits}f}{unit}"
-    diff = scale * (sa.mean - sb.mean)
-    apart = sa.min > sb.max or sb.min > sa.max
-    verdict = ("outside the spread: every seed of one beats every seed of the other" if apart else
-               "inside the spread: their seed ranges overlap, so this difference is not established")
-    return (f"{name_a}: {fa} vs {name_b}: {fb} ({sa.n} and {sb.n} seeds); difference "
-            f"{diff:+.{digits}f}{' points' if unit == '%' else unit}, {verdict}.")
-
-
 # ---------------------------------------------------------------- plots
 
 
@@ -295,13 +326,16 @@ def band(ax, curves: list[list[float]], label: str, x=None, scale: float = 1.0, 
 
 
 def curves_figure(groups: dict[str, list[dict]], path: Path, title: str) -> Path:
-    """Test accuracy and training loss per epoch, mean over seeds with a min-max band, per group."""
+    """Held-out accuracy and training loss per epoch, mean over seeds with a min-max band, per group."""
     p = plt()
     fig, (a1, a2) = p.subplots(1, 2, figsize=(11, 4))
     for label, recs in groups.items():
-        line = band(a1, [[h["test_acc"] for h in r["history"]] for r in recs], label, scale=100)
+        recs = [r for r in recs if r["history"]]  # a run that diverged in its first epoch has no curve
+        if not recs:
+            continue
+        line = band(a1, [[h["val_acc"] for h in r["history"]] for r in recs], label, scale=100)
         band(a2, [[h["train_loss"] for h in r["history"]] for r in recs], label, color=line.get_color())
-    a1.set(xlabel="epoch", ylabel="test accuracy, %", title="test accuracy (mean, min-max band)")
+    a1.set(xlabel="epoch", ylabel="held-out accuracy, %", title="held-out accuracy (mean, min-max band)")
     a2.set(xlabel="epoch", ylabel="training loss", title="training loss (mean, min-max band)")
     for ax in (a1, a2):
         ax.grid(alpha=0.3)
@@ -346,7 +380,7 @@ class Section:
             timing += (f" in this run; its {len(cells)} cells took {sum(r['cell_seconds'] for r in cells):.0f} s "
                        f"of worker time in all, whichever run trained them")
         head = [f"## {self.title}", "", command_line(self.command), "",
-                f"Preset **{ctx.preset.name}**: {ctx.preset.description}. {timing}.", ""]
+                f"Preset **{ctx.preset.name}**: {ctx.preset.description}. {timing}. {protocol_line(ctx)}", ""]
         d = ctx.stage_dir(self.stage)
         path = d / "section.md"
         path.write_text("\n".join(head + self.lines) + "\n")
