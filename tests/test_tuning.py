@@ -1,9 +1,11 @@
 """Optimizer study settings and Optuna tuning through training/tune.py, against a real PostgreSQL."""
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -37,8 +39,8 @@ def test_every_optimizer_of_the_study_lowers_the_loss(name):
     from training.studies.optimizers import LR_GRID, OPTIMIZERS
 
     ds = tiny_dataset()
-    settings = {k: v for k, v in OPTIMIZERS[name].items() if k != "full_batch"}
-    if OPTIMIZERS[name].get("full_batch"):
+    settings = dict(OPTIMIZERS[name]["train"])
+    if name == "rprop":
         settings["batch_size"] = len(ds)  # Rprop: one full-batch step per epoch
     cfg = make_config("study_sgd", **settings, lr=LR_GRID[name][1], epochs=8 if name == "rprop" else 3,
                       schedule="constant", precision="fp32")
@@ -84,10 +86,12 @@ def test_two_workers_on_postgresql_finish_exactly_n_trials_prune_a_bad_one_and_p
     # LR 1e-5 learns nothing in 3 epochs), so that the median it is held against exists whatever the two
     # workers' timing: which trials have finished when it reports does not depend on the machine's load.
     for layers, kernel in ((1, 3), (2, 3), (2, 5), (3, 3)):
-        study.enqueue_trial({"n_layers": layers, "kernel_size": kernel, "optimizer": "Adam", "lr": 3e-3})
+        study.enqueue_trial({"n_layers": layers, "kernel_size": kernel, "optimizer": "Adam", "lr": 3e-3,
+                             "schedule": "constant"})
     first = tune([*args, "--n-trials", "4", "--no-publish"], lab_env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    study.enqueue_trial({"n_layers": 1, "kernel_size": 3, "optimizer": "SGD", "lr": 1e-5})
+    study.enqueue_trial({"n_layers": 1, "kernel_size": 3, "optimizer": "SGD", "lr": 1e-5, "momentum": 0.9,
+                         "nesterov": False, "schedule": "constant"})
     proc = tune([*args, "--n-trials", "8"], lab_env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     study = optuna.load_study(study_name=name, storage=postgres_url)
@@ -98,6 +102,9 @@ def test_two_workers_on_postgresql_finish_exactly_n_trials_prune_a_bad_one_and_p
     bad = next(t for t in finished if t.params["lr"] == 1e-5)
     assert bad.state.name == "PRUNED", [(t.number, t.state.name, t.params, t.intermediate_values) for t in finished]
     assert "Number of pruned trials:" in proc.stdout and "Best trial:" in proc.stdout
+    # the best trial and the baseline were trained again on the evaluation seeds and compared on the test set
+    section = (tmp_path / "runs" / "tuning" / name / "tuning" / "section.md").read_text()
+    assert "untuned baseline" in section and "95 % CI" in section, section
     tag = next(line.split("published ")[1].split(":")[0] for line in proc.stdout.splitlines()
                if line.strip().startswith("published cifar10-tuned-cnn"))
     assert tag == "cifar10-tuned-cnn-smoke"  # a smoke run never adds a version to a real study's model
@@ -142,3 +149,205 @@ def test_a_killed_worker_loses_no_finished_trial_and_a_restart_completes_the_stu
     assert all(after.get(n) == v for n, v in before.items())  # nothing finished was lost or redone
     assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) == 6
     assert "Stale trials (a worker died; failed and queued again): 1" in again.stdout, again.stdout[-2000:]
+
+
+# ---------------------------------------------------------------- the baseline, the seed and the test-set comparison
+# These run the tuning code in this process with training replaced by a stand-in (`fake_training`): what is
+# checked is which settings and seeds the trials and the evaluation train with, not what they learn.
+
+
+@pytest.fixture
+def fake_training(monkeypatch):
+    """training.tuning.train_cell replaced: records each call's (seed, kwargs, train, evaluate_on) and returns a
+    record like the real one (per-epoch val_acc to the pruner; test_correct when scored on the test set)."""
+    import numpy as np
+
+    import training.tuning as T
+    from training.studies.stats import pack_correct
+
+    calls = []
+
+    def train_cell(ctx, dataset, model, kwargs, seed, *, recipe, train=None, stage="", on_epoch=None,
+                   evaluate_on="test"):
+        calls.append({"seed": seed, "kwargs": kwargs, "train": dict(train), "evaluate_on": evaluate_on})
+        acc = 0.5 + (0.3 if train["optimizer"] == "adam" else 0.0)
+        for epoch in range(1, train["epochs"] + 1):
+            if on_epoch is not None:
+                on_epoch({"epoch": epoch, "val_acc": acc * epoch / train["epochs"]})
+        rec = {"val_acc": acc, "diverged": "", "train_seconds": 0.0, "params": 1, "seed": seed}
+        if evaluate_on == "test":
+            rng = np.random.default_rng(seed)
+            rec.update(test_acc=acc, test_images=200, test_correct=pack_correct(rng.random(200) < acc))
+        return rec
+
+    monkeypatch.setattr(T, "train_cell", train_cell)
+    return calls
+
+
+def _smoke_ctx(tmp_path):
+    from training.studies.common import StudyContext, get_study_preset
+
+    return StudyContext(get_study_preset("smoke"), tmp_path / "data", tmp_path / "out",
+                        f"sqlite:///{tmp_path / 'grid.db'}", command="", progress=False, log=lambda *_: None)
+
+
+def test_the_space_expresses_each_baseline_as_the_recipe_and_model_the_studies_use():
+    import inspect
+
+    from optuna.trial import FixedTrial
+
+    from models import count_parameters, create_model
+    from models.mlp import mlp
+    from models.simple_cnn import simple_cnn
+    from training.recipes import make_config
+    from training.studies.architectures import ARCHITECTURES
+    from training.studies.common import STUDY_PRESETS
+    from training.tuning import SPACES, TRAIN_KEYS, TUNE_PRESETS, plan
+
+    for preset in STUDY_PRESETS.values():
+        for space, recipe in ((SPACES["cnn"], "study_sgd"), (SPACES["mlp"], "adam_mlp")):
+            epoch_range, params = plan(space, preset.name, preset)
+            assert epoch_range == (1, TUNE_PRESETS[preset.name]["max_epochs"])
+            kwargs, train = space.suggest(FixedTrial(params), epoch_range)
+            cfg = make_config(recipe, batch_size=preset.batch_size, epochs=preset.epochs_for("tuning"))
+            assert train == {k: getattr(cfg, k) for k in TRAIN_KEYS}, (space.name, preset.name)
+            assert epoch_range[0] <= train["epochs"] <= epoch_range[1]
+            if space.name == "cnn":  # the architecture study's CNN, with simple_cnn's default kernel
+                default_kernel = inspect.signature(simple_cnn).parameters["kernel_size"].default
+                assert kwargs == {**ARCHITECTURES["cnn"]["kwargs"], "kernel_size": default_kernel}
+                same = create_model("simple_cnn", **ARCHITECTURES["cnn"]["kwargs"])
+            else:  # the registry's MLP at its defaults
+                defaults = inspect.signature(mlp).parameters
+                assert kwargs == {"hidden": list(defaults["hidden"].default),
+                                  "dropout": [defaults["dropout"].default] * len(defaults["hidden"].default)}
+                same = create_model("mlp", in_channels=1, image_size=28)
+            assert count_parameters(create_model(space.model, **({"in_channels": 1, "image_size": 28}
+                                                                  if space.name == "mlp" else {}), **kwargs)) \
+                == count_parameters(same)
+    # on quick, as the studies train their CNN: SGD, Nesterov momentum 0.9, one-cycle to peak LR 0.05, 4 epochs
+    _, params = plan(SPACES["cnn"], "quick", STUDY_PRESETS["quick"])
+    _, train = SPACES["cnn"].suggest(FixedTrial(params))
+    assert (train["optimizer"], train["momentum"], train["nesterov"], train["schedule"], train["lr"],
+            train["epochs"]) == ("sgd", 0.9, True, "onecycle", 0.05, 4)
+    # --epochs N fixes every trial's epochs, the baseline's included
+    epoch_range, params = plan(SPACES["cnn"], "quick", STUDY_PRESETS["quick"], epochs=3)
+    assert epoch_range == (3, 3) and params["epochs"] == 3
+
+
+def test_the_baseline_is_trial_0_and_is_queued_once_however_often_the_study_is_opened(tmp_path, fake_training):
+    import optuna
+
+    from training.studies.common import STUDY_PRESETS
+    from training.tuning import SPACES, open_tuning_study, plan, run_worker, statistics
+
+    space = SPACES["cnn"]
+    epoch_range, baseline = plan(space, "smoke", STUDY_PRESETS["smoke"])
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    for _ in range(2):
+        study = open_tuning_study(space, url, "s", baseline=baseline, sampler="random")
+    assert [(t.number, t.state.name, t.system_attrs["fixed_params"], t.user_attrs) for t in study.trials] == \
+        [(0, "WAITING", baseline, {"baseline": True})]
+    run_worker(None, space, url, "s", 4, epoch_range, log=lambda *_: None, baseline=baseline, sampler="random")
+    open_tuning_study(space, url, "s", baseline=baseline)  # a worker that joins later queues nothing
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    assert len(trials) == 4 and trials[0].params == baseline and trials[0].state.name == "COMPLETE"
+    assert [t.number for t in trials if t.user_attrs.get("baseline")] == [0]
+    assert sum(t.params == baseline for t in trials) == 1
+    stats = statistics(optuna.load_study(study_name="s", storage=url))
+    assert stats["baseline_number"] == 0 and stats["baseline_value"] == pytest.approx(0.5)
+    # started over: the new study gets its baseline again, as trial 0
+    study = open_tuning_study(space, url, "s", fresh=True, baseline=baseline)
+    assert [(t.number, t.system_attrs["fixed_params"]) for t in study.trials] == [(0, baseline)]
+
+
+OPEN_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    from training.studies.common import STUDY_PRESETS
+    from training.tuning import SPACES, open_tuning_study, plan
+    ready = Path(sys.argv[2])
+    (ready / str(os.getpid())).touch()
+    while len(list(ready.iterdir())) < int(sys.argv[3]):  # start together
+        time.sleep(0.01)
+    _, baseline = plan(SPACES["cnn"], "smoke", STUDY_PRESETS["smoke"])
+    open_tuning_study(SPACES["cnn"], sys.argv[1], "race", baseline=baseline)
+""")
+
+
+def test_workers_that_create_the_study_at_once_queue_one_baseline(tmp_path, lab_env):
+    import optuna
+
+    from training.studies.runner import storage_for
+
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    storage_for(url)  # the tables exist: the race is the study's creation, not the schema's
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_SCRIPT, url, str(ready), "3"], env=lab_env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    trials = optuna.load_study(study_name="race", storage=url).trials
+    assert [(t.number, t.user_attrs) for t in trials] == [(0, {"baseline": True})]
+
+
+def test_every_trial_trains_with_the_one_tuning_seed(tmp_path, fake_training):
+    from training.studies.common import STUDY_PRESETS
+    from training.tuning import SPACES, TUNING_SEED, open_tuning_study, plan, run_worker, statistics
+
+    space = SPACES["mlp"]
+    assert not any(TUNING_SEED in p.seeds for p in STUDY_PRESETS.values())  # never an evaluation seed
+    epoch_range, baseline = plan(space, "smoke", STUDY_PRESETS["smoke"])
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    run_worker(None, space, url, "seeds", 6, epoch_range, log=lambda *_: None, baseline=baseline, sampler="random",
+               pruner="none")
+    assert len(fake_training) == 6 and {c["seed"] for c in fake_training} == {TUNING_SEED}
+    assert {c["evaluate_on"] for c in fake_training} == {"val"}  # a trial never sees the test set
+    assert len({json.dumps(c["train"], sort_keys=True) for c in fake_training}) > 1  # the settings differ
+    study = open_tuning_study(space, url, "seeds")
+    assert statistics(study)["seeds"] == [TUNING_SEED]
+
+
+@pytest.mark.parametrize("best_is_baseline", [False, True])
+def test_the_best_trial_and_the_baseline_are_compared_on_the_test_set_with_the_evaluation_seeds(
+        tmp_path, fake_training, best_is_baseline):
+    from training.studies.common import STUDY_PRESETS
+    from training.tuning import (SPACES, TUNING_SEED, evaluate_best_and_baseline, open_tuning_study, plan,
+                                 run_worker, section)
+
+    ctx = _smoke_ctx(tmp_path)
+    space = SPACES["cnn"]
+    epoch_range, baseline = plan(space, "smoke", STUDY_PRESETS["smoke"])
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    study_kw = dict(baseline=baseline, sampler="random", pruner="none")
+    study = open_tuning_study(space, url, "cmp", **study_kw)
+    adam = {**baseline, "optimizer": "Adam"}
+    del adam["momentum"], adam["nesterov"]
+    # the stand-in scores Adam 0.8 and SGD 0.5: an Adam trial wins, unless every other trial is SGD too
+    study.enqueue_trial({**baseline, "lr": 1e-3} if best_is_baseline else adam)
+    run_worker(ctx, space, url, "cmp", 2, epoch_range, log=lambda *_: None, **study_kw)
+    trials_calls = len(fake_training)
+    evaluation = evaluate_best_and_baseline(ctx, space, study, baseline, epoch_range, "cmp-evaluation")
+    cells = fake_training[trials_calls:]
+    assert {c["evaluate_on"] for c in cells} == {"test"} and TUNING_SEED not in {c["seed"] for c in cells}
+    section(ctx, space, study, "cmp", url, 2, 1.0, "python training/tune.py", None, evaluation)
+    text = (ctx.out_dir / "tuning" / "section.md").read_text()
+    assert "maximum over 2 finished trials" in text and "the one that counts" in text
+    assert "untuned baseline (trial 0) 50.00%" in text
+    if best_is_baseline:
+        assert evaluation["same"] and "comparison" not in evaluation
+        assert sorted(c["seed"] for c in cells) == list(ctx.preset.seeds)  # trained once, not twice
+        assert "The best trial is the untuned baseline itself" in text
+    else:
+        assert sorted(c["seed"] for c in cells) == sorted(2 * list(ctx.preset.seeds))
+        assert [c["train"] for c in cells if c["train"]["optimizer"] == "adam"][0]["epochs"] == adam["epochs"]
+        c = evaluation["comparison"]
+        assert c.a == "tuned (trial 1)" and c.b == "untuned baseline" and c.seeds == (3, 3) and c.images == 200
+        assert c.diff == pytest.approx(evaluation["spread"]["tuned"].mean - evaluation["spread"]["baseline"].mean,
+                                       abs=0.02)
+        assert "tuned (trial 1) − untuned baseline: **+" in text and "95 % CI" in text
+        assert evaluation["spread"]["tuned"].pct() in text and evaluation["spread"]["baseline"].pct() in text
+    # the grid resumes: a second evaluation trains nothing
+    evaluate_best_and_baseline(ctx, space, study, baseline, epoch_range, "cmp-evaluation")
+    assert len(fake_training) == trials_calls + len(cells)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Optuna tuning from the command line: one study, any number of workers, the best trial published.
+"""Optuna tuning from the command line: one study, any number of workers, the best trial compared with the
+untuned baseline on the test set and published.
 
     python training/tune.py --preset quick --search-space cnn --n-trials 24
     python training/tune.py --preset quick --storage postgresql+psycopg://postgres@127.0.0.1:5432/test \\
@@ -7,11 +8,14 @@
     optuna-dashboard sqlite:///runs/tuning/tuning.db             # watch it (same URL as --storage)
 
 Every worker started with the same --storage and --study-name joins the study; together they finish
-exactly --n-trials trials. Restarting after a kill continues to that count. See training/tuning.py.
+exactly --n-trials trials. Restarting after a kill continues to that count. The process that creates the
+study queues the untuned baseline as trial 0. See training/tuning.py.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 import time
@@ -25,18 +29,22 @@ def parse_args(argv=None):
     from training.tuning import SPACES, TUNE_PRESETS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="quick", help=f"data sizes, epochs and default trial count: "
-                                                      f"{', '.join(TUNE_PRESETS)} (default quick)")
+    ap.add_argument("--preset", default="quick", help=f"data sizes, evaluation seeds, epochs and default trial "
+                                                      f"count: {', '.join(TUNE_PRESETS)} (default quick)")
     ap.add_argument("--search-space", default="cnn", help=f"one of: {', '.join(SPACES)}")
     ap.add_argument("--storage", default=None,
                     help="database URL (default sqlite:///<runs>/tuning/tuning.db); PostgreSQL for many machines")
     ap.add_argument("--study-name", default=None, help="default: <space>-<preset>")
     ap.add_argument("--n-trials", type=int, default=None, help="trials the whole study should finish")
     ap.add_argument("--n-workers", type=int, default=1, help="worker processes on this machine (this one included)")
-    ap.add_argument("--epochs", type=float, default=None, help="epochs per trial (default: the preset's)")
+    ap.add_argument("--epochs", type=float, default=None,
+                    help="train every trial (and the baseline) exactly this many epochs, a whole number; default: "
+                         "each trial chooses 1..the preset's max_epochs and the baseline trains the preset's epochs")
     ap.add_argument("--data-root", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None, help="report folder (default <runs>/tuning/<study>)")
-    ap.add_argument("--no-publish", action="store_true", help="do not retrain and publish the best trial")
+    ap.add_argument("--no-publish", action="store_true",
+                    help="report the study only: neither the test-set comparison of the best trial with the "
+                         "baseline nor the published model (both retrain)")
     ap.add_argument("--fresh", action="store_true", help="delete this study's trials first")
     ap.add_argument("--sampler", choices=("tpe", "random"), default="tpe")
     ap.add_argument("--pruner", choices=("median", "none"), default="median")
@@ -45,6 +53,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.preset not in TUNE_PRESETS:
         ap.error(f"unknown preset {args.preset!r}; valid: {', '.join(TUNE_PRESETS)}")
+    if args.epochs is not None and (args.epochs < 1 or not float(args.epochs).is_integer()):
+        ap.error(f"--epochs must be a whole number of at least 1, got {args.epochs:g}")
     args.runs = default_runs_dir()
     return args
 
@@ -55,15 +65,15 @@ def main(argv=None) -> int:
     from lab.hardware import cores
     from lab.paths import default_data_root
     from training.studies.common import StudyContext, get_study_preset
-    from training.tuning import (TUNE_PRESETS, best_settings, finish_study, get_space, open_tuning_study,
-                                 print_statistics, run_worker, section, start_workers, statistics)
+    from training.tuning import (TUNE_PRESETS, best_settings, evaluate_best_and_baseline, finish_study, get_space,
+                                 open_tuning_study, plan, print_statistics, run_worker, section, start_workers,
+                                 statistics)
 
     import torch
 
     space = get_space(args.search_space)
     preset = TUNE_PRESETS[args.preset]
     n_trials = args.n_trials or preset["n_trials"]
-    epochs = args.epochs or preset["epochs"]
     name = args.study_name or f"{space.name}-{args.preset}"
     storage = args.storage
     if storage is None:
@@ -72,34 +82,43 @@ def main(argv=None) -> int:
     out = args.out or args.runs / "tuning" / name
     out.mkdir(parents=True, exist_ok=True)
     ctx = StudyContext(get_study_preset(args.preset), args.data_root or default_data_root(), out, storage,
-                       command="", progress=not args.no_progress and sys.stderr.isatty())
+                       command="", fresh=args.fresh and not args.worker_only,
+                       progress=not args.no_progress and sys.stderr.isatty())
+    epoch_range, baseline = plan(space, args.preset, ctx.preset, None if args.epochs is None else int(args.epochs))
     torch.set_num_threads(max(1, cores() // max(1, args.n_workers)))
-    kw = dict(sampler=args.sampler, pruner=args.pruner)
+    kw = dict(sampler=args.sampler, pruner=args.pruner, baseline=baseline)
     study = open_tuning_study(space, storage, name, fresh=args.fresh and not args.worker_only, **kw)
     if args.worker_only:
-        run_worker(ctx, space, storage, name, n_trials, epochs, log=ctx.log, **kw)
+        run_worker(ctx, space, storage, name, n_trials, epoch_range, log=ctx.log, **kw)
         return 0
     t0 = time.perf_counter()
     helper_argv = [a for a in argv if a != "--fresh"]
     helpers = start_workers(args.n_workers - 1, helper_argv) if args.n_workers > 1 else []
     try:
-        study = finish_study(ctx, space, storage, name, n_trials, epochs, log=ctx.log, **kw)
+        study = finish_study(ctx, space, storage, name, n_trials, epoch_range, log=ctx.log, **kw)
     finally:
         for h in helpers:
             h.wait()
     seconds = time.perf_counter() - t0
     stats = statistics(study)
     print_statistics(stats, ctx.log)
-    published = None
+    published = evaluation = None
     if not args.no_publish and "best_value" in stats:
         from training.studies.common import publish_model
 
-        kwargs, train = best_settings(space, study.best_trial.params)
+        # the evaluation grid is named after what it trains: a study that grows a new best (more trials, a
+        # rerun) trains its own grid instead of meeting one of other settings under the same name
+        key = hashlib.sha256(json.dumps([study.best_trial.params, baseline], sort_keys=True).encode()).hexdigest()
+        evaluation = evaluate_best_and_baseline(ctx, space, study, baseline, epoch_range,
+                                                f"{name}-evaluation-{key[:10]}")
+        if evaluation is not None and "comparison" in evaluation:
+            ctx.log(evaluation["comparison"].sentence(1))
+        kwargs, train = best_settings(space, study.best_trial.params, epoch_range)
         published = publish_model(ctx, f"{space.dataset}-tuned-{space.name}", space.dataset, space.model, kwargs,
-                                  recipe="study_sgd", train={**train, "epochs": epochs},
+                                  recipe="study_sgd", train=train,
                                   description=f"best trial {study.best_trial.number} of Optuna study {name}")
     command = "python training/tune.py " + " ".join(argv)
-    section(ctx, space, study, name, storage, n_trials, seconds, command, published)
+    section(ctx, space, study, name, storage, n_trials, seconds, command, published, evaluation)
     ctx.log(f"report section: {out / 'tuning' / 'section.md'}")
     return 0
 
