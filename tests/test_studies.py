@@ -196,3 +196,13 @@ def test_depth_plot_takes_seeds_that_all_give_one_accuracy(tmp_path):
     by = {(f"{v}_{d}",): [{"test_acc": 0.101} for _ in range(3)] for v in ("plain", "residual") for d in DEPTHS}
     _depth_plot(by, tmp_path / "depth.png")
     assert (tmp_path / "depth.png").stat().st_size > 0
+
+
+def test_the_headline_stage_runs_only_when_named(smoke_studies, study_data):
+    out, lab_env = smoke_studies["out"], smoke_studies["env"]
+    assert not (out / "headline").exists()  # --only studies left it out
+    proc = run_all(["--preset", "smoke", "--data-root", str(study_data), "--only", "headline"], lab_env, check=True)
+    section = (out / "headline" / "section.md").read_text()
+    assert "near convergence" in section and "95 % CI [" in section and "chosen LR" in section
+    assert (out / "headline" / "curves.png").stat().st_size > 1000
+    assert section.splitlines()[0] in (out / "report.md").read_text() and "-- study headline done" in proc.stdout

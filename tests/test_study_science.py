@@ -223,3 +223,19 @@ def test_a_known_effect_on_real_cifar10_he_init_lets_a_deep_plain_net_learn(tmp_
     (c,) = stats.compare_all([("plain_8_he", stats.correct_matrix(cells["plain_8_he"]), "plain_8_default",
                                stats.correct_matrix(cells["plain_8_default"]), "")])
     assert c.established and c.diff > 0.05, c
+
+
+def test_the_budget_script_predicts_every_planned_cell(study_data):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = subprocess.run([sys.executable, "bench/study_budget.py", "--preset", "smoke", "--stages", "blocks,optimizers",
+                          "--images", "32", "--data-root", str(study_data)], cwd=REPO, capture_output=True, text=True,
+                         timeout=600, check=True).stdout
+    # smoke sweeps two LRs: blocks 3 variants x (2 + 3 seeds), optimizers each optimizer x (2 + 3 seeds)
+    from training.studies.optimizers import OPTIMIZERS
+
+    assert "blocks: 15 cells" in out and f"optimizers: {5 * len(OPTIMIZERS)} cells" in out
+    assert "ms per training image" in out and "predicted" in out

@@ -205,10 +205,12 @@ def _main(args, world) -> int:
     from training import distributed as dist
     from training import pipeline as P
 
+    from training.studies import OPTIONAL_STAGES
     from training.studies import STAGES as STUDY_STAGES
 
     preset = resolve_preset(args)
-    groups = {"model": list(P.STAGES), "studies": list(STUDY_STAGES)}
+    # the optional study stages (hours on a CPU) run only when named: not in the group, not by default
+    groups = {"model": list(P.STAGES), "studies": [s for s in STUDY_STAGES if s not in OPTIONAL_STAGES]}
     valid = list(P.STAGES) + list(STUDY_STAGES)
 
     def expand(text: str) -> list[str]:
@@ -218,7 +220,7 @@ def _main(args, world) -> int:
                 raise ValueError(f"unknown stage {n!r}; valid stages: {', '.join(valid)}; groups: model, studies")
         return names
 
-    stages = expand(args.only) or valid
+    stages = expand(args.only) or [s for s in valid if s not in OPTIONAL_STAGES]
     explicit = {part.strip() for part in args.only.split(",")} - set(groups)
     skip = expand(args.skip)
     stages = [s for s in stages if s not in skip]

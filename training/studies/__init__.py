@@ -16,11 +16,14 @@ from training.studies.common import StudyContext
 
 # stage name -> function(ctx, command) -> Section; filled in below, in report order
 STAGES: dict[str, Callable] = {}
+# stages that run only when named (--only headline): not in the "studies" group, not in a default run
+OPTIONAL_STAGES = ("headline",)
 
 
 def _register() -> None:
     from training.studies import architectures
 
+    STAGES["headline"] = architectures.headline  # first in the report: what the others lead up to
     STAGES.update(architectures.STAGES)
     try:  # stages that arrive with later work register themselves here
         from training.studies import optimizers
@@ -50,7 +53,10 @@ def write_report(ctx: StudyContext, title: str = "Model lab: studies") -> Path:
     parts = [f"# {title}", "",
              f"Preset **{ctx.preset.name}**: {ctx.preset.description}. Every figure is mean ± standard deviation "
              f"over seeds {', '.join(map(str, ctx.preset.seeds))} (initial weights and batch order differ; the data "
-             f"split is fixed by data seed {ctx.data_seed}), with the command that reproduces its section.", ""]
+             f"split is fixed by data seed {ctx.data_seed}), with the command that reproduces its section. Every "
+             "variant trains at its own learning rate, chosen on held-out training images; every comparison is a "
+             "difference with a 95 % interval over seeds and test images and a Holm-corrected verdict "
+             "(docs/studies.md, 'The protocol').", ""]
     for stage in STAGES:
         section = ctx.out_dir / stage / "section.md"
         if section.exists():

@@ -79,26 +79,28 @@ BLOCK_COMPARISONS = (("bottleneck", "basic", "(matched parameters)"), ("wide", "
 # ---------------------------------------------------------------- running a stage: sweep, then seeds
 
 
-def base_lr() -> float:
-    from training.recipes import get_recipe
+def base_lr(recipe: str = RECIPE) -> float:
+    """The recipe's peak LR at the study's batch size of 128 (LRs scale with the batch: recipes.py)."""
+    from training.recipes import make_config
 
-    return get_recipe(RECIPE)["lr"]
+    return make_config(recipe, batch_size=128).lr
 
 
-def _run(ctx: StudyContext, stage: str, variants: dict, dataset: str = "cifar10", probe=None, inspect=None):
+def _run(ctx: StudyContext, stage: str, variants: dict, dataset: str = "cifar10", probe=None, inspect=None,
+         recipe: str = RECIPE):
     """Sweep each variant's LR on held-out images, then train it with every seed at its chosen LR.
     Returns (variant -> LRChoice, cell id -> record)."""
     from training.studies.sweep import sweep_lrs
 
     def sweep_cell(v: str, lr: float, seed: int, epochs: float) -> dict:
         s = variants[v]
-        rec = train_cell(ctx, dataset, s["model"], s["kwargs"], seed, recipe=RECIPE, stage=stage,
+        rec = train_cell(ctx, dataset, s["model"], s["kwargs"], seed, recipe=recipe, stage=stage,
                          train={**s["train"], "lr": lr, "epochs": epochs, "grad_clip": CLIP_NORM},
                          evaluate_on="val")
         return dict(rec, variant=v, lr=lr)
 
-    choices = sweep_lrs(ctx, stage, dataset, {v: base_lr() for v in variants}, sweep_cell,
-                        config={"recipe": RECIPE, "variants": variants, "grad_clip": CLIP_NORM})
+    choices = sweep_lrs(ctx, stage, dataset, {v: base_lr(recipe) for v in variants}, sweep_cell,
+                        config={"recipe": recipe, "variants": variants, "grad_clip": CLIP_NORM})
     lrs = {v: c.chosen for v, c in choices.items()}
 
     def run_cell(cell: Cell) -> dict:
@@ -107,7 +109,7 @@ def _run(ctx: StudyContext, stage: str, variants: dict, dataset: str = "cifar10"
         look = None
         if inspect is not None and cell.seed == ctx.preset.seeds[0]:  # pictures: the first seed's nets only
             look = lambda net, test: inspect(net, _first_image(ctx, cell.dataset))  # noqa: E731
-        rec = train_cell(ctx, cell.dataset, s["model"], s["kwargs"], cell.seed, recipe=RECIPE, stage=stage,
+        rec = train_cell(ctx, cell.dataset, s["model"], s["kwargs"], cell.seed, recipe=recipe, stage=stage,
                          train={**s["train"], "lr": lrs[cell.variant], "grad_clip": CLIP_NORM},
                          after_backward=hook, inspect=look)
         if hook is not None:
@@ -115,7 +117,7 @@ def _run(ctx: StudyContext, stage: str, variants: dict, dataset: str = "cifar10"
         return dict(rec, variant=cell.variant, lr=lrs[cell.variant])
 
     cells = [Cell(dataset, v, s) for v in variants for s in ctx.preset.seeds]
-    config = {"stage": stage, "recipe": RECIPE, "variants": variants, "lrs": lrs, "grad_clip": CLIP_NORM,
+    config = {"stage": stage, "recipe": recipe, "variants": variants, "lrs": lrs, "grad_clip": CLIP_NORM,
               "preset": ctx.preset.name, "train_limit": ctx.preset.train_limit, "test_limit": ctx.preset.test_limit,
               "val_images": ctx.preset.val_images, "epochs": ctx.preset.epochs_for(stage),
               "batch_size": ctx.preset.batch_size, "data_seed": ctx.data_seed}
@@ -560,6 +562,45 @@ def blocks(ctx: StudyContext, command: str) -> Section:
     sec.image(png, "block variants learning curves")
     add_comparisons(sec, by, tuple((a, b, note.get(a, n)) for a, b, n in BLOCK_COMPARISONS))
     sec.write(ctx, time.perf_counter() - t0, recs)
+    return sec
+
+
+# ---------------------------------------------------------------- the headline comparisons, near convergence
+
+HEADLINE_RECIPE = "sgd_onecycle"   # Nesterov SGD, one-cycle, weight decay 5e-4, flip + translate: a BN recipe
+HEADLINE = {"cnn": ARCHITECTURES["cnn"], "residual_bn": ARCHITECTURES["residual_bn"],
+            f"plain_{DEPTHS[-1]}_bn": DEPTH[f"plain_{DEPTHS[-1]}_bn"],
+            f"residual_{DEPTHS[-1]}_bn": DEPTH[f"residual_{DEPTHS[-1]}_bn"]}
+HEADLINE_COMPARISONS = (("residual_bn", "cnn", "(near convergence)"),
+                        (f"residual_{DEPTHS[-1]}_bn", f"plain_{DEPTHS[-1]}_bn", "(near convergence)"))
+HEADLINE_EPOCHS = {"smoke": 1, "quick": 15, "full": 40}
+
+
+def headline(ctx: StudyContext, command: str) -> Section:
+    """The two comparisons the report leads with, trained on the whole training set for many epochs with a
+    recipe for BatchNorm nets: the other stages' budgets leave the nets short of convergence. Hours on a
+    2-core CPU, so it runs only when named (--only headline)."""
+    from dataclasses import replace
+
+    epochs = HEADLINE_EPOCHS.get(ctx.preset.name, HEADLINE_EPOCHS["quick"])
+    full = replace(ctx, _data={}, preset=replace(
+        ctx.preset, train_limit={**ctx.preset.train_limit, "cifar10": 0} if ctx.preset.name != "smoke"
+        else ctx.preset.train_limit, epochs={"default": epochs}))
+    t0 = time.perf_counter()
+    choices, recs = _run(full, "headline", HEADLINE, recipe=HEADLINE_RECIPE)
+    by = _by_variant(recs)
+    sec = Section("headline", "0. The headline comparisons, near convergence", command)
+    sec.add(f"CNN vs a BatchNorm residual net, and residual vs plain at {DEPTHS[-1]} layers (both with BatchNorm), "
+            f"on every training image but the held-out ones, {epochs} epochs of `{HEADLINE_RECIPE}` (Nesterov SGD, "
+            "one-cycle, weight decay 5e-4, flips and 2-pixel shifts), each variant at its own swept LR.", "",
+            budget_line(full, "headline", recs), "")
+    add_sweep(sec, full, "headline", choices)
+    sec.table(HEADER, [_row(v, by[v]) for v in HEADLINE if v in by])
+    png = curves_figure({v: by[v] for v in HEADLINE if v in by}, ctx.stage_dir("headline") / "curves.png",
+                        "headline comparisons: learning curves (CIFAR-10)")
+    sec.image(png, "headline learning curves")
+    add_comparisons(sec, by, HEADLINE_COMPARISONS)
+    sec.write(full, time.perf_counter() - t0, recs)
     return sec
 
 

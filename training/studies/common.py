@@ -213,7 +213,9 @@ def train_cell(ctx: StudyContext, dataset: str, model: str, kwargs: dict, seed: 
 
     diverged, history, train_seconds, precision = "", [], 0.0, ""
     try:
-        result = run_training(net, train_set, spec, cfg, eval_sets={"train_eval": train_eval, "val": val},
+        # a cell that only chooses a setting needs its held-out curve, not the training-set one
+        monitored = {"val": val} if evaluate_on == "val" else {"train_eval": train_eval, "val": val}
+        result = run_training(net, train_set, spec, cfg, eval_sets=monitored,
                               progress=False, log=lambda *_: None, after_backward=after_backward,
                               on_epoch_end=hook)
         net, history = result.model, result.history
@@ -229,7 +231,7 @@ def train_cell(ctx: StudyContext, dataset: str, model: str, kwargs: dict, seed: 
         val_acc = history[-1]["val_acc"]
     else:  # diverged before its first evaluation: score the net as it stands
         val_acc = float((predict_torch(net, val, spec, precision="fp32").argmax(1) == val.labels.numpy()).mean())
-    train_eval_acc = history[-1]["train_eval_acc"] if history else 0.0
+    train_eval_acc = history[-1].get("train_eval_acc", 0.0) if history else 0.0
     record = {
         "dataset": dataset, "model": model, "kwargs": kwargs, "seed": seed, "recipe": recipe,
         "evaluated_on": evaluate_on, "diverged": diverged,

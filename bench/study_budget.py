@@ -1,0 +1,123 @@
+"""How long the study stages will take on this machine, before running them: each stage's planned cells
+(sweep cells: LRs x half the epochs on one seed; evaluation cells: seeds x epochs) times each net's
+measured cost per training image and per evaluated image, on random images of CIFAR-10's shape.
+
+    python bench/study_budget.py                      # the quick preset, every stage it can estimate
+    python bench/study_budget.py --preset quick --images 512 --stages depth,blocks
+
+It prints, per stage, the cell-epochs planned and the predicted minutes, and the measured cost per net.
+Not counted: the sweep's extension rounds (each adds at most one LR per unbracketed variant), the
+published models (architectures, tuning, scratch), the tuning and scratch stages themselves, and
+loading the data (which this script does once, for the sizes). Costs are measured with the threads and precision a study cell uses here, one net at a
+time: run it on a quiet machine.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _costs(model: str, kwargs: dict, batch: int, images: int) -> tuple[float, float]:
+    """(seconds per training image, seconds per evaluated image) of one net at this batch size."""
+    from models import create_model
+    from training.data import ArrayDataset
+    from training.engine import train
+    from training.evaluate import predict_torch
+    from training.pipeline import make_spec
+    from training.recipes import make_config
+
+    g = torch.Generator().manual_seed(0)
+    ds = ArrayDataset(torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=g),
+                      torch.randint(0, 10, (images,), generator=g), [str(i) for i in range(10)], "random")
+    spec = make_spec(ds)
+    net = create_model(model, seed=0, num_classes=10, in_channels=3, image_size=32, **kwargs)
+    cfg = make_config("study_sgd", epochs=1, batch_size=min(batch, images), grad_clip=1.0)
+    train(net, ds.subset(slice(0, min(batch, images))), spec, cfg, progress=False, log=lambda *_: None)  # warm-up
+    t0 = time.perf_counter()
+    res = train(net, ds, spec, cfg, progress=False, log=lambda *_: None)
+    per_train = res.train_seconds / images if res.train_seconds else (time.perf_counter() - t0) / images
+    t0 = time.perf_counter()
+    predict_torch(res.model, ds, spec, precision="fp32")
+    return per_train, (time.perf_counter() - t0) / images
+
+
+def plans(ctx) -> dict[str, list[tuple[str, dict, int, float, int]]]:
+    """stage -> [(variant, net, batch, epochs, evaluation seeds or 0 for a sweep cell)], one row per cell."""
+    from training.studies import architectures as A
+    from training.studies import optimizers as O
+    from training.studies.sweep import START
+
+    smoke = ctx.preset.name == "smoke"  # its sweeps try two LRs (training/studies/sweep.py)
+
+    def stage(name: str, variants: dict, epochs: float) -> list:
+        rows = []
+        for v, s in variants.items():
+            net = dict(model=s["model"], kwargs=s["kwargs"])
+            rows += [(v, net, ctx.preset.batch_size, max(1.0, epochs / 2), 0)] * (2 if smoke else len(START))
+            rows += [(v, net, ctx.preset.batch_size, epochs, 1)] * len(ctx.preset.seeds)
+        return rows
+
+    out = {n: stage(n, v, ctx.preset.epochs_for(n)) for n, v in (
+        ("architectures", A.ARCHITECTURES), ("kernels", A.KERNELS), ("depth", A.DEPTH))}
+    out["blocks"] = stage("blocks", A._blocks_variants(ctx), ctx.preset.epochs_for("blocks"))
+    passes = ctx.preset.epochs_for("optimizers")
+    rows = []
+    for o, s in O.OPTIMIZERS.items():
+        net = dict(model=s["model"], kwargs=s["kwargs"])
+        batch = O._batch(ctx, o)
+        rows += [(o, net, batch, O._passes(ctx, o, max(1.0, passes / 2)), 0)] * (2 if smoke else len(O.LR_GRID[o]))
+        rows += [(o, net, batch, O._passes(ctx, o, passes), 1)] * len(ctx.preset.seeds)
+    out["optimizers"] = rows
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="quick")
+    ap.add_argument("--images", type=int, default=1024, help="random images each net trains on to be timed")
+    ap.add_argument("--stages", default="", help="comma-separated (default: all it can estimate)")
+    ap.add_argument("--data-root", type=Path, default=None, help="where CIFAR-10 is (default: the lab's data root)")
+    args = ap.parse_args(argv)
+
+    from lab.hardware import cores
+    from training.data import default_data_root
+    from training.studies.common import StudyContext, get_study_preset, protocol
+
+    ctx = StudyContext(get_study_preset(args.preset), args.data_root or default_data_root(), Path("/tmp"), "sqlite://", "",
+                       progress=True)
+    torch.set_num_threads(max(1, cores() // ctx.workers))
+    train, _, test, _ = ctx.data("cifar10")  # the sizes a cell sees (Rprop's full batch is all of them)
+    n_train, n_val, n_test = len(train), len(ctx.val("cifar10")), len(test)
+    stages = plans(ctx)
+    if args.stages:
+        stages = {k: v for k, v in stages.items() if k in args.stages.split(",")}
+    print(f"preset {args.preset}: {n_train:,} training, {n_val:,} held-out and {n_test:,} test images a cell; "
+          f"{protocol(ctx)}")
+    costs: dict[str, tuple[float, float]] = {}
+    total = 0.0
+    for name, rows in stages.items():
+        seconds, cell_epochs = 0.0, 0.0
+        for v, net, batch, epochs, evaluated in rows:
+            key = f"{net['model']} {net['kwargs']} batch {batch}"
+            if key not in costs:
+                costs[key] = _costs(net["model"], net["kwargs"], batch, min(args.images, n_train))
+                print(f"  {key}: {1e3 * costs[key][0]:.2f} ms per training image, {1e3 * costs[key][1]:.2f} ms per "
+                      f"evaluated image", flush=True)
+            per_train, per_eval = costs[key]
+            monitored = n_val + (min(n_train, n_val) if evaluated else 0)  # held-out (+ train_eval), every epoch
+            seconds += epochs * (n_train * per_train + monitored * per_eval)
+            seconds += (n_test if evaluated else n_val) * per_eval
+            cell_epochs += epochs
+        total += seconds
+        print(f"{name}: {len(rows)} cells, {cell_epochs:.0f} cell-epochs, predicted {seconds / 60:.0f} min", flush=True)
+    print(f"total of these stages: predicted {total / 60:.0f} min (sweep extensions, publishing, data loading, "
+          f"tuning and scratch not included)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
