@@ -61,7 +61,9 @@ ARCHITECTURE_COMPARISONS = (   # declared before any cell runs: the family Holm 
     ("residual_aug", "residual", ""), ("residual_all", "residual", ""),
 )
 KERNELS = {k: variant("kernel_cnn", kernel=k) for k in ("3x3", "5x5", "7x7", "1x1+3x3")}
-KERNEL_COMPARISONS = tuple((k, "3x3", "") for k in ("5x5", "7x7", "1x1+3x3"))
+KERNEL_COMPARISONS = (("5x5", "3x3", ""), ("7x7", "3x3", ""),
+                      ("1x1+3x3", "3x3", "(not one factor: each of its layers is a 1x1 and a 3x3 conv, so the net "
+                                         "is twice as deep, and its FLOPs differ: see above)"))
 DEPTHS = (2, 8, 16)
 INITS = {"default": dict(init="torch"), "he": dict(init="kaiming"), "bn": dict(init="torch", norm=True)}
 INIT_WORDS = {"default": "PyTorch's default init", "he": "He init", "bn": "default init + BatchNorm"}
