@@ -239,3 +239,17 @@ def test_the_budget_script_predicts_every_planned_cell(study_data):
 
     assert "blocks: 15 cells" in out and f"optimizers: {5 * len(OPTIMIZERS)} cells" in out
     assert "ms per training image" in out and "predicted" in out
+
+
+def test_the_pair_script_compares_two_variants(study_data):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    args = [sys.executable, "bench/study_pair.py", "cnn", "fc", "--images", "32", "--epochs", "1", "--seeds", "2",
+            "--test", "32", "--data-root", str(study_data)]
+    out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, check=True).stdout
+    assert "cnn: test accuracy" in out and "fc: test accuracy" in out and "cnn − fc:" in out and "95 % CI [" in out
+    bad = subprocess.run(args[:2] + ["cnn", "nope"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown variant 'nope'" in bad.stderr
