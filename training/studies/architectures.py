@@ -587,7 +587,9 @@ def headline(ctx: StudyContext, command: str) -> Section:
     epochs = HEADLINE_EPOCHS.get(ctx.preset.name, HEADLINE_EPOCHS["quick"])
     full = replace(ctx, _data={}, preset=replace(
         ctx.preset, train_limit={**ctx.preset.train_limit, "cifar10": 0} if ctx.preset.name != "smoke"
-        else ctx.preset.train_limit, epochs={"default": epochs}))
+        else ctx.preset.train_limit, epochs={"default": epochs},
+        description=f"{ctx.preset.description}; this stage: every training image but the held-out ones, "
+                    f"{epochs} epochs"))
     t0 = time.perf_counter()
     choices, recs = _run(full, "headline", HEADLINE, recipe=HEADLINE_RECIPE)
     by = _by_variant(recs)
