@@ -48,12 +48,13 @@ def main(argv=None) -> int:
             print(f"error: unknown variant {v!r}; valid: {', '.join(known)}", file=sys.stderr)
             return 2
     preset = StudyPreset("pair", seeds=tuple(range(args.seeds)), train_limit={"cifar10": args.images},
-                         test_limit=args.test, epochs={"default": args.epochs}, batch_size=args.batch_size,
+                         test_limit=args.test, epochs={"default": args.epochs},
+                         batch_size=min(args.batch_size, args.images),  # a batch is never larger than the data
                          timing_reps=(1, 1), val_images=500)
     with tempfile.TemporaryDirectory() as tmp:
         ctx = StudyContext(preset, args.data_root or default_data_root(), Path(tmp), "sqlite://", "",
                            progress=False)
-        print(f"{args.images:,} training images, {args.epochs:g} epochs, batch {args.batch_size}, {args.seeds} seeds, "
+        print(f"{args.images:,} training images, {args.epochs:g} epochs, batch {preset.batch_size}, {args.seeds} seeds, "
               f"LR {args.lr if args.lr is not None else 'the recipe'}'s; {protocol(ctx)}", flush=True)
         cells = {}
         for v in (args.a, args.b):
