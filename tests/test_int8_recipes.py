@@ -110,8 +110,13 @@ def test_every_recipe_writes_a_valid_graph_close_to_fp32(model, recipe, tmp_path
     ref = predict_backend(model["ctx"].fp32, held, model["spec"])
     got = predict_backend(OnnxInt8Backend(path), held, model["spec"])
     assert got.shape == ref.shape and np.isfinite(got).all()
+    from lab.hardware import cpu_has_int8_dot
+
     spread = ref.std()
-    assert np.abs(got - ref).mean() < 0.1 * spread, (np.abs(got - ref).mean(), spread)  # 0.03 to 0.04 here
+    # 0.03 to 0.04 of the spread with 8-bit weights (int8 dot-product CPUs); 7-bit weights, where the CPU has
+    # none (training/quantize.py), have twice the step: 0.11 measured on an AVX2-only EPYC
+    tolerance = 0.1 if cpu_has_int8_dot() else 0.2
+    assert np.abs(got - ref).mean() < tolerance * spread, (np.abs(got - ref).mean(), spread)
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.85  # 0.93 to 0.97 on the 68 held-out images here
 
 

@@ -84,10 +84,15 @@ class Recipe:
                 ACTIVATIONS.index(self.activations), self.name)
 
     def ort_options(self) -> dict:
-        """quantize_static's keyword arguments for this recipe."""
+        """quantize_static's keyword arguments for this recipe. On a CPU without int8 dot products (AVX2
+        only), weights are quantized to 7 bits (`reduce_range`), as ONNX Runtime advises: its u8 x s8 kernels
+        there sum pairs of products in 16 bits, which 8-bit weights overflow (per-channel scales most)."""
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
 
+        from lab.hardware import cpu_has_int8_dot
+
         return dict(quant_format=QuantFormat.QDQ, per_channel=self.per_channel, weight_type=QuantType.QInt8,
+                    reduce_range=self.activations == "u8" and not cpu_has_int8_dot(),
                     activation_type={"u8": QuantType.QUInt8, "s8": QuantType.QInt8}[self.activations],
                     calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                                       "percentile": CalibrationMethod.Percentile}[self.method])
