@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 
-from training.studies.common import Section, Spread, StudyContext, grid, group, plt, train_cell
+from training.studies.common import Section, Spread, StudyContext, grid, plt, train_cell
 from training.studies.runner import Cell, GridSpec
 
 RECIPE = "study_sgd"
@@ -81,7 +81,7 @@ def _settings(ctx: StudyContext, name: str, lr: float, passes: float) -> dict:
 
 
 def optimizers(ctx: StudyContext, command: str) -> Section:
-    from training.studies.architectures import add_comparisons, budget_line
+    from training.studies.architectures import _by_variant, add_comparisons, budget_line
     from training.studies.sweep import sweep_lrs, sweep_table
 
     t0 = time.perf_counter()
@@ -111,7 +111,7 @@ def optimizers(ctx: StudyContext, command: str) -> Section:
               "train_limit": ctx.preset.train_limit, "test_limit": ctx.preset.test_limit,
               "val_images": ctx.preset.val_images, "data_seed": ctx.data_seed}
     recs = grid(ctx, GridSpec("optimizers", cells, config, run_cell))
-    by = {k[0]: v for k, v in group(recs, "variant").items()}
+    by = _by_variant(recs)
     sec = Section("optimizers", "5. Optimizer convergence", command)
     sec.add(__doc__.split("\n\n", 1)[1].strip(), "",
             f"Nets: the seeds' CNN (`simple_cnn`, 2 conv layers) for the first eight, CIFAR ResNet-20 with "
