@@ -1,5 +1,5 @@
 """How long the study stages will take on this machine, before running them: each stage's planned cells
-(sweep cells: LRs x half the epochs on one seed; evaluation cells: seeds x epochs) times each net's
+(sweep cells: LRs x a quarter of the epochs on one seed; evaluation cells: seeds x epochs) times each net's
 measured cost per training image and per evaluated image, on random images of CIFAR-10's shape.
 
     python bench/study_budget.py                      # the quick preset, every stage it can estimate
@@ -49,7 +49,7 @@ def plans(ctx) -> dict[str, list[tuple[str, dict, int, float, int]]]:
     """stage -> [(variant, net, batch, epochs, evaluation seeds or 0 for a sweep cell)], one row per cell."""
     from training.studies import architectures as A
     from training.studies import optimizers as O
-    from training.studies.sweep import START
+    from training.studies.sweep import START, sweep_epochs
 
     smoke = ctx.preset.name == "smoke"  # its sweeps try two LRs (training/studies/sweep.py)
 
@@ -57,7 +57,7 @@ def plans(ctx) -> dict[str, list[tuple[str, dict, int, float, int]]]:
         rows = []
         for v, s in variants.items():
             net = dict(model=s["model"], kwargs=s["kwargs"])
-            rows += [(v, net, ctx.preset.batch_size, max(1.0, epochs / 2), 0)] * (2 if smoke else len(START))
+            rows += [(v, net, ctx.preset.batch_size, sweep_epochs(epochs), 0)] * (2 if smoke else len(START))
             rows += [(v, net, ctx.preset.batch_size, epochs, 1)] * len(ctx.preset.seeds)
         return rows
 
@@ -69,7 +69,7 @@ def plans(ctx) -> dict[str, list[tuple[str, dict, int, float, int]]]:
     for o, s in O.OPTIMIZERS.items():
         net = dict(model=s["model"], kwargs=s["kwargs"])
         batch = O._batch(ctx, o)
-        rows += [(o, net, batch, O._passes(ctx, o, max(1.0, passes / 2)), 0)] * (2 if smoke else len(O.LR_GRID[o]))
+        rows += [(o, net, batch, O._passes(ctx, o, sweep_epochs(passes)), 0)] * (2 if smoke else len(O.LR_GRID[o]))
         rows += [(o, net, batch, O._passes(ctx, o, passes), 1)] * len(ctx.preset.seeds)
     out["optimizers"] = rows
     return out

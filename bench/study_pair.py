@@ -21,7 +21,9 @@ from pathlib import Path
 def variants() -> dict:
     from training.studies import architectures as A
 
-    return {**A.ARCHITECTURES, **A.DEPTH, **A.KERNELS, **A.HEADLINE}
+    depth = {f"{k}_{d}_{i}": A.depth_variant(k, d, i) for k in ("plain", "residual") for d in (2, 4, 8, 16, 32)
+             for i in A.INITS}  # any depth, not only the study's
+    return {**A.ARCHITECTURES, **depth, **A.DEPTH, **A.KERNELS, **A.HEADLINE}
 
 
 def main(argv=None) -> int:

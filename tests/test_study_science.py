@@ -211,15 +211,15 @@ def test_a_known_effect_on_real_cifar10_he_init_lets_a_deep_plain_net_learn(tmp_
     # with He init they learn; the comparison must establish it, and could fail to. (CNN vs fully connected
     # is not one: at this size the fully connected net wins, and they tie at 4,000 images x 4 epochs.)
     from tests.conftest import SHARED_DATA
-    from training.studies.architectures import CLIP_NORM, DEPTH, RECIPE
+    from training.studies.architectures import CLIP_NORM, RECIPE, depth_variant
     from training.studies.common import StudyContext, StudyPreset, train_cell
 
     preset = StudyPreset("science", seeds=(0, 1, 2), train_limit={"cifar10": 2000}, test_limit=2000,
                          epochs={"default": 3}, batch_size=64, timing_reps=(1, 1), val_images=500)
     ctx = StudyContext(preset, SHARED_DATA, tmp_path, f"sqlite:///{tmp_path / 'r.db'}", "", progress=False)
-    cells = {v: [train_cell(ctx, "cifar10", DEPTH[v]["model"], DEPTH[v]["kwargs"], s,
-                            recipe=RECIPE, train={"grad_clip": CLIP_NORM}) for s in preset.seeds]
-             for v in ("plain_8_he", "plain_8_default")}
+    nets = {"plain_8_he": depth_variant("plain", 8, "he"), "plain_8_default": depth_variant("plain", 8, "default")}
+    cells = {v: [train_cell(ctx, "cifar10", n["model"], n["kwargs"], s, recipe=RECIPE, train={"grad_clip": CLIP_NORM})
+                 for s in preset.seeds] for v, n in nets.items()}
     (c,) = stats.compare_all([("plain_8_he", stats.correct_matrix(cells["plain_8_he"]), "plain_8_default",
                                stats.correct_matrix(cells["plain_8_default"]), "")])
     assert c.established and c.diff > 0.05, c

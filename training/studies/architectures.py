@@ -64,11 +64,17 @@ KERNELS = {k: variant("kernel_cnn", kernel=k) for k in ("3x3", "5x5", "7x7", "1x
 KERNEL_COMPARISONS = (("5x5", "3x3", ""), ("7x7", "3x3", ""),
                       ("1x1+3x3", "3x3", "(not one factor: each of its layers is a 1x1 and a 3x3 conv, so the net "
                                          "is twice as deep, and its FLOPs differ: see above)"))
-DEPTHS = (2, 8, 16)
+DEPTHS = (2, 16)
 INITS = {"default": dict(init="torch"), "he": dict(init="kaiming"), "bn": dict(init="torch", norm=True)}
 INIT_WORDS = {"default": "PyTorch's default init", "he": "He init", "bn": "default init + BatchNorm"}
-DEPTH = {f"{kind}_{d}_{i}": variant("depth_cnn", depth=d, residual=kind == "residual", **INITS[i])
-         for i in INITS for kind in ("plain", "residual") for d in DEPTHS}
+
+
+def depth_variant(kind: str, depth: int, init: str) -> dict:
+    """`plain` or `residual` conv layers, `depth` of them, with an init of INITS."""
+    return variant("depth_cnn", depth=depth, residual=kind == "residual", **INITS[init])
+
+
+DEPTH = {f"{kind}_{d}_{i}": depth_variant(kind, d, i) for i in INITS for kind in ("plain", "residual") for d in DEPTHS}
 DEPTH_COMPARISONS = tuple((f"residual_{d}_{i}", f"plain_{d}_{i}", "") for i in INITS for d in DEPTHS) + (
     (f"plain_{DEPTHS[-1]}_he", f"plain_{DEPTHS[-1]}_default", "(init alone)"),
     (f"plain_{DEPTHS[-1]}_bn", f"plain_{DEPTHS[-1]}_default", "(BatchNorm alone)"))
@@ -159,22 +165,24 @@ def _row(name: str, recs: list[dict]) -> list:
 
 
 def budget_line(ctx: StudyContext, stage: str, recs: dict) -> str:
+    from training.studies.sweep import sweep_epochs
+
     r = next(iter(recs.values()))
     epochs = ctx.preset.epochs_for(stage)
     steps = math.ceil(r["train_images"] / ctx.preset.batch_size) * epochs
     return (f"Budget per cell: {r['train_images']:,} training images x {epochs:g} epochs = {steps:.0f} steps of "
             f"{ctx.preset.batch_size} images; monitored on {r['val_images']:,} held-out images, scored on "
-            f"{r['test_images']:,} test images; sweeps: {max(1.0, epochs / 2):g} epochs per LR. At this budget the "
+            f"{r['test_images']:,} test images; sweeps: {sweep_epochs(epochs):g} epochs per LR. At this budget the "
             "nets are not converged: a variant whose held-out accuracy still rose in the last epoch (its column in "
             "the table) is measured before convergence, and so are its gap and its rank.")
 
 
 def add_sweep(sec: Section, ctx: StudyContext, stage: str, choices: dict) -> None:
-    from training.studies.sweep import sweep_table
+    from training.studies.sweep import sweep_epochs, sweep_table
 
     sec.add("Learning rates: each variant's own, from its sweep (held-out accuracy; the test images are not "
             f"read; the shared recipe's LR is {base_lr():g}):", "")
-    sec.table(*sweep_table(choices, max(1.0, ctx.preset.epochs_for(stage) / 2)))
+    sec.table(*sweep_table(choices, sweep_epochs(ctx.preset.epochs_for(stage))))
 
 
 def add_comparisons(sec: Section, by: dict[str, list[dict]], declared) -> list:

@@ -2,7 +2,7 @@
 seeds' CNN, and Adamax vs Adam on a BatchNorm ResNet, each at its own learning rate, over seeds.
 
 How each LR is chosen: a sweep per optimizer over a grid around its usual default (LR_GRID, spaced
-about 3x), on a sweep seed that no evaluation cell uses, for half the passes, scored on held-out
+about 3x), on a sweep seed that no evaluation cell uses, for a quarter of the passes, scored on held-out
 training images (never the test set); a best LR at the edge of the grid extends it by one step until
 it is bracketed (training/studies/sweep.py). The chosen LR then trains with every seed. All optimizers
 use a constant LR and no weight decay (AdamW: its decoupled decay 0.01, which is what it is for), the
@@ -82,7 +82,7 @@ def _settings(ctx: StudyContext, name: str, lr: float, passes: float) -> dict:
 
 def optimizers(ctx: StudyContext, command: str) -> Section:
     from training.studies.architectures import _by_variant, add_comparisons, budget_line
-    from training.studies.sweep import sweep_lrs, sweep_table
+    from training.studies.sweep import sweep_epochs, sweep_lrs, sweep_table
 
     t0 = time.perf_counter()
     passes = ctx.preset.epochs_for("optimizers")
@@ -122,7 +122,7 @@ def optimizers(ctx: StudyContext, command: str) -> Section:
             "out: every optimizer reaches its ceiling there at this budget.", "", budget_line(ctx, "optimizers", recs),
             "")
     sec.add("LR sweeps (held-out accuracy; the test images are not read):", "")
-    sec.table(*sweep_table(choices, max(1.0, passes / 2)))
+    sec.table(*sweep_table(choices, sweep_epochs(passes)))
     best_mean = max(Spread.of(r["val_acc"] for r in v).mean for v in by.values())
     target = math.floor(90 * best_mean) / 100  # 90% of the best mean final held-out accuracy, rounded down
     sec.add(f"Target for the columns 'to target': {100 * target:.0f}% held-out accuracy (90% of the best "

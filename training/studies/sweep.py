@@ -4,7 +4,7 @@
     lrs["3x3"].chosen                                                              # the LR the study uses
 
 The sweep trains every variant at its starting LR times START on SWEEP_SEED (a seed no evaluation
-cell uses) for half the stage's epochs, with the schedule compressed to that length, and scores the
+cell uses) for a quarter of the stage's epochs (SWEEP_FRACTION, at least one), with the schedule compressed to that length, and scores the
 accuracy on the held-out split (`train_cell(..., evaluate_on="val")`: the test images are never read).
 A winner at the edge of what was tried is not a choice: the grid is extended by one step beyond that
 edge (x or / `factor`) and the new points are trained, until the best LR has a worse neighbour on both
@@ -23,6 +23,12 @@ START = (0.5, 1.0, 2.0)    # multiples of a variant's starting LR tried first
 FACTOR = 2.0               # one step of the grid, and of each extension
 MAX_EXTENSIONS = 3         # rounds that extend the grid past an edge winner
 SWEEP_SEED = 100           # weights and batch order of sweep cells: never an evaluation seed
+SWEEP_FRACTION = 0.25      # of a stage's epochs (or passes) that a sweep cell trains
+
+
+def sweep_epochs(epochs: float) -> float:
+    """Epochs of a sweep cell for a stage whose evaluation cells train `epochs`."""
+    return max(1.0, epochs * SWEEP_FRACTION)
 
 
 @dataclass
@@ -63,7 +69,7 @@ def sweep_lrs(ctx: StudyContext, stage: str, dataset: str, start: dict[str, floa
               epochs: float | None = None, config: dict | None = None) -> dict[str, LRChoice]:
     """variant -> its LRChoice. `start` gives a starting LR (tried at START multiples) or the grid itself.
     run_cell(variant, lr, seed, epochs) trains one sweep cell with evaluate_on="val" and returns its record."""
-    epochs = epochs if epochs is not None else max(1.0, ctx.preset.epochs_for(stage) / 2)
+    epochs = epochs if epochs is not None else sweep_epochs(ctx.preset.epochs_for(stage))
     if ctx.preset.name == "smoke":  # the tests: two points, no extension, so that smoke stays seconds
         grids = {v: tuple(g[:2]) if isinstance(g, tuple) else (g, g * factor) for v, g in start.items()}
         rounds = 1
