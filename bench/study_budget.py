@@ -41,7 +41,7 @@ def _costs(model: str, kwargs: dict, batch: int, images: int) -> tuple[float, fl
     res = train(net, ds, spec, cfg, progress=False, log=lambda *_: None)
     per_train = res.train_seconds / images if res.train_seconds else (time.perf_counter() - t0) / images
     t0 = time.perf_counter()
-    predict_torch(res.model, ds, spec, precision="fp32")
+    predict_torch(res.model, ds, spec, precision=res.precision)  # cells are scored as they train
     return per_train, (time.perf_counter() - t0) / images
 
 

@@ -129,13 +129,14 @@ def protocol(ctx: StudyContext) -> dict:
     from lab.hardware import cores
     from training.engine import pick_device, resolve_precision
 
-    return {"precision": resolve_precision("auto", pick_device()), "threads": max(1, cores() // ctx.workers)}
+    precision = resolve_precision("auto", pick_device())
+    return {"precision": precision, "scored_in": precision, "threads": max(1, cores() // ctx.workers)}
 
 
 def protocol_line(ctx: StudyContext) -> str:
     p = protocol(ctx)
     how = "bf16 autocast (this CPU computes bf16 natively)" if p["precision"] == "bf16" else "fp32"
-    return (f"Cells train in {how} with {p['threads']} torch thread(s) in each of {ctx.workers} worker "
+    return (f"Cells train and are scored in {how} with {p['threads']} torch thread(s) in each of {ctx.workers} worker "
             f"process(es); both are part of each cell's key.")
 
 
@@ -203,9 +204,13 @@ def train_cell(ctx: StudyContext, dataset: str, model: str, kwargs: dict, seed: 
     net = create_model(model, seed=seed, num_classes=len(train_set.classes), in_channels=train_set.channels,
                        image_size=train_set.size[0], **kwargs)
 
+    # every score of a cell in the precision it trained in: a bf16 forward costs a third of an fp32 one
+    # here, and all variants of a study are scored alike (the served models are measured in fp32 apart)
+    scoring = protocol(ctx)["precision"]
+
     def hook(model, record):  # after each epoch's evaluation, the model in eval mode
         if epoch_f1:  # macro-F1 on the held-out images, in the epoch's record
-            logits = predict_torch(model, val, spec, precision="fp32")
+            logits = predict_torch(model, val, spec, precision=scoring)
             record["val_macro_f1"] = classification_metrics(
                 val.labels.numpy(), logits.argmax(1), val.classes)["macro_f1"]
         if on_epoch is not None:
@@ -224,13 +229,13 @@ def train_cell(ctx: StudyContext, dataset: str, model: str, kwargs: dict, seed: 
         diverged = str(e)
     net = net.eval()
     scored = test if evaluate_on == "test" else val
-    logits = predict_torch(net, scored, spec, precision="fp32")
+    logits = predict_torch(net, scored, spec, precision=scoring)
     pred = logits.argmax(1)
     m = classification_metrics(scored.labels.numpy(), pred, scored.classes)
     if history:
         val_acc = history[-1]["val_acc"]
     else:  # diverged before its first evaluation: score the net as it stands
-        val_acc = float((predict_torch(net, val, spec, precision="fp32").argmax(1) == val.labels.numpy()).mean())
+        val_acc = float((predict_torch(net, val, spec, precision=scoring).argmax(1) == val.labels.numpy()).mean())
     train_eval_acc = history[-1].get("train_eval_acc", 0.0) if history else 0.0
     record = {
         "dataset": dataset, "model": model, "kwargs": kwargs, "seed": seed, "recipe": recipe,
