@@ -11,7 +11,8 @@ For the stored model (default cifar10-airbench:latest), with this project's raw-
   3. `bentoml serve` (1 worker) with the real backends and `noop` (bench/noop_backend.py: no model,
      so it measures the service's own cost): p50/p99 at c=1, throughput at c=64
   4. open loop: Poisson arrivals at 80 % of each real backend's c=64 throughput for --open-seconds,
-     latency from each request's due time (no coordinated omission)
+     latency from each request's due time (no coordinated omission), beside what a perfect batching
+     server with the in-process costs would do with the same load (bench/ideal_queue.py)
   5. overload: 256 connections from one address for --overload-seconds against the first backend:
      goodput (200s a second) against the c=64 capacity, and how fast the excess is refused
   6. (unless --skip-unbatched) c=64 with batching off (LAB_MAX_BATCH_SIZE=1)
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.accuracy_report import backends_or_exit
+from bench.ideal_queue import batch_cost, simulate
 from bench.loadgen import closed_loop, poisson, run
 from bench.samples import cifar_test_samples
 from bench.server import Server
@@ -181,10 +183,14 @@ def main() -> int:
             rate = 0.8 * report["batched"][b]["c64"]["throughput_rps"]
             r = run(poisson(f"{srv.url}/classify?backend={b}", samples, rate, args.open_seconds,
                             bound_s=0.1)).summary()
-            report["open"][b] = dict(r, rate=rate)
+            ip = report["in_process"][b]
+            ideal = simulate(rate, *batch_cost(ip["batch1_ms"], ip["batch64_images_per_s"]))
+            report["open"][b] = dict(r, rate=rate, ideal=ideal)
             print(f"  {b:<13} {rate:.0f} req/s offered: {r['throughput_rps']:.0f} answered, p50 {r['p50_ms']:.1f} ms "
                   f"p99 {r['p99_ms']:.1f} ms p99.9 {r['p999_ms']:.1f} ms, errors {r['errors']}, goodput (<= 100 ms) "
                   f"{r['goodput_rps']:.0f} req/s; client CPU {r['client_cpu']:.2f}", flush=True)
+            print(f"  {'':<13} a perfect batching server with the in-process costs, same load (bench/ideal_queue.py): "
+                  f"p50 {ideal['p50_ms']:.1f} ms p99 {ideal['p99_ms']:.1f} ms = {ideal['ratio']:.2f} x p50", flush=True)
         b = backends[0]
         print(f"\n5. overload: 256 connections from one address, {args.overload_seconds:g} s, {b}:")
         r = run(closed_loop(f"{srv.url}/classify?backend={b}", samples, 256, duration=args.overload_seconds)).summary()
@@ -220,7 +226,9 @@ def main() -> int:
               f"errors {bt['c64']['errors']}, top-1 {100 * (bt['c64']['accuracy'] or 0):.1f}%")
         print(f"{' ' * len(b)}  open loop at {op['rate']:.0f} req/s: p99 {op['p99_ms']:.1f} ms = "
               f"{op['p99_ms'] / op['p50_ms']:.2f} x p50 {op['p50_ms']:.1f} ms, errors {op['errors']} -> "
-              f"{verdict(op['p99_ms'] <= 3 * op['p50_ms'] and op['errors'] == 0)} (<= 3x, 0 errors)")
+              f"{verdict(op['p99_ms'] <= 3 * op['p50_ms'] and op['errors'] == 0)} (<= 3x, 0 errors); a perfect "
+              f"server at this load: {op['ideal']['ratio']:.2f} x, p99 {op['ideal']['p99_ms']:.1f} ms (the service's "
+              f"p99 is {op['p99_ms'] / op['ideal']['p99_ms']:.2f} x that)")
         if report.get("unbatched"):
             ub = report["unbatched"][b]["c64"]
             print(f"{' ' * len(b)}  c=64 unbatched {ub['throughput_rps']:.0f} req/s: batching gives "

@@ -22,14 +22,21 @@ lifecycle. It cannot do these things we need:
    generation, whose collections then stalled every request for 30-100 ms every few seconds (measured
    here: open-loop p99 9.8x p50). cancel_request_timers installs the same middleware with the timer
    cancelled when the request is done (before the service's app is built).
+4. **A front door in front of BentoML's per-request middlewares.** `add_asgi_middleware` puts a
+   service's middleware inside BentoML's own: its HTTP metrics, OpenTelemetry, and the timeout
+   middleware, which starts a task for every request. On the classify routes, which the front door
+   answers itself, they cost about a fifth of a request's time with no model (docs/benchmarks.md).
+   outermost() moves the named middleware to the front of the list BentoML's app is built from, so it
+   sees each request first; everything it passes on goes through BentoML's middlewares as before. The
+   front door then times and bounds its own routes (serving/middleware.py).
 
 Each is checked against the pinned versions (TESTED, TESTED_UVICORN) and tests/test_bentoml_compat.py
 fails on another version so that someone looks. The HTTP guard is a security guard: where it cannot
 install itself (an untested uvicorn, no httptools) the service refuses to start, with one line naming
 the versions, unless LAB_ALLOW_UNGUARDED=1 says to serve without it (logged, and shown by /readyz and
 the lab_guard_active metric). The others step aside with one warning: publishing falls back to the
-public, non-atomic `bentoml.models.create` (the service's sha256 check still protects it), and request
-timers stay alive as BentoML leaves them.
+public, non-atomic `bentoml.models.create` (the service's sha256 check still protects it), request
+timers stay alive as BentoML leaves them, and the front door stays inside BentoML's middlewares.
 
 BentoML's adaptive-batching dispatcher is not used: the service batches in its own queue
 (serving/batching.py), which measured faster (docs/serving.md, "Notes on BentoML").
@@ -297,3 +304,29 @@ def cancel_request_timers() -> type | None:
     traffic._lab_original_timeout = base
     traffic.TimeoutMiddleware = CancellingTimeoutMiddleware
     return CancellingTimeoutMiddleware
+
+
+# ---------------------------------------------------------------- 4. the front door first
+
+
+def outermost(cls: type) -> bool:
+    """Make the middleware `cls` (added with the service's add_asgi_middleware) the first a request meets,
+    before BentoML's metrics, tracing and timeout middlewares (inside Starlette's error handler, which
+    stays outermost). Returns whether it is in place; False on an untested BentoML, where `cls` stays
+    where add_asgi_middleware put it."""
+    if not tested_version():
+        _warn_untested("the front door stays inside BentoML's per-request middlewares")
+        return False
+    from _bentoml_impl.server.app import ServiceAppFactory
+
+    stock = getattr(ServiceAppFactory, "_lab_original_middlewares", ServiceAppFactory.middlewares)
+    first = set(getattr(ServiceAppFactory, "_lab_first", ())) | {cls}
+
+    def middlewares(self) -> list:
+        stack = stock.fget(self)
+        return [m for m in stack if m.cls in first] + [m for m in stack if m.cls not in first]
+
+    ServiceAppFactory._lab_original_middlewares = stock
+    ServiceAppFactory._lab_first = tuple(first)
+    ServiceAppFactory.middlewares = property(middlewares)
+    return True

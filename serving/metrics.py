@@ -7,6 +7,9 @@ prometheus_client, is deprecated in favour of prometheus_client itself, which is
 on first use (from the service's __init__, after the worker has set its directory).
 
   lab_requests_total{model,backend,status}   images answered, by HTTP status (200 or the image's error)
+  lab_request_seconds{route,status}          seconds from a classify request's first byte to its answer
+                                             (histogram; BentoML's bentoml_api_server_request_* time the
+                                             other routes: the front door answers these before them)
   lab_errors_total{backend,kind}             requests refused or failed, by kind (bad_request,
                                              unsupported, too_large, timeout, overloaded, memory,
                                              per_client, shed, inference, not_found, ...)
@@ -33,6 +36,9 @@ class Metrics:
 
         self.requests = Counter("lab_requests", "Images answered, by model, backend and HTTP status",
                                 ["model", "backend", "status"])
+        self.request_seconds = Histogram("lab_request_seconds", "Seconds per classify request, by route and status",
+                                         ["route", "status"], buckets=(.001, .0025, .005, .01, .025, .05, .1,
+                                                                       .25, .5, 1, 2.5, 5, 10, 30, 60))
         self.errors = Counter("lab_errors", "Requests refused or failed, by backend and kind", ["backend", "kind"])
         self.batch_size = Histogram("lab_batch_size", "Images per inference call, by backend", ["backend"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
@@ -78,6 +84,20 @@ def count_error(status: int, backend: str | None = None, kind: str | None = None
     m = metrics()
     if m is not None:
         m.errors.labels(backend_label(backend), kind or KINDS.get(status, str(status))).inc()
+
+
+_request_timers: dict[tuple[str, int], object] = {}  # (route, status) -> its child of lab_request_seconds
+
+
+def observe_request(route: str, status: int, seconds: float) -> None:
+    """One classify request's time (route: a path of the front door's own, never the client's)."""
+    timer = _request_timers.get((route, status))
+    if timer is None:
+        m = metrics()
+        if m is None:
+            return
+        timer = _request_timers[(route, status)] = m.request_seconds.labels(route, str(status))
+    timer.observe(seconds)
 
 
 def observe_batch(backend: str, images: int, seconds: float) -> None:

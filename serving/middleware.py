@@ -1,5 +1,6 @@
 """FrontDoor: the ASGI layer in front of BentoML's app, one per worker (added with BentoML's public
-`add_asgi_middleware`).
+`add_asgi_middleware`, and moved in front of BentoML's own per-request middlewares by
+lab.bentoml_compat.outermost: what it answers itself never passes through them).
 
 - Every response carries an `X-Request-ID` (the client's, when it sent a sane one; else a new one),
   and each request is one line of the `lab.access` log with it (JSON with LAB_LOG_FORMAT=json).
@@ -16,7 +17,8 @@
   timeouts), validated and preprocessed (serving/http_io.py), their images put in the batching queue of
   their (model, backend) (serving/batching.py; a full queue answers 503 + Retry-After), and the answers,
   typed, rendered as JSON by serving/schema.py. A bad request gets its 4xx JSON error right away and
-  never waits in the queue. BentoML's app behind this door serves the rest: /models/, /metrics,
+  never waits in the queue. A classify request is answered within LAB_TIMEOUT (504 past it) and
+  timed in lab_request_seconds. BentoML's app behind this door serves the rest: /models/, /metrics,
   /livez, the docs UI.
 - Per-client limits key on the peer address, or, for a peer listed in LAB_TRUSTED_PROXIES, on the
   nearest address in its X-Forwarded-For that is not a trusted proxy.
@@ -41,7 +43,7 @@ from serving.budget import Reservation
 from serving.catalog import RequestError
 from serving.config import Settings
 from serving.http_io import ROUTES, Overloaded, header, limits, parse
-from serving.metrics import count_error
+from serving.metrics import count_error, observe_request
 from serving.schema import ErrorAnswer, Failure, Prediction, batch_answer, render
 
 SKIP = ("/metrics", "/livez", "/readyz", "/healthz", "/models")
@@ -74,7 +76,10 @@ class FrontDoor:
         try:
             await self._route(scope, receive, out)
         finally:
-            self._log(scope, rid, out.status, (time.perf_counter() - t0) * 1000)
+            seconds = time.perf_counter() - t0
+            self._log(scope, rid, out.status, seconds * 1000)
+            if scope["path"] in ROUTES:  # BentoML's middlewares, behind this one, time the other routes
+                observe_request(scope["path"], out.status, seconds)
 
     async def _route(self, scope, receive, send):
         path, method = scope["path"], scope["method"]
@@ -109,7 +114,15 @@ class FrontDoor:
         self.by_client[client] = self.by_client.get(client, 0) + 1
         held = Reservation(limits(self.settings).request_bytes)
         try:
-            await self._classify(kind, scope, receive, send, held)
+            # the whole request within LAB_TIMEOUT (one timer, no task of its own); an image still in
+            # the queue then is dropped with its cancelled future, one being run is let finish
+            async with asyncio.timeout(self.settings.timeout):
+                await self._classify(kind, scope, receive, send, held)
+        except TimeoutError:
+            count_error(504, _query_backend(scope))
+            if not send.status:
+                await respond(send, 504, f"not able to process the request in {self.settings.timeout} seconds",
+                              close=True)
         finally:
             held.release()
             self.inflight -= 1
@@ -129,9 +142,8 @@ class FrontDoor:
             count_error(503, _query_backend(scope), kind="memory" if "budget" in str(e) else "overloaded")
             return await respond(send, 503, f"overloaded: {e}; retry after {self.retry_after} s", close=True)
         except ClientDisconnect:
-            # Nobody to answer, but answer anyway (uvicorn drops it): BentoML's TimeoutMiddleware, around
-            # this one, waits for a first message or LAB_TIMEOUT; a request that sends none would hold
-            # its task that long, and a graceful shutdown with it. 499: nginx's "client closed request".
+            # Nobody to answer, but the access log and the metrics get the request's end: 499, nginx's
+            # "client closed request" (uvicorn drops what is sent on a closed connection).
             return await respond(send, 499, "the client closed the connection before the whole request "
                                             "was read", close=True)
         good = [it for it in items if it.error is None]

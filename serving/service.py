@@ -113,4 +113,5 @@ class ImageClassifier:
 
 
 ImageClassifier.add_asgi_middleware(FrontDoor, settings=SETTINGS)
+bentoml_compat.outermost(FrontDoor)  # the first a request meets, before BentoML's metrics and timeout layers
 ImageClassifier.add_asgi_middleware(TryIt)  # GET /: the try-it page (serving/static/); /docs: BentoML's UI

@@ -110,3 +110,24 @@ def test_combined_report_end_to_end(combined_report):
         sc = data["scenarios"][b]
         assert sc["single_stream"]["ok"] == 10 and sc["offline"]["ok"] == 40
         assert sc["offline"]["accuracy"] is not None
+
+
+def test_the_ideal_queue_matches_queueing_theory():
+    """M/D/1 (one request at a time, fixed service time): mean wait rho / (2 mu (1 - rho)) (Pollaczek-
+    Khinchine); batching shortens the tail at the same load; the batch cost goes through both points."""
+    import numpy as np
+
+    from bench.ideal_queue import batch_cost, simulate, sojourn
+
+    service, rate = 0.005, 160.0  # rho = 0.8
+    rng = np.random.default_rng(1)
+    arrivals = np.cumsum(rng.exponential(1 / rate, 400_000))
+    wait = sojourn(arrivals, 0.0, service, max_batch=1)[40_000:] - service
+    theory = 0.8 / (2 * (1 / service) * 0.2)
+    assert abs(wait.mean() - theory) / theory < 0.05, (wait.mean(), theory)
+    single = simulate(rate, 0.0, service, max_batch=1)
+    assert 3.5 < single["ratio"] < 6, single  # the tail queueing alone gives at 80 % load
+    a, b = batch_cost(batch1_ms=5.0, batch64_images_per_s=64 / 0.064)
+    assert abs(a + b - 0.005) < 1e-12 and abs(a + 64 * b - 0.064) < 1e-12
+    batched = simulate(rate, a, b)
+    assert batched["p99_ms"] < single["p99_ms"], (batched, single)

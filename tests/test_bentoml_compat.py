@@ -164,3 +164,34 @@ def test_request_timers_are_cancelled_when_the_request_is_done():
     assert timers_left(patched, quick)[0] == 0  # here: gone with it
     left, sent = timers_left(patched, stuck, timeout=0.05)
     assert sent[0]["status"] == 504 and left == 0
+
+
+def test_the_front_door_is_the_first_middleware_a_request_meets():
+    """outermost() moves a service's middleware in front of BentoML's metrics, tracing and timeout
+    middlewares in the app BentoML builds; without it, add_asgi_middleware puts it behind them."""
+    import bentoml
+    from _bentoml_impl.server.app import ServiceAppFactory
+
+    class Door:
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            await self.app(scope, receive, send)
+
+    @bentoml.service(name="door_probe", traffic={"timeout": 5})
+    class Probe:
+        @bentoml.api
+        def hello(self) -> str:
+            return "hello"
+
+    Probe.add_asgi_middleware(Door)
+    Probe.inject_config()
+    factory = ServiceAppFactory(Probe, is_main=True)
+    stock = [m.cls.__name__ for m in factory.middlewares]
+    timeout = next(i for i, name in enumerate(stock) if name.endswith("TimeoutMiddleware"))  # ours cancels its timer
+    assert stock.index("Door") > timeout, stock
+    assert compat.outermost(Door)
+    assert [m.cls.__name__ for m in factory.middlewares][0] == "Door"
+    app = factory()
+    assert app.user_middleware[0].cls is Door  # Starlette builds its stack from this list, first = outermost
