@@ -172,7 +172,7 @@ def budget_line(ctx: StudyContext, stage: str, recs: dict) -> str:
     steps = math.ceil(r["train_images"] / ctx.preset.batch_size) * epochs
     return (f"Budget per cell: {r['train_images']:,} training images x {epochs:g} epochs = {steps:.0f} steps of "
             f"{ctx.preset.batch_size} images; monitored on {r['val_images']:,} held-out images, scored on "
-            f"{r['test_images']:,} test images; sweeps: {sweep_epochs(epochs):g} epochs per LR. At this budget the "
+            f"{r['test_images']:,} test images; sweeps: {sweep_epochs(epochs):g} epoch(s) per LR. At this budget the "
             "nets are not converged: a variant whose held-out accuracy still rose in the last epoch (its column in "
             "the table) is measured before convergence, and so are its gap and its rank.")
 

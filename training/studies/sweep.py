@@ -105,7 +105,7 @@ def sweep_lrs(ctx: StudyContext, stage: str, dataset: str, start: dict[str, floa
 
 
 def sweep_table(choices: dict[str, LRChoice], epochs: float) -> tuple[list[str], list[list]]:
-    header = ["variant", f"held-out accuracy per LR (sweep seed {SWEEP_SEED}, {epochs:g} epochs)", "chosen LR",
+    header = ["variant", f"held-out accuracy per LR (sweep seed {SWEEP_SEED}, {epochs:g} epoch(s))", "chosen LR",
               "bracketed"]
     rows = [[v, c.cells(), f"{c.chosen:.3g}", "yes" if c.bracketed else "**no** (best at the edge of the grid)"]
             for v, c in choices.items()]
