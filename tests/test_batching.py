@@ -299,3 +299,35 @@ def test_a_batch_that_fails_past_the_backend_is_answered_500_and_the_thread_goes
     bad, good = run(go())
     b.close()
     assert isinstance(bad[0], Failure) and bad[0].status == 500 and isinstance(good[0], Prediction)
+
+
+def test_a_classify_request_past_lab_timeout_is_answered_504_by_the_front_door():
+    """The front door bounds its own routes (BentoML's timeout middleware comes after it): a request
+    still unanswered after LAB_TIMEOUT gets a JSON 504 and closes its connection."""
+    import json
+
+    from serving import catalog as C
+    from serving.config import Settings
+    from serving.middleware import FrontDoor
+
+    settings = Settings(timeout=1, read_timeout=30, body_timeout=60)
+    door = FrontDoor(None, settings)
+    scope = {"type": "http", "method": "POST", "path": "/classify", "query_string": b"", "client": ("1.2.3.4", 9),
+             "headers": [(b"content-type", b"image/png"), (b"content-length", b"100")]}
+    sent = []
+
+    async def receive():  # a body that never comes
+        await asyncio.sleep(60)
+
+    async def send(message):
+        sent.append(message)
+
+    C.CURRENT = SimpleNamespace(settings=settings)
+    try:
+        t0 = time.perf_counter()
+        run(door(scope, receive, send))
+    finally:
+        C.CURRENT = None
+    assert sent[0]["status"] == 504 and (b"connection", b"close") in sent[0]["headers"]
+    assert "1 seconds" in json.loads(sent[1]["body"])["error"] and time.perf_counter() - t0 < 30
+    assert door.inflight == 0 and door.by_client == {}
