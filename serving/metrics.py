@@ -8,8 +8,8 @@ on first use (from the service's __init__, after the worker has set its director
 
   lab_requests_total{model,backend,status}   images answered, by HTTP status (200 or the image's error)
   lab_request_seconds{route,status}          seconds from a classify request's first byte to its answer
-                                             (histogram; BentoML's bentoml_api_server_request_* time the
-                                             other routes: the front door answers these before them)
+                                             (histogram; the front door answers these routes before
+                                             BentoML's middlewares see them)
   lab_errors_total{backend,kind}             requests refused or failed, by kind (bad_request,
                                              unsupported, too_large, timeout, overloaded, memory,
                                              per_client, shed, inference, not_found, ...)
