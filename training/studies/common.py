@@ -86,6 +86,8 @@ class StudyContext:
     image_folder: Path | None = None       # the "imagefolder" dataset's root (default <data root>/cifar10-jpg)
     workers: int = 1                       # local worker processes per grid (this one included)
     is_worker: bool = False                # a helper process: runs cells, writes no report
+    stage: str = ""                        # the stage running (helpers are started with it)
+    join: str = ""                         # a helper's grid: it passes the stage's finished grids before it
     _data: dict = field(default_factory=dict, repr=False)
 
     def stage_dir(self, stage: str) -> Path:
@@ -153,6 +155,7 @@ def grid(ctx: StudyContext, spec) -> dict[str, dict]:
     from lab.hardware import cores
     from training.studies.runner import run_grid
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(max(1, cores() // ctx.workers))
     # precision and threads change what a cell computes (bf16 rounding; chaotic runs follow the order of
     # reductions): they are part of every cell's key, so results made otherwise are never mixed in
@@ -160,7 +163,8 @@ def grid(ctx: StudyContext, spec) -> dict[str, dict]:
     helpers = []
     if not ctx.is_worker:
         for _ in range(ctx.workers - 1):
-            cmd = [sys.executable, "-m", "training.studies.worker", spec.name, "--preset", ctx.preset.name,
+            cmd = [sys.executable, "-m", "training.studies.worker", ctx.stage, "--grid", spec.name,
+                   "--preset", ctx.preset.name,
                    "--storage", ctx.storage, "--data-root", str(ctx.data_root), "--data-seed", str(ctx.data_seed),
                    "--workers", str(ctx.workers), "--out", str(ctx.out_dir)]
             helpers.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=dict(os.environ)))
@@ -170,7 +174,8 @@ def grid(ctx: StudyContext, spec) -> dict[str, dict]:
     finally:
         for h in helpers:
             h.wait()
-    if ctx.is_worker:
+        torch.set_num_threads(threads)  # what follows the grid (timings, exports, publishing) has every core
+    if ctx.is_worker and spec.name == ctx.join:
         raise WorkerDone
     return records
 

@@ -18,6 +18,7 @@ One run_all.py stage, "scratch", writes this section of the study report:
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -47,6 +48,7 @@ def scratch(ctx: StudyContext, command: str) -> Section:
 
     if ctx.is_worker:  # its parts run one after the other in the stage's own process
         raise WorkerDone
+    ctx = replace(ctx, workers=1)  # so its grids' cells get every core
     t0 = time.perf_counter()
     sec = Section("scratch", "7. From scratch, proven against PyTorch", command)
     sec.add(__doc__.split("\n\n", 1)[1].split("\n\nOne run_all")[0].strip(), "")

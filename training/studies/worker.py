@@ -1,4 +1,6 @@
-"""A helper worker: runs cells of one study stage's grid until none is left, then exits (no report).
+"""A helper worker: runs cells of one grid of a study stage until none is left, then exits (no report). It
+runs the stage from its start, so that the grids before its own (finished: their records are read back)
+decide what its grid holds, as they did in the process that started it (an LR sweep's later rounds).
 
 Started by the stage itself for --study-workers N on one machine; on other machines, start the same
 `run_all.py --only <stage> --study-storage <shared database URL>` command instead.
@@ -15,6 +17,7 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("stage", choices=list(STAGES))
+    ap.add_argument("--grid", required=True, help="the stage's grid to work on (the grids before it are finished)")
     ap.add_argument("--preset", required=True)
     ap.add_argument("--storage", required=True)
     ap.add_argument("--data-root", type=Path, required=True)
@@ -24,7 +27,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     ctx = StudyContext(get_study_preset(args.preset), args.data_root, args.out, args.storage, command="",
                        progress=False, log=lambda *_: None, data_seed=args.data_seed, workers=args.workers,
-                       is_worker=True)
+                       is_worker=True, stage=args.stage, join=args.grid)
     try:
         STAGES[args.stage](ctx, "")
     except WorkerDone:
