@@ -108,9 +108,8 @@ def main(argv=None) -> int:
                 print(f"  {key}: {1e3 * costs[key][0]:.2f} ms per training image, {1e3 * costs[key][1]:.2f} ms per "
                       f"evaluated image", flush=True)
             per_train, per_eval = costs[key]
-            monitored = n_val + (min(n_train, n_val) if evaluated else 0)  # held-out (+ train_eval), every epoch
-            seconds += epochs * (n_train * per_train + monitored * per_eval)
-            seconds += (n_test if evaluated else n_val) * per_eval
+            seconds += epochs * (n_train + n_val * per_eval / per_train) * per_train  # held-out every epoch
+            seconds += (n_test + min(n_train, n_val) if evaluated else n_val) * per_eval  # test (+ train_eval) once
             cell_epochs += epochs
         total += seconds
         print(f"{name}: {len(rows)} cells, {cell_epochs:.0f} cell-epochs, predicted {seconds / 60:.0f} min", flush=True)

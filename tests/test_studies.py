@@ -150,6 +150,40 @@ def test_two_workers_share_one_grid_on_postgresql(tmp_path, lab_env, fresh_postg
     assert len({t.user_attrs["worker"] for t in complete}) == 2  # both took cells
 
 
+def test_a_helper_passes_the_finished_grids_of_its_stage_and_joins_its_own(study_data, lab_env, tmp_path):
+    """A helper worker is started for one grid of a stage (an LR sweep's round, the evaluation grid after
+    it): it runs the stage from the start, reads back the grids before its own, works on its own and stops."""
+    import optuna
+
+    from lab.hardware import cores
+    from training.studies.runner import records
+    from training.studies.sweep import LRChoice
+
+    storage = f"sqlite:///{tmp_path / 'results.db'}"
+
+    def helper(grid: str):
+        subprocess.run([sys.executable, "-m", "training.studies.worker", "depth", "--grid", grid, "--preset", "smoke",
+                        "--storage", storage, "--data-root", str(study_data), "--workers", "2",
+                        "--out", str(tmp_path / "out")], env=lab_env, check=True, timeout=900, cwd=REPO)
+
+    def grids() -> set[str]:
+        return {s.study_name for s in optuna.get_all_study_summaries(storage)}
+
+    helper("depth-lr-sweep-0")  # alone on an empty database: it runs the whole sweep, and nothing after it
+    assert grids() == {"depth-lr-sweep-0"}
+    sweep = records(optuna.load_study(study_name="depth-lr-sweep-0", storage=storage))
+    assert len(sweep) == 12 * 2  # 12 depth variants x the smoke sweep's two LRs
+    helper("depth")  # passes the finished sweep, then trains the evaluation grid at the LRs the sweep chose
+    evaluation = records(optuna.load_study(study_name="depth", storage=storage))
+    assert len(evaluation) == 12 * 3
+    choices: dict[str, LRChoice] = {}
+    for rec in sweep.values():
+        choices.setdefault(rec["variant"], LRChoice(rec["variant"])).tried[rec["lr"]] = 0.0 if rec.get("diverged") else rec["val_acc"]
+    assert all(rec["lr"] == choices[rec["variant"]].chosen for rec in evaluation.values())
+    assert {rec["threads"] for rec in evaluation.values()} == {max(1, cores() // 2)}  # torch threads per worker
+    assert not (tmp_path / "out" / "depth" / "section.md").exists()  # the report is the stage process's
+
+
 def test_workers_opening_an_empty_database_at_once_all_get_the_storage(tmp_path, lab_env, fresh_postgres_url):
     # Optuna creates its schema check-then-create; four workers racing on it must all open the storage
     script = tmp_path / "open.py"
