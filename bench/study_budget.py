@@ -4,12 +4,15 @@ measured cost per training image and per evaluated image, on random images of CI
 
     python bench/study_budget.py                      # the quick preset, every stage it can estimate
     python bench/study_budget.py --preset quick --images 512 --stages depth,blocks
+    python bench/study_budget.py --workers 1,2                 # one 2-thread worker vs two 1-thread ones
 
 It prints, per stage, the cell-epochs planned and the predicted minutes, and the measured cost per net.
 Not counted: the sweep's extension rounds (each adds at most one LR per unbracketed variant), the
 published models (architectures, tuning, scratch), the tuning and scratch stages themselves, and
-loading the data (which this script does once, for the sizes). Costs are measured with the threads and precision a study cell uses here, one net at a
-time: run it on a quiet machine.
+loading the data (which this script does once, for the sizes). Costs are measured with the threads and
+precision a study cell uses here: with N workers (the studies' default: one per core), N processes of
+cores/N threads each time the same net at once, so that what they cost each other is in the figure, and a
+stage's cells are shared among them. Run it on a quiet machine.
 """
 from __future__ import annotations
 
@@ -81,41 +84,71 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=1024, help="random images each net trains on to be timed")
     ap.add_argument("--stages", default="", help="comma-separated (default: all it can estimate)")
     ap.add_argument("--data-root", type=Path, default=None, help="where CIFAR-10 is (default: the lab's data root)")
+    ap.add_argument("--workers", default="", help="worker processes per grid, or a list to compare, e.g. 1,2 "
+                                                  "(default: what run_all.py uses, one per core)")
     args = ap.parse_args(argv)
 
-    from lab.hardware import cores
     from training.data import default_data_root
-    from training.studies.common import StudyContext, get_study_preset, protocol
+    from training.run_all import study_workers
+    from training.studies.common import StudyContext, get_study_preset
 
     ctx = StudyContext(get_study_preset(args.preset), args.data_root or default_data_root(), Path("/tmp"), "sqlite://", "",
                        progress=True)
-    torch.set_num_threads(max(1, cores() // ctx.workers))
+    counts = [int(w) for w in args.workers.split(",")] if args.workers else [study_workers(None, args.preset)]
     train, _, test, _ = ctx.data("cifar10")  # the sizes a cell sees (Rprop's full batch is all of them)
     n_train, n_val, n_test = len(train), len(ctx.val("cifar10")), len(test)
     stages = plans(ctx)
     if args.stages:
         stages = {k: v for k, v in stages.items() if k in args.stages.split(",")}
-    print(f"preset {args.preset}: {n_train:,} training, {n_val:,} held-out and {n_test:,} test images a cell; "
-          f"{protocol(ctx)}")
+    print(f"preset {args.preset}: {n_train:,} training, {n_val:,} held-out and {n_test:,} test images a cell")
+    totals = {}
+    for workers in counts:
+        totals[workers] = predict(stages, workers, min(args.images, n_train), n_train, n_val, n_test)
+    if len(totals) > 1:
+        best = min(totals, key=totals.get)
+        print("; ".join(f"{w} worker(s): {t / 60:.0f} min = {t / totals[best]:.2f}x the fastest"
+                        for w, t in totals.items()))
+    return 0
+
+
+def predict(stages: dict, workers: int, images: int, n_train: int, n_val: int, n_test: int) -> float:
+    """Print each net's costs and each stage's predicted minutes with `workers` processes; the total seconds."""
+    import multiprocessing
+
+    from lab.hardware import cores
+
+    threads = max(1, cores() // workers)
+    print(f"{workers} worker process(es) of {threads} torch thread(s):")
+    pool = multiprocessing.get_context("spawn").Pool(workers, torch.set_num_threads, (threads,)) if workers > 1 \
+        else None
+    torch.set_num_threads(threads)
     costs: dict[str, tuple[float, float]] = {}
     total = 0.0
-    for name, rows in stages.items():
-        seconds, cell_epochs = 0.0, 0.0
-        for v, net, batch, epochs, evaluated in rows:
-            key = f"{net['model']} {net['kwargs']} batch {batch}"
-            if key not in costs:
-                costs[key] = _costs(net["model"], net["kwargs"], batch, min(args.images, n_train))
-                print(f"  {key}: {1e3 * costs[key][0]:.2f} ms per training image, {1e3 * costs[key][1]:.2f} ms per "
-                      f"evaluated image", flush=True)
-            per_train, per_eval = costs[key]
-            seconds += epochs * (n_train + n_val * per_eval / per_train) * per_train  # held-out every epoch
-            seconds += (n_test + min(n_train, n_val) if evaluated else n_val) * per_eval  # test (+ train_eval) once
-            cell_epochs += epochs
-        total += seconds
-        print(f"{name}: {len(rows)} cells, {cell_epochs:.0f} cell-epochs, predicted {seconds / 60:.0f} min", flush=True)
-    print(f"total of these stages: predicted {total / 60:.0f} min (sweep extensions, publishing, data loading, "
-          f"tuning and scratch not included)")
-    return 0
+    try:
+        for name, rows in stages.items():
+            seconds, cell_epochs = 0.0, 0.0
+            for v, net, batch, epochs, evaluated in rows:
+                key = f"{net['model']} {net['kwargs']} batch {batch}"
+                if key not in costs:
+                    job = (net["model"], net["kwargs"], batch, images)
+                    each = pool.starmap(_costs, [job] * workers) if pool else [_costs(*job)]  # all at once
+                    costs[key] = tuple(sum(c[i] for c in each) / len(each) for i in (0, 1))
+                    print(f"  {key}: {1e3 * costs[key][0]:.2f} ms per training image, {1e3 * costs[key][1]:.2f} ms "
+                          f"per evaluated image", flush=True)
+                per_train, per_eval = costs[key]
+                seconds += epochs * (n_train * per_train + n_val * per_eval)  # held-out images every epoch
+                seconds += (n_test + min(n_train, n_val) if evaluated else n_val) * per_eval  # test (+ train) once
+                cell_epochs += epochs
+            seconds /= workers  # the cells are shared among the workers
+            total += seconds
+            print(f"{name}: {len(rows)} cells, {cell_epochs:.0f} cell-epochs, predicted {seconds / 60:.0f} min",
+                  flush=True)
+    finally:
+        if pool:
+            pool.close()
+    print(f"total of these stages with {workers} worker(s): predicted {total / 60:.0f} min (sweep extensions, "
+          f"publishing, data loading, tuning and scratch not included)")
+    return total
 
 
 if __name__ == "__main__":

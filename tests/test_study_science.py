@@ -232,13 +232,16 @@ def test_the_budget_script_predicts_every_planned_cell(study_data):
     from tests.conftest import REPO
 
     out = subprocess.run([sys.executable, "bench/study_budget.py", "--preset", "smoke", "--stages", "blocks,optimizers",
-                          "--images", "32", "--data-root", str(study_data)], cwd=REPO, capture_output=True, text=True,
-                         timeout=600, check=True).stdout
+                          "--images", "32", "--data-root", str(study_data), "--workers", "1,2"], cwd=REPO,
+                         capture_output=True, text=True, timeout=600, check=True).stdout
     # smoke sweeps two LRs: blocks 3 variants x (2 + 3 seeds), optimizers each optimizer x (2 + 3 seeds)
     from training.studies.optimizers import OPTIMIZERS
 
-    assert "blocks: 15 cells" in out and f"optimizers: {5 * len(OPTIMIZERS)} cells" in out
-    assert "ms per training image" in out and "predicted" in out
+    for workers in (1, 2):  # each worker count predicts every cell, the two processes timing each net at once
+        part = out.split(f"{workers} worker process(es)")[1].split("total of these stages")[0]
+        assert "blocks: 15 cells" in part and f"optimizers: {5 * len(OPTIMIZERS)} cells" in part
+        assert "ms per training image" in part and "predicted" in part
+    assert "1 worker(s): " in out and "2 worker(s): " in out and "x the fastest" in out
 
 
 def test_the_pair_script_compares_two_variants(study_data):

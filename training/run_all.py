@@ -297,9 +297,10 @@ def _main(args, world) -> int:
 
 
 def study_workers(requested: int | None, preset: str) -> int:
-    """Worker processes per study grid. By default one single-threaded worker per core: two 1-thread
-    processes train about 1.2-1.5x the images per second of one 2-thread process on the study's small nets
-    (docs/studies.md); smoke's grids are shorter than a helper's start (importing torch, decoding the data)."""
+    """Worker processes per study grid. By default one single-threaded worker per core: on 2 cores, two
+    1-thread processes get through the architectures stage's cells about 1.24x faster than one 2-thread
+    process (`python bench/study_budget.py --workers 1,2`); smoke's grids are shorter than a helper's start
+    (importing torch, decoding the data)."""
     from lab.hardware import cores
 
     if requested is not None:
