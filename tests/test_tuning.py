@@ -224,11 +224,13 @@ def test_the_space_expresses_each_baseline_as_the_recipe_and_model_the_studies_u
             assert count_parameters(create_model(space.model, **({"in_channels": 1, "image_size": 28}
                                                                   if space.name == "mlp" else {}), **kwargs)) \
                 == count_parameters(same)
-    # on quick, as the studies train their CNN: SGD, Nesterov momentum 0.9, one-cycle to peak LR 0.05, 4 epochs
+    # on quick, as the studies train their CNN: SGD, Nesterov momentum 0.9, one-cycle to peak LR 0.05, the
+    # study preset's epochs
     _, params = plan(SPACES["cnn"], "quick", STUDY_PRESETS["quick"])
     _, train = SPACES["cnn"].suggest(FixedTrial(params))
     assert (train["optimizer"], train["momentum"], train["nesterov"], train["schedule"], train["lr"],
-            train["epochs"]) == ("sgd", 0.9, True, "onecycle", 0.05, 4)
+            train["epochs"]) == ("sgd", 0.9, True, "onecycle", 0.05, STUDY_PRESETS["quick"].epochs_for("tuning"))
+    assert train["epochs"] == 3
     # --epochs N fixes every trial's epochs, the baseline's included
     epoch_range, params = plan(SPACES["cnn"], "quick", STUDY_PRESETS["quick"], epochs=3)
     assert epoch_range == (3, 3) and params["epochs"] == 3
