@@ -54,7 +54,8 @@ STUDY_PRESETS = {
     "quick": StudyPreset("quick", seeds=(0, 1, 2), train_limit={"cifar10": 8000, "mnist": 8000}, test_limit=0,
                          epochs={"default": 3},
                          description="this 2-core CPU: 8,000 training images per dataset (of 50,000 / 60,000), "
-                                     "2,000 more held out, the whole test set (10,000 images), 3 epochs, 3 seeds; each variant's LR swept on the held-out images"),
+                                     "2,000 more held out, the whole test set (10,000 images), 3 epochs, 3 seeds; each "
+                                     "variant's LR swept on the held-out images"),
     "full": StudyPreset("full", seeds=(0, 1, 2, 3, 4), train_limit={"cifar10": 0, "mnist": 0}, test_limit=0,
                         epochs={"default": 30}, batch_size=128, val_images=5000,
                         description="for a GPU: all training and test images, 30 epochs, 5 seeds"),
