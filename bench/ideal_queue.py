@@ -3,6 +3,7 @@
     from bench.ideal_queue import batch_cost, simulate
     a, b = batch_cost(batch1_ms=7.35, batch64_images_per_s=157)   # seconds: a batch of k costs a + b*k
     simulate(rate=120, a=a, b=b)    # {"p50_ms": ..., "p99_ms": ..., "ratio": p99 / p50}
+    replay(run_batch, due_times(rate=120, seconds=60))   # the same server built from the real model
 
 The server has no overhead at all: requests arrive as a Poisson stream, wait in one FIFO queue, and
 whenever the server is free it takes everything waiting (up to `max_batch`) as one batch that costs
@@ -11,8 +12,19 @@ batch-64 throughput. The time from arrival to answer is what the open loop measu
 `poisson`, from each request's due time). Queueing alone gives this a long tail: at 80 % load an M/D/1
 queue (no batching) has a p99 of several times its median, so a measured tail is judged against this
 floor, not against a fixed multiple of the median.
+
+`replay` is that server made of the real model instead of a formula: the benchmark's arrival times
+(`due_times`, the same stream as bench/loadgen.py `poisson` with the same seed) fed in real time to a
+loop in this process that runs, whenever it is free, everything that has arrived (up to `max_batch`) as
+one call. Its tail has the model's true cost at each batch size and the machine's jitter, and no HTTP,
+no parsing and no thread hand-off: what is left between it and the service is the service's own.
 """
 from __future__ import annotations
+
+import random
+import time
+from bisect import bisect_right
+from typing import Callable
 
 import numpy as np
 
@@ -50,3 +62,34 @@ def simulate(rate: float, a: float, b: float, max_batch: int = 64, requests: int
     s = sojourn(np.cumsum(rng.exponential(1 / rate, requests)), a, b, max_batch)[requests // 10:]  # warm
     p50, p99 = np.percentile(s, [50, 99]) * 1000
     return {"p50_ms": float(p50), "p99_ms": float(p99), "ratio": float(p99 / p50)}
+
+
+def due_times(rate: float, seconds: float, seed: int = 0) -> list[float]:
+    """Seconds from the start at which bench/loadgen.py `poisson(qps=rate, seed=seed)` sends its requests."""
+    rng, t, out = random.Random(seed), 0.0, []
+    while t < seconds:
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
+
+
+def replay(run_batch: Callable[[range], object], due: list[float], max_batch: int = 64) -> dict:
+    """Run the arrivals `due` (sorted seconds from now) through `run_batch(range of request indices)` in
+    real time, batching what has arrived whenever the previous call is done; p50 / p99 (ms) of the time
+    from each arrival to the end of its batch's call, and the mean batch size."""
+    latency, sizes = [], []
+    start, i, n = time.perf_counter(), 0, len(due)
+    while i < n:
+        now = time.perf_counter() - start
+        if due[i] > now:
+            time.sleep(due[i] - now)
+            now = time.perf_counter() - start
+        j = min(max(bisect_right(due, now, lo=i), i + 1), i + max_batch)
+        run_batch(range(i, j))
+        done = time.perf_counter() - start
+        latency += [done - due[k] for k in range(i, j)]
+        sizes.append(j - i)
+        i = j
+    p50, p99 = np.percentile(latency, [50, 99]) * 1000
+    return {"p50_ms": float(p50), "p99_ms": float(p99), "ratio": float(p99 / p50),
+            "mean_batch": float(np.mean(sizes)), "requests": n}

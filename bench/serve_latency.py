@@ -9,10 +9,15 @@ For the stored model (default cifar10-airbench:latest), with this project's raw-
   1. in process (no HTTP): preprocess + backend call at batch 1 (latency) and batch 64 (images/s)
   2. the HTTP floor: a bare Starlette no-op endpoint under uvicorn, at c=1 and c=64
   3. `bentoml serve` (1 worker) with the real backends and `noop` (bench/noop_backend.py: no model,
-     so it measures the service's own cost): p50/p99 at c=1, throughput at c=64
-  4. open loop: Poisson arrivals at 80 % of each real backend's c=64 throughput for --open-seconds,
-     latency from each request's due time (no coordinated omission), beside what a perfect batching
-     server with the in-process costs would do with the same load (bench/ideal_queue.py)
+     so it measures the service's own cost): p50/p99 at c=1, throughput at c=64; each real backend's
+     in-process figures measured again just before and just after its runs (this machine's speed
+     drifts by more than the targets' margins): batch 1 interleaved with the c=1 run in ten blocks,
+     batch 64 just before and just after the c=64 run; the targets are judged against these
+  4. open loop: Poisson arrivals at 80 % (or each of --open-loads) of each real backend's c=64
+     throughput for --open-seconds, latency from each request's due time (no coordinated omission),
+     beside a perfect batching server with the same arrivals (bench/ideal_queue.py): simulated with the
+     in-process costs, and replayed in this process with the real model (no HTTP); a plot of p99 / p50
+     against load
   5. overload: 256 connections from one address for --overload-seconds against the first backend:
      goodput (200s a second) against the c=64 capacity, and how fast the excess is refused
   6. (unless --skip-unbatched) c=64 with batching off (LAB_MAX_BATCH_SIZE=1)
@@ -31,8 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.accuracy_report import backends_or_exit
-from bench.ideal_queue import batch_cost, simulate
-from bench.loadgen import closed_loop, poisson, run
+from bench.ideal_queue import batch_cost, due_times, replay, simulate
+from bench.loadgen import Result, closed_loop, poisson, run
 from bench.samples import cifar_test_samples
 from bench.server import Server
 from lab.backends import get_backend, load_backend
@@ -61,19 +66,34 @@ def in_process(backend, spec: Preprocessing, samples, reps: int, rounds: int = 5
         backend.predict(preprocess_bytes(data[i % len(data)], spec)[None])
         lat.append(time.perf_counter() - t0)
     batch = data[:64]
+    backend.predict(normalize(np.stack([to_uint8(open_image(d), spec) for d in batch]), spec))  # warm at 64
     tput = []
     for _ in range(rounds):
         t0 = time.perf_counter()
         x = normalize(np.stack([to_uint8(open_image(d), spec) for d in batch]), spec)
         backend.predict(x)
         tput.append(len(batch) / (time.perf_counter() - t0))
-    pre = []
+    pre, cold = [], []
     for d in data[:200]:
         t0 = time.perf_counter()
         preprocess_bytes(d, spec)
         pre.append(time.perf_counter() - t0)
+    one = preprocess_bytes(data[0], spec)[None]
+    for d in data[:100]:  # as at c=1 in the service: every decode follows a model call
+        backend.predict(one)
+        t0 = time.perf_counter()
+        preprocess_bytes(d, spec)
+        cold.append(time.perf_counter() - t0)
     return {"batch1_ms": 1000 * statistics.median(lat), "batch1_p99_ms": 1000 * sorted(lat)[int(0.99 * (len(lat) - 1))],
-            "batch64_images_per_s": statistics.median(tput), "preprocess_ms": 1000 * statistics.median(pre)}
+            "batch64_images_per_s": statistics.median(tput), "preprocess_ms": 1000 * statistics.median(pre),
+            "preprocess_after_model_ms": 1000 * statistics.median(cold)}
+
+
+def around(before: dict, after: dict) -> dict:
+    """The in-process figures measured just before and just after a backend's service runs: their mean
+    (what the service is judged against) and both runs (their difference is the machine's drift)."""
+    keys = ("batch1_ms", "batch64_images_per_s")
+    return dict({k: (before[k] + after[k]) / 2 for k in keys}, before=before, after=after)
 
 
 def handoff_us(reps: int = 2000) -> float:
@@ -92,13 +112,37 @@ def handoff_us(reps: int = 2000) -> float:
     return run(go())
 
 
+def c1_beside(url: str, samples, requests: int, model, spec: Preprocessing, rounds: int = 10) -> tuple[dict, float]:
+    """c=1 over HTTP in `rounds` blocks, each right after as many in-process calls of the same model at
+    batch 1 (the service idle meanwhile), so both see the machine at the same speed: (the HTTP run's
+    summary, the in-process median in ms)."""
+    data, n = [s.body for s in samples], max(1, requests // rounds)
+    merged, inproc = Result(), []
+    for r in range(rounds):
+        for i in range(n):
+            t0 = time.perf_counter()
+            model.predict(preprocess_bytes(data[(r * n + i) % len(data)], spec)[None])
+            inproc.append(time.perf_counter() - t0)
+        part = run(closed_loop(url, samples, 1, requests=n, warmup=20 if r == 0 else 0))
+        merged.latencies += part.latencies
+        merged.seconds += part.seconds
+        merged.correct, merged.checked = merged.correct + part.correct, merged.checked + part.checked
+        for k, v in part.statuses.items():
+            merged.statuses[k] = merged.statuses.get(k, 0) + v
+    return merged.summary(), 1000 * statistics.median(inproc)
+
+
 def http_runs(url: str, samples, backends: list[str], c1_requests: int, duration: float, label: str,
-              server: Server | None = None, only_c64: bool = False) -> dict:
+              server: Server | None = None, only_c64: bool = False, model=None, spec=None) -> dict:
+    """c=1 and c=64 against each backend; with `model` (that backend, loaded in this process) the c=1
+    run is interleaved with in-process calls (c1_beside) and their median is returned as `c1_inproc_ms`."""
     out = {}
     for b in backends:
         target = f"{url}/classify?backend={b}" if b != "floor" else f"{url}/noop"
         r = {}
-        if not only_c64:
+        if not only_c64 and model is not None:
+            r["c1"], r["c1_inproc_ms"] = c1_beside(target, samples, c1_requests, model, spec)
+        elif not only_c64:
             r["c1"] = run(closed_loop(target, samples, 1, requests=c1_requests, warmup=20)).summary()
         r["c64"] = run(closed_loop(target, samples, 64, duration=duration, warmup=64)).summary()
         if server is not None:
@@ -113,6 +157,39 @@ def http_runs(url: str, samples, backends: list[str], c1_requests: int, duration
     return out
 
 
+CURVE = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # loads of the perfect server's curve
+
+
+def plot_open_loop(report: dict, path: Path) -> None:
+    """p99 / p50 of the time to answer against the load: the service's measured points over the
+    perfect batching server's curve, one panel per backend, the 3x target as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["open"])
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for ax, b in zip(axes[0], names):
+        curve = report["open_curve"][b]
+        ax.plot([100 * float(f) for f in curve], [c["ratio"] for c in curve.values()], "-", color="gray",
+                label="a perfect batching server (bench/ideal_queue.py)")
+        pts = report["open"][b].values()
+        ax.plot([100 * p["load"] for p in pts], [p["replay"]["ratio"] for p in pts], "s", color="gray",
+                label="the real model in process, same arrivals")
+        ax.plot([100 * p["load"] for p in pts], [p["p99_ms"] / p["p50_ms"] for p in pts], "o", color="C0",
+                label="the service, measured")
+        ax.axhline(3, color="C3", ls="--", lw=1, label="target: p99 <= 3x p50")
+        ax.set(title=f"{b}: Poisson arrivals", xlabel="offered load, % of the c=64 throughput",
+               ylabel="p99 / p50 of the time to answer", ylim=(0, None))
+        ax.legend(fontsize=8)
+    fig.suptitle(report["model"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"  plot: {path}")
+
+
 def verdict(ok: bool) -> str:
     return "MET" if ok else "NOT MET"
 
@@ -125,11 +202,19 @@ def main() -> int:
     ap.add_argument("--c1-requests", type=int, default=500)
     ap.add_argument("--reps", type=int, default=300, help="in-process batch-1 repetitions")
     ap.add_argument("--open-seconds", type=float, default=60.0, help="seconds of each open-loop run")
+    ap.add_argument("--open-loads", default="0.8", help="comma-separated loads of the open loop, as fractions "
+                                                        "of the c=64 throughput (the target is judged at 0.8)")
     ap.add_argument("--overload-seconds", type=float, default=20.0)
     ap.add_argument("--skip-unbatched", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "reports")
     args = ap.parse_args()
     backends = backends_or_exit(args.backends) or ["onnx"]
+    try:
+        loads = sorted({float(f) for f in args.open_loads.split(",") if f.strip()})
+    except ValueError:
+        ap.error(f"--open-loads: fractions like 0.5,0.8, not {args.open_loads!r}")
+    if not loads or not all(0 < f < 1.5 for f in loads):
+        ap.error(f"--open-loads: fractions of the c=64 throughput between 0 and 1.5, not {args.open_loads!r}")
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         tag, path, card = stored_model(args.model)
@@ -148,14 +233,16 @@ def main() -> int:
     report = {"model": tag, "threads": threads, "cores": os.cpu_count(), "in_process": {}}
 
     print("\n1. in process (preprocess + backend, no HTTP), all cores:")
+    models = {}
     for b in backends:
         be = load_backend(b, path, card, cores())
         r = in_process(be, spec, samples, args.reps)
         report["in_process"][b] = r
         print(f"  {b:<13} batch 1: {r['batch1_ms']:.2f} ms (p99 {r['batch1_p99_ms']:.2f}); batch 64: "
-              f"{r['batch64_images_per_s']:.0f} images/s; preprocessing alone {r['preprocess_ms']:.3f} ms/image",
+              f"{r['batch64_images_per_s']:.0f} images/s; preprocessing alone {r['preprocess_ms']:.3f} ms/image "
+              f"back to back, {r['preprocess_after_model_ms']:.3f} ms right after a model call (caches cold)",
               flush=True)
-        del be
+        models[b] = be  # kept for the measurements beside the service's (3, 4)
 
     report["handoff_us"] = handoff_us()
     print(f"  a thread hand-off and back (anyio.to_thread, no work): {report['handoff_us']:.0f} us; decoding "
@@ -175,22 +262,51 @@ def main() -> int:
     print("\n3. bentoml serve, batching on (max batch 64), 1 worker:")
     with Server(env, logs / "batched.log", dict(common, LAB_MAX_BATCH_SIZE="64")) as srv:
         report["rss_idle_mb"] = srv.rss_bytes() / 2**20
-        report["batched"] = http_runs(srv.url, samples, ["noop", *backends], args.c1_requests, args.duration,
-                                      "batched", srv)
-        print(f"\n4. open loop: Poisson arrivals at 80% of each backend's c=64 throughput, {args.open_seconds:g} s:")
-        report["open"] = {}
+        report["batched"] = http_runs(srv.url, samples, ["noop"], args.c1_requests, args.duration, "batched", srv)
+        report["around"] = {}
+        for b in backends:  # in process right before and right after: the machine's speed drifts
+            before = in_process(models[b], spec, samples, args.reps)
+            report["batched"].update(http_runs(srv.url, samples, [b], args.c1_requests, args.duration, "batched",
+                                               srv, model=models[b], spec=spec))
+            ar = report["around"][b] = around(before, in_process(models[b], spec, samples, args.reps))
+            ar["batch1_ms"] = report["batched"][b]["c1_inproc_ms"]  # interleaved: the better measured of the two
+            print(f"  {'':<23} in process: batch 1 {report['batched'][b]['c1_inproc_ms']:.2f} ms interleaved with "
+                  f"the c=1 run; batch 64 {ar['before']['batch64_images_per_s']:.0f} / "
+                  f"{ar['after']['batch64_images_per_s']:.0f} images/s just before / after", flush=True)
+        print(f"\n4. open loop: Poisson arrivals at {', '.join(f'{100 * f:.0f}%' for f in loads)} of each "
+              f"backend's c=64 throughput, {args.open_seconds:g} s each:")
+        report["open"], report["open_curve"] = {}, {}
         for b in backends:
-            rate = 0.8 * report["batched"][b]["c64"]["throughput_rps"]
-            r = run(poisson(f"{srv.url}/classify?backend={b}", samples, rate, args.open_seconds,
-                            bound_s=0.1)).summary()
-            ip = report["in_process"][b]
-            ideal = simulate(rate, *batch_cost(ip["batch1_ms"], ip["batch64_images_per_s"]))
-            report["open"][b] = dict(r, rate=rate, ideal=ideal)
-            print(f"  {b:<13} {rate:.0f} req/s offered: {r['throughput_rps']:.0f} answered, p50 {r['p50_ms']:.1f} ms "
-                  f"p99 {r['p99_ms']:.1f} ms p99.9 {r['p999_ms']:.1f} ms, errors {r['errors']}, goodput (<= 100 ms) "
-                  f"{r['goodput_rps']:.0f} req/s; client CPU {r['client_cpu']:.2f}", flush=True)
-            print(f"  {'':<13} a perfect batching server with the in-process costs, same load (bench/ideal_queue.py): "
-                  f"p50 {ideal['p50_ms']:.1f} ms p99 {ideal['p99_ms']:.1f} ms = {ideal['ratio']:.2f} x p50", flush=True)
+            cap = report["batched"][b]["c64"]["throughput_rps"]
+            ip = report["around"][b]
+            cost = batch_cost(ip["batch1_ms"], ip["batch64_images_per_s"])
+            report["open_curve"][b] = {f"{f:.2f}": simulate(f * cap, *cost, requests=50_000) for f in CURVE}
+            be = models[b]  # the real model, in this process, for the replay
+            data = [s.body for s in samples]
+
+            def run_batch(idx: range) -> None:
+                be.predict(normalize(np.stack([to_uint8(open_image(data[k % len(data)]), spec) for k in idx]), spec))
+
+            for f in loads:
+                rate = f * cap
+                same = replay(run_batch, due_times(rate, args.open_seconds))  # the service sits idle meanwhile
+                r = run(poisson(f"{srv.url}/classify?backend={b}", samples, rate, args.open_seconds,
+                                bound_s=0.1)).summary()
+                ideal = simulate(rate, *cost)
+                report["open"].setdefault(b, {})[f"{f:.2f}"] = dict(r, rate=rate, load=f, ideal=ideal, replay=same)
+                print(f"  {b:<13} {100 * f:.0f}%: {rate:.0f} req/s offered: {r['throughput_rps']:.0f} answered, "
+                      f"p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms p99.9 {r['p999_ms']:.1f} ms, errors "
+                      f"{r['errors']}, goodput (<= 100 ms) {r['goodput_rps']:.0f} req/s; client CPU "
+                      f"{r['client_cpu']:.2f}", flush=True)
+                print(f"  {'':<13} a perfect batching server, same load (bench/ideal_queue.py): simulated with the "
+                      f"in-process costs p50 {ideal['p50_ms']:.1f} ms p99 {ideal['p99_ms']:.1f} ms = "
+                      f"{ideal['ratio']:.2f} x p50; the real model in this process, the same arrivals: p50 "
+                      f"{same['p50_ms']:.1f} ms p99 {same['p99_ms']:.1f} ms = {same['ratio']:.2f} x p50 (mean batch "
+                      f"{same['mean_batch']:.1f})", flush=True)
+            curve = report["open_curve"][b]
+            print(f"  {'':<13} the perfect server's p99 / p50 at "
+                  + ", ".join(f"{100 * float(f):.0f}%: {c['ratio']:.1f}x" for f, c in curve.items()), flush=True)
+        plot_open_loop(report, args.out / "serve_latency_open_loop.png")
         b = backends[0]
         print(f"\n5. overload: 256 connections from one address, {args.overload_seconds:g} s, {b}:")
         r = run(closed_loop(f"{srv.url}/classify?backend={b}", samples, 256, duration=args.overload_seconds)).summary()
@@ -214,21 +330,25 @@ def main() -> int:
     print(f"noop: c=64 {n:.0f} req/s (the service's own cost {1000 / n:.3f} ms a request) -> {verdict(n >= 3000)} "
           f"(>= 3,000); c=1 p50 {noop['c1']['p50_ms']:.2f} ms = floor + {noop['c1']['p50_ms'] - floor:.2f} ms")
     for b in backends:
-        ip, bt, op = report["in_process"][b], report["batched"][b], report["open"][b]
-        p50 = bt["c1"]["p50_ms"]
-        over = p50 - floor - ip["batch1_ms"]
+        ip, bt = report["around"][b], report["batched"][b]
+        op = report["open"][b][f"{min(loads, key=lambda f: abs(f - 0.8)):.2f}"]  # the load nearest the target's
+        p50, ip1 = bt["c1"]["p50_ms"], bt["c1_inproc_ms"]
+        over = p50 - floor - ip1
         frac = bt["c64"]["throughput_rps"] / ip["batch64_images_per_s"]
         need = 0.90 if b == "onnx" else 0.85
-        print(f"{b}: c=1 p50 {p50:.2f} ms = floor {floor:.2f} + in-process {ip['batch1_ms']:.2f} + {over:.2f} ms -> "
+        print(f"{b}: c=1 p50 {p50:.2f} ms = floor {floor:.2f} + in-process {ip1:.2f} + {over:.2f} ms -> "
               f"{verdict(over <= 0.5)} (<= +0.5 ms)")
         print(f"{' ' * len(b)}  c=64 {bt['c64']['throughput_rps']:.0f} req/s = {100 * frac:.0f}% of in-process batch 64 "
               f"({ip['batch64_images_per_s']:.0f} images/s) -> {verdict(frac >= need)} (>= {100 * need:.0f}%), "
               f"errors {bt['c64']['errors']}, top-1 {100 * (bt['c64']['accuracy'] or 0):.1f}%")
-        print(f"{' ' * len(b)}  open loop at {op['rate']:.0f} req/s: p99 {op['p99_ms']:.1f} ms = "
-              f"{op['p99_ms'] / op['p50_ms']:.2f} x p50 {op['p50_ms']:.1f} ms, errors {op['errors']} -> "
+        ideal, same = op["ideal"], op["replay"]
+        print(f"{' ' * len(b)}  open loop at {100 * op['load']:.0f}% = {op['rate']:.0f} req/s: p99 {op['p99_ms']:.1f} "
+              f"ms = {op['p99_ms'] / op['p50_ms']:.2f} x p50 {op['p50_ms']:.1f} ms, errors {op['errors']} -> "
               f"{verdict(op['p99_ms'] <= 3 * op['p50_ms'] and op['errors'] == 0)} (<= 3x, 0 errors); a perfect "
-              f"server at this load: {op['ideal']['ratio']:.2f} x, p99 {op['ideal']['p99_ms']:.1f} ms (the service's "
-              f"p99 is {op['p99_ms'] / op['ideal']['p99_ms']:.2f} x that)")
+              f"server at this load: {ideal['ratio']:.2f} x its p50 simulated, {same['ratio']:.2f} x with the real "
+              f"model (p99 {same['p99_ms']:.1f} ms); the service's p99 = {op['p99_ms'] / same['p99_ms']:.2f} x the "
+              f"real model's -> {verdict(op['p99_ms'] <= 1.5 * same['p99_ms'] and op['errors'] == 0)} "
+              f"(<= 1.5x, 0 errors)")
         if report.get("unbatched"):
             ub = report["unbatched"][b]["c64"]
             print(f"{' ' * len(b)}  c=64 unbatched {ub['throughput_rps']:.0f} req/s: batching gives "

@@ -131,3 +131,48 @@ def test_the_ideal_queue_matches_queueing_theory():
     assert abs(a + b - 0.005) < 1e-12 and abs(a + 64 * b - 0.064) < 1e-12
     batched = simulate(rate, a, b)
     assert batched["p99_ms"] < single["p99_ms"], (batched, single)
+
+
+def test_the_open_loop_plot_puts_the_service_over_the_perfect_servers_curve(tmp_path):
+    """serve_latency.py's open-loop plot from a report shaped as the script writes it; and loads that
+    are not fractions are refused with one line before anything is served."""
+    from bench.ideal_queue import simulate
+    from bench.serve_latency import CURVE, plot_open_loop
+
+    curve = {f"{f:.2f}": simulate(f * 100, 0.001, 0.008, requests=5_000) for f in CURVE}
+    point = dict(load=0.8, rate=80.0, p50_ms=12.0, p99_ms=60.0, ideal=curve["0.80"], replay=dict(curve["0.80"]))
+    report = {"model": "m:1", "open": {"onnx": {"0.80": point}}, "open_curve": {"onnx": curve}}
+    out = tmp_path / "open.png"
+    plot_open_loop(report, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for bad in ("fast", "0.8,2"):
+        proc = subprocess.run([sys.executable, str(REPO / "bench" / "serve_latency.py"), "--open-loads", bad],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "--open-loads" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_the_replay_answers_every_arrival_once_in_batches_of_what_has_arrived():
+    """bench/ideal_queue.py replay: the arrival stream is loadgen's; each request runs once, in order, in
+    batches no larger than the limit, and a batch holds only requests that had arrived when it started."""
+    import random
+    import time
+
+    from bench.ideal_queue import due_times, replay
+
+    due = due_times(rate=400, seconds=0.5, seed=3)
+    rng, t, expect = random.Random(3), 0.0, []
+    while t < 0.5:
+        expect.append(t)
+        t += rng.expovariate(400)
+    assert due == expect
+    seen, start = [], time.perf_counter()
+
+    def run_batch(idx: range) -> None:
+        now = time.perf_counter() - start
+        assert all(due[k] <= now + 1e-3 for k in idx), "a request ran before it arrived"
+        seen.append(list(idx))
+        time.sleep(0.004)  # a model call: arrivals pile up behind it
+
+    r = replay(run_batch, due, max_batch=8)
+    assert [k for b in seen for k in b] == list(range(len(due)))
+    assert 1 < max(map(len, seen)) <= 8 and r["requests"] == len(due) and r["p99_ms"] >= r["p50_ms"] > 0
