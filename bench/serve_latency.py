@@ -173,7 +173,7 @@ def plot_open_loop(report: dict, path: Path) -> None:
     for ax, b in zip(axes[0], names):
         curve = report["open_curve"][b]
         ax.plot([100 * float(f) for f in curve], [c["ratio"] for c in curve.values()], "-", color="gray",
-                label="a perfect batching server (bench/ideal_queue.py)")
+                label="a perfect batching server, simulated (bench/ideal_queue.py)")
         pts = report["open"][b].values()
         ax.plot([100 * p["load"] for p in pts], [p["replay"]["ratio"] for p in pts], "s", color="gray",
                 label="the real model in process, same arrivals")
