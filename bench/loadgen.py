@@ -44,6 +44,18 @@ class Result:
     client_cpu: float = 0.0       # the client's CPU seconds per second of the run (1.0: one core saturated)
     bound_s: float | None = None  # the latency bound of goodput
 
+    def extend(self, other: "Result") -> None:
+        """Add another run's answers to this one (runs made one after the other)."""
+        self.latencies += other.latencies
+        self.refusals += other.refusals
+        self.batch_sizes += other.batch_sizes
+        for k, v in other.statuses.items():
+            self.statuses[k] = self.statuses.get(k, 0) + v
+        self.correct += other.correct
+        self.checked += other.checked
+        self.retry_after_seen += other.retry_after_seen
+        self.seconds += other.seconds
+
     @property
     def ok(self) -> int:
         return self.statuses.get(200, 0)

@@ -44,7 +44,7 @@ from lab.backends import get_backend, load_backend
 from lab.card import Card, read_card
 from lab.hardware import cores
 from lab.paths import REPO
-from lab.preprocess import Preprocessing, normalize, open_image, preprocess_bytes, to_uint8
+from lab.preprocess import Preprocessing, decode_uint8, normalize, preprocess_bytes
 from lab.store import get_model
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
@@ -55,8 +55,25 @@ def stored_model(tag: str) -> tuple[str, Path, Card]:
     return m.tag, m.path, read_card(m.path)
 
 
-def in_process(backend, spec: Preprocessing, samples, reps: int, rounds: int = 5) -> dict:
-    """Batch 1: median latency of preprocess + predict. Batch 64: images/s, median over rounds."""
+def batch_input(bodies: list[bytes], spec: Preprocessing) -> np.ndarray:
+    """Image files -> one normalised batch, as the service decodes and stacks them."""
+    return normalize(np.stack([decode_uint8(d, spec) for d in bodies]), spec)
+
+
+def batch64_rate(backend, spec: Preprocessing, data: list[bytes], rounds: int = 5) -> float:
+    """Images/s at batch 64 (decoding included), the median of `rounds` after one warm-up call."""
+    backend.predict(batch_input(data[:64], spec))
+    rates = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        backend.predict(batch_input(data[:64], spec))
+        rates.append(64 / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def in_process(backend, spec: Preprocessing, samples, reps: int) -> dict:
+    """Batch 1: median latency of preprocess + predict. Batch 64: images/s. Decoding alone, back to back
+    and right after a model call (as at c=1 in the service, with the caches cold)."""
     data = [s.body for s in samples]
     for d in data[:10]:
         backend.predict(preprocess_bytes(d, spec)[None])
@@ -65,35 +82,20 @@ def in_process(backend, spec: Preprocessing, samples, reps: int, rounds: int = 5
         t0 = time.perf_counter()
         backend.predict(preprocess_bytes(data[i % len(data)], spec)[None])
         lat.append(time.perf_counter() - t0)
-    batch = data[:64]
-    backend.predict(normalize(np.stack([to_uint8(open_image(d), spec) for d in batch]), spec))  # warm at 64
-    tput = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        x = normalize(np.stack([to_uint8(open_image(d), spec) for d in batch]), spec)
-        backend.predict(x)
-        tput.append(len(batch) / (time.perf_counter() - t0))
     pre, cold = [], []
     for d in data[:200]:
         t0 = time.perf_counter()
         preprocess_bytes(d, spec)
         pre.append(time.perf_counter() - t0)
     one = preprocess_bytes(data[0], spec)[None]
-    for d in data[:100]:  # as at c=1 in the service: every decode follows a model call
+    for d in data[:100]:
         backend.predict(one)
         t0 = time.perf_counter()
         preprocess_bytes(d, spec)
         cold.append(time.perf_counter() - t0)
     return {"batch1_ms": 1000 * statistics.median(lat), "batch1_p99_ms": 1000 * sorted(lat)[int(0.99 * (len(lat) - 1))],
-            "batch64_images_per_s": statistics.median(tput), "preprocess_ms": 1000 * statistics.median(pre),
+            "batch64_images_per_s": batch64_rate(backend, spec, data), "preprocess_ms": 1000 * statistics.median(pre),
             "preprocess_after_model_ms": 1000 * statistics.median(cold)}
-
-
-def around(before: dict, after: dict) -> dict:
-    """The in-process figures measured just before and just after a backend's service runs: their mean
-    (what the service is judged against) and both runs (their difference is the machine's drift)."""
-    keys = ("batch1_ms", "batch64_images_per_s")
-    return dict({k: (before[k] + after[k]) / 2 for k in keys}, before=before, after=after)
 
 
 def handoff_us(reps: int = 2000) -> float:
@@ -123,12 +125,7 @@ def c1_beside(url: str, samples, requests: int, model, spec: Preprocessing, roun
             t0 = time.perf_counter()
             model.predict(preprocess_bytes(data[(r * n + i) % len(data)], spec)[None])
             inproc.append(time.perf_counter() - t0)
-        part = run(closed_loop(url, samples, 1, requests=n, warmup=20 if r == 0 else 0))
-        merged.latencies += part.latencies
-        merged.seconds += part.seconds
-        merged.correct, merged.checked = merged.correct + part.correct, merged.checked + part.checked
-        for k, v in part.statuses.items():
-            merged.statuses[k] = merged.statuses.get(k, 0) + v
+        merged.extend(run(closed_loop(url, samples, 1, requests=n, warmup=20 if r == 0 else 0)))
     return merged.summary(), 1000 * statistics.median(inproc)
 
 
@@ -264,15 +261,17 @@ def main() -> int:
         report["rss_idle_mb"] = srv.rss_bytes() / 2**20
         report["batched"] = http_runs(srv.url, samples, ["noop"], args.c1_requests, args.duration, "batched", srv)
         report["around"] = {}
-        for b in backends:  # in process right before and right after: the machine's speed drifts
-            before = in_process(models[b], spec, samples, args.reps)
+        data = [s.body for s in samples]
+        for b in backends:  # in process beside the service's runs: the machine's speed drifts
+            before = batch64_rate(models[b], spec, data)
             report["batched"].update(http_runs(srv.url, samples, [b], args.c1_requests, args.duration, "batched",
                                                srv, model=models[b], spec=spec))
-            ar = report["around"][b] = around(before, in_process(models[b], spec, samples, args.reps))
-            ar["batch1_ms"] = report["batched"][b]["c1_inproc_ms"]  # interleaved: the better measured of the two
-            print(f"  {'':<23} in process: batch 1 {report['batched'][b]['c1_inproc_ms']:.2f} ms interleaved with "
-                  f"the c=1 run; batch 64 {ar['before']['batch64_images_per_s']:.0f} / "
-                  f"{ar['after']['batch64_images_per_s']:.0f} images/s just before / after", flush=True)
+            after = batch64_rate(models[b], spec, data)
+            ar = report["around"][b] = {"batch1_ms": report["batched"][b]["c1_inproc_ms"],
+                                        "batch64_images_per_s": (before + after) / 2,
+                                        "batch64_before": before, "batch64_after": after}
+            print(f"  {'':<23} in process: batch 1 {ar['batch1_ms']:.2f} ms interleaved with the c=1 run; batch 64 "
+                  f"{before:.0f} / {after:.0f} images/s just before / after", flush=True)
         print(f"\n4. open loop: Poisson arrivals at {', '.join(f'{100 * f:.0f}%' for f in loads)} of each "
               f"backend's c=64 throughput, {args.open_seconds:g} s each:")
         report["open"], report["open_curve"] = {}, {}
@@ -282,10 +281,9 @@ def main() -> int:
             cost = batch_cost(ip["batch1_ms"], ip["batch64_images_per_s"])
             report["open_curve"][b] = {f"{f:.2f}": simulate(f * cap, *cost, requests=50_000) for f in CURVE}
             be = models[b]  # the real model, in this process, for the replay
-            data = [s.body for s in samples]
 
             def run_batch(idx: range) -> None:
-                be.predict(normalize(np.stack([to_uint8(open_image(data[k % len(data)]), spec) for k in idx]), spec))
+                be.predict(batch_input([data[k % len(data)] for k in idx], spec))
 
             for f in loads:
                 rate = f * cap
