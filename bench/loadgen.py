@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 
+STAGES = ("preprocess_ms", "queue_ms", "inference_ms")  # what the service says a single answer's time went on
+
+
 @dataclass
 class Sample:
     body: bytes
@@ -43,6 +46,7 @@ class Result:
     retry_after_seen: int = 0
     client_cpu: float = 0.0       # the client's CPU seconds per second of the run (1.0: one core saturated)
     bound_s: float | None = None  # the latency bound of goodput
+    stages: dict[str, list[float]] = field(default_factory=dict)  # the service's own timings, ms (STAGES)
 
     def extend(self, other: "Result") -> None:
         """Add another run's answers to this one (runs made one after the other)."""
@@ -55,6 +59,8 @@ class Result:
         self.checked += other.checked
         self.retry_after_seen += other.retry_after_seen
         self.seconds += other.seconds
+        for k, v in other.stages.items():
+            self.stages.setdefault(k, []).extend(v)
 
     @property
     def ok(self) -> int:
@@ -85,7 +91,8 @@ class Result:
                 "checked": self.checked,
                 "mean_batch_size": statistics.fmean(self.batch_sizes) if self.batch_sizes else None,
                 "retry_after_seen": self.retry_after_seen, "seconds": self.seconds,
-                "client_cpu": self.client_cpu}
+                "client_cpu": self.client_cpu,
+                "stages_p50_ms": {k: statistics.median(v) for k, v in self.stages.items() if v}}
 
 
 class _Connection(asyncio.Protocol):
@@ -187,6 +194,9 @@ def _check(payload: bytes, sample: Sample, res: Result) -> None:
         return
     if "batch_size" in body:
         res.batch_sizes.append(body["batch_size"])
+    for k in STAGES:
+        if k in body:
+            res.stages.setdefault(k, []).append(body[k])
     if sample.label is not None and body.get("predictions"):
         res.checked += 1
         res.correct += body["predictions"][0]["label"] == sample.label

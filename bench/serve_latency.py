@@ -187,6 +187,19 @@ def plot_open_loop(report: dict, path: Path) -> None:
     print(f"  plot: {path}")
 
 
+def where_c1_goes(c1: dict, floor_ms: float) -> str:
+    """The c=1 median split by the times each answer reports (medians): decoding, waiting to run (in
+    the queue, or none when it ran on the event loop), the batch's normalise + model + softmax; the rest
+    is HTTP beyond the floor, the answer's way back to the event loop, and rendering."""
+    st = c1.get("stages_p50_ms") or {}
+    if not all(k in st for k in ("preprocess_ms", "queue_ms", "inference_ms")):
+        return "(the answers carry no stage times)"
+    rest = c1["p50_ms"] - floor_ms - st["preprocess_ms"] - st["queue_ms"] - st["inference_ms"]
+    return (f"where it goes (medians the answers report): decode {st['preprocess_ms']:.3f} + waiting to run "
+            f"{st['queue_ms']:.3f} + normalise/model/softmax {st['inference_ms']:.3f} ms; the rest "
+            f"{rest:.3f} ms (HTTP beyond the floor, the way back, rendering)")
+
+
 def verdict(ok: bool) -> str:
     return "MET" if ok else "NOT MET"
 
@@ -327,6 +340,7 @@ def main() -> int:
     n = noop["c64"]["throughput_rps"]
     print(f"noop: c=64 {n:.0f} req/s (the service's own cost {1000 / n:.3f} ms a request) -> {verdict(n >= 3000)} "
           f"(>= 3,000); c=1 p50 {noop['c1']['p50_ms']:.2f} ms = floor + {noop['c1']['p50_ms'] - floor:.2f} ms")
+    print(f"      {where_c1_goes(noop['c1'], floor)}")
     for b in backends:
         ip, bt = report["around"][b], report["batched"][b]
         op = report["open"][b][f"{min(loads, key=lambda f: abs(f - 0.8)):.2f}"]  # the load nearest the target's
@@ -336,6 +350,7 @@ def main() -> int:
         need = 0.90 if b == "onnx" else 0.85
         print(f"{b}: c=1 p50 {p50:.2f} ms = floor {floor:.2f} + in-process {ip1:.2f} + {over:.2f} ms -> "
               f"{verdict(over <= 0.5)} (<= +0.5 ms)")
+        print(f"{' ' * len(b)}  {where_c1_goes(bt['c1'], floor)}")
         print(f"{' ' * len(b)}  c=64 {bt['c64']['throughput_rps']:.0f} req/s = {100 * frac:.0f}% of in-process batch 64 "
               f"({ip['batch64_images_per_s']:.0f} images/s) -> {verdict(frac >= need)} (>= {100 * need:.0f}%), "
               f"errors {bt['c64']['errors']}, top-1 {100 * (bt['c64']['accuracy'] or 0):.1f}%")
