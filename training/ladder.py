@@ -103,10 +103,14 @@ def measure(builders: dict[str, Callable[[], object]], test, spec, *,
 
     # accuracy on every test image
     pred = {}
-    for name in tqdm(list(built), desc="ladder: accuracy", disable=not progress, leave=False):
+    for i, name in enumerate(tqdm(list(built), desc="ladder: accuracy", disable=not progress, leave=False)):
+        t0 = time.perf_counter()
         pred[name] = predict_backend(built[name], test, spec, batch_size=250).argmax(1)
         rungs[name].correct = pred[name] == labels
         rungs[name].accuracy = float(rungs[name].correct.mean())
+        if not progress:  # a line per rung where no bar shows the way (the run log)
+            log(f"  ladder: accuracy of {name} ({i + 1}/{len(built)}): {100 * rungs[name].accuracy:.2f}% of "
+                f"{len(labels)} images in {time.perf_counter() - t0:.0f} s")
     for name, r in rungs.items():
         r.top1_changes = int((pred[name] != pred[reference]).sum())
         r.diff, r.diff_ci95 = paired_diff(r.correct, rungs[reference].correct)
@@ -127,6 +131,8 @@ def measure(builders: dict[str, Callable[[], object]], test, spec, *,
             for _ in range(b64_calls):
                 backend.predict(b64)
             thr[name].append(64 * b64_calls / (time.perf_counter() - t0))
+        if not progress:
+            log(f"  ladder: speed, round {k + 1}/{rounds} of every rung done")
     for name, r in rungs.items():
         ms = np.array(lat[name]) * 1000
         r.ms_b1_p50, r.ms_b1_p99 = float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
