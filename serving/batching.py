@@ -9,6 +9,13 @@ image whose deadline passed while it waited is answered 503 without running; one
 gone (its future cancelled) is dropped. The inference itself: the uint8 images stacked and normalised
 as one array, the backend's logits, softmax, top-k, one `Prediction` per image; the answers go back to
 the event loop in one callback per batch.
+
+A lone request runs where it is: when the caller says no other request is in flight (`alone`), nothing
+waits in any queue, the thread is idle, and the backend's last batch of one took at most `inline_max_s`
+per image, `submit` runs the batch itself, on the event loop, and returns futures already answered.
+That saves the two hand-offs to the thread and back (each wakes a sleeping thread, and the GIL changes
+hands) when the service is idle. The loop does nothing else meanwhile: a request arriving then is read
+after that one short model call, which it would have waited for anyway (one inference at a time).
 """
 from __future__ import annotations
 
@@ -43,9 +50,10 @@ class Job:
 
 
 class Batcher:
-    def __init__(self, max_batch: int, max_queue: int, max_bytes: int, max_wait_s: float, wait_s: float = 0.0):
+    def __init__(self, max_batch: int, max_queue: int, max_bytes: int, max_wait_s: float, wait_s: float = 0.0,
+                 inline_max_s: float = 0.0):
         self.max_batch, self.max_queue, self.max_bytes = max_batch, max_queue, max_bytes
-        self.max_wait_s, self.wait_s = max_wait_s, wait_s
+        self.max_wait_s, self.wait_s, self.inline_max_s = max_wait_s, wait_s, inline_max_s
         self.bytes = 0                                   # bytes of images in all the queues
         self._queues: dict[tuple, deque[Job]] = {}       # (model tag, backend) -> jobs, oldest first
         self._models: dict[tuple, tuple] = {}            # (model tag, backend) -> (ServedModel, backend name)
@@ -53,12 +61,16 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._closing = False
         self._wake_scheduled = False
+        self._busy = False                               # a batch is running, on the thread or on the caller
+        self._one_s: dict[tuple, float] = {}             # (model name, backend) -> seconds of its last batch of 1
 
     # ------------------------------------------------------------ the event loop's side
 
-    def submit(self, model, backend: str, images: list[tuple[np.ndarray, int, float]]) -> list[asyncio.Future]:
+    def submit(self, model, backend: str, images: list[tuple[np.ndarray, int, float]], alone: bool = False
+               ) -> list[asyncio.Future]:
         """Queue a request's images, each (uint8 image, top_k, preprocess ms); one future per image,
-        resolved to a Prediction or a Failure. Raises QueueFull; never waits (for the event loop)."""
+        resolved to a Prediction or a Failure. Raises QueueFull; never waits (for the event loop) except
+        for a lone request (`alone`: no other in flight) that runs here, see the module's docstring."""
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         key = (model.tag, backend)
@@ -75,18 +87,51 @@ class Batcher:
             if self.bytes + need > self.max_bytes:
                 raise QueueFull(f"the queues of this worker hold {self.bytes} bytes of images (limit "
                                 f"{self.max_bytes})")
-            if queue is None:
-                queue = self._queues[key] = deque()
-                self._models[key] = (model, backend)
-            queue.extend(jobs)
-            self.bytes += need
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="lab-inference", daemon=True)
-                self._thread.start()
+            here = alone and self._may_run_here((model.name, backend), len(jobs))
+            if here:
+                self._busy = True  # the thread takes nothing until this batch is done
+            else:
+                if queue is None:
+                    queue = self._queues[key] = deque()
+                    self._models[key] = (model, backend)
+                queue.extend(jobs)
+                self.bytes += need
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="lab-inference", daemon=True)
+                    self._thread.start()
+        if here:
+            return self._run_here(model, backend, jobs)
         if not self._wake_scheduled:  # one wake-up per turn of the event loop, whatever it queued
             self._wake_scheduled = True
             loop.call_soon(self._wake)
         return [j.future for j in jobs]
+
+    def _may_run_here(self, key: tuple, images: int) -> bool:
+        """Whether a lone request's batch may run on the caller: nothing queued, nothing running, no
+        wait for more images asked for (wait_s), and its backend's batch of one known to take at most
+        inline_max_s per image. Holds the lock."""
+        one = self._one_s.get(key)
+        return (not self._busy and self.bytes == 0 and self.wait_s == 0 and one is not None
+                and images * one <= self.inline_max_s)
+
+    def _run_here(self, model, backend: str, jobs: list[Job]) -> list[asyncio.Future]:
+        try:
+            results = self._timed(model, backend, jobs)
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify()  # what another event loop queued meanwhile (tests run several)
+        for job, result in zip(jobs, results):
+            job.future.set_result(result)
+        return [j.future for j in jobs]
+
+    def _timed(self, model, backend: str, jobs: list[Job]) -> list[Prediction | Failure]:
+        """predict(), remembering how long a batch of one took (what _may_run_here goes by)."""
+        t0 = time.perf_counter()
+        results = predict(model, backend, jobs)
+        if len(jobs) == 1 and isinstance(results[0], Prediction):
+            self._one_s[(model.name, backend)] = time.perf_counter() - t0
+        return results
 
     def _wake(self) -> None:
         """Tell the inference thread what this turn of the event loop queued. Waking it once per turn
@@ -115,9 +160,9 @@ class Batcher:
         """The oldest queue's batch (waiting for it); None once closing and empty. Holds the lock."""
         while True:
             ready = [k for k, q in self._queues.items() if q]
-            if ready:
+            if ready and not self._busy:
                 break
-            if self._closing:
+            if self._closing and not ready:
                 return None
             self._cond.wait()
         key = min(ready, key=lambda k: self._queues[k][0].enqueued)
@@ -127,6 +172,7 @@ class Batcher:
             while len(queue) < self.max_batch and (left := until - time.perf_counter()) > 0:
                 self._cond.wait(left)
         batch = [queue.popleft() for _ in range(min(self.max_batch, len(queue)))]
+        self._busy = True
         self.bytes -= sum(j.x.nbytes for j in batch)
         pair = self._models[key]
         if not queue:  # a replaced model version leaves no queue behind
@@ -145,6 +191,8 @@ class Batcher:
             except Exception as e:  # never leave a request waiting on a thread that has died
                 log.exception("the batching queue failed on a batch of %d", len(jobs))
                 answers = [(j, Failure(500, f"inference failed: {type(e).__name__}")) for j in jobs]
+            with self._cond:
+                self._busy = False
             for loop in {j.future.get_loop() for j, _ in answers}:  # one event loop per worker; tests run more
                 try:
                     loop.call_soon_threadsafe(_deliver, [(j, r) for j, r in answers if j.future.get_loop() is loop])
@@ -161,7 +209,7 @@ class Batcher:
                                     f"queue, past its limit of {1000 * self.max_wait_s:.0f} ms; retry later"))
                    for j in late]
         if run:
-            answers += zip(run, predict(model, backend, run))
+            answers += zip(run, self._timed(model, backend, run))
         return answers
 
 

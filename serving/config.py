@@ -34,6 +34,9 @@ class Settings:
                                   "the queue, ms; past it, 503 without running it")
     batch_wait_ms: int = setting("LAB_BATCH_WAIT_MS", 0, "adaptive batching: most a free model waits for more "
                                                          "images to fill a batch, ms", minimum=0)
+    inline_max_ms: float = setting("LAB_INLINE_MAX_MS", 20.0, "a request alone in the worker runs its batch on "
+                                   "the event loop, no thread hand-off, when its backend's last batch of one took "
+                                   "at most this long, ms (0: always on the inference thread)", minimum=0.0)
     max_queue: int = setting("LAB_MAX_QUEUE", 512, "images waiting per (model, backend) queue; past it, "
                                                    "503 + Retry-After")
     max_queue_bytes: int = setting("LAB_MAX_QUEUE_BYTES", 64 * MiB, "bytes of images waiting in all the queues "

@@ -149,16 +149,24 @@ class FrontDoor:
         good = [it for it in items if it.error is None]
         answers = []
         if good:
+            batcher, alone = batching.CURRENT, False
+            if self.inflight == 1 and batcher.inline_max_s > 0:
+                # Two turns of the loop first: requests it has read meanwhile start (and count in
+                # inflight), so only a request with none beside it runs on the loop (serving/batching.py).
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+                alone = self.inflight == 1
             try:
-                futures = batching.CURRENT.submit(good[0].model, good[0].backend,
-                                                  [(it.x, it.top_k, it.preprocess_ms) for it in good])
+                futures = batcher.submit(good[0].model, good[0].backend,
+                                         [(it.x, it.top_k, it.preprocess_ms) for it in good], alone=alone)
             except QueueFull as e:
                 count_error(503, good[0].backend, kind="queue_full")
                 return await respond(send, 503, f"overloaded: {e}; retry after {self.retry_after} s")
             for it in good:
                 it.x = None  # the queue holds the image now
             try:
-                answers = await asyncio.gather(*futures)
+                # one image: its own future (a gather costs a future and a turn of the loop more)
+                answers = [await futures[0]] if len(futures) == 1 else await asyncio.gather(*futures)
             finally:
                 for f in futures:
                     f.cancel()  # the request has gone (a timeout): its images are not run

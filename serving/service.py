@@ -88,7 +88,8 @@ class ImageClassifier:
         self.batcher = batching.Batcher(max_batch=SETTINGS.max_batch_size, max_queue=SETTINGS.max_queue,
                                         max_bytes=SETTINGS.max_queue_bytes,
                                         max_wait_s=SETTINGS.max_latency_ms / 1000,
-                                        wait_s=SETTINGS.batch_wait_ms / 1000)
+                                        wait_s=SETTINGS.batch_wait_ms / 1000,
+                                        inline_max_s=SETTINGS.inline_max_ms / 1000)
         batching.CURRENT = self.batcher
         C.publish_metrics(self.catalog)
         publish_guards(bentoml_compat.GUARDS)

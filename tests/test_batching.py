@@ -28,6 +28,7 @@ class Recorder:
         self.gate.set()
         self.entered = threading.Event()  # set once a batch is in predict (held there while gate is clear)
         self.seen: list[np.ndarray] = []
+        self.threads: list[str] = []  # the thread that ran each batch
 
     async def busy(self) -> None:
         """Until the inference thread has taken a batch into predict."""
@@ -38,13 +39,14 @@ class Recorder:
         self.gate.wait(30)
         self.sizes.append(len(x))
         self.seen.append(x.copy())
+        self.threads.append(threading.current_thread().name)
         out = np.zeros((len(x), 3), np.float32)
         out[:, 1] = x[:, 0, 0, 0]
         return out
 
 
 def model(backend, tag="m:1"):
-    return SimpleNamespace(tag=tag, spec=SPEC, classes=["a", "b", "c"], backends={"rec": backend})
+    return SimpleNamespace(tag=tag, name=tag.split(":")[0], spec=SPEC, classes=["a", "b", "c"], backends={"rec": backend})
 
 
 def image(value: int) -> np.ndarray:
@@ -86,6 +88,54 @@ def test_a_batch_is_what_waits_in_order_normalised_as_one_array():
     assert len(answers[0].predictions) == 3 and len(answers[1].predictions) == 2
     probs = [p.probability for p in answers[5].predictions]
     assert probs == sorted(probs, reverse=True) and answers[5].model == "m:1" and answers[5].backend == "rec"
+
+
+def test_a_lone_request_runs_on_the_caller_once_its_backend_is_known_to_be_fast():
+    rec = Recorder()
+    b = Batcher(max_batch=8, max_queue=64, max_bytes=1 << 20, max_wait_s=10, inline_max_s=5.0)
+    m = model(rec)
+
+    async def go():
+        first = await asyncio.gather(*b.submit(m, "rec", [(image(1), 1, 0.0)], alone=True))  # its time unknown yet
+        here = b.submit(m, "rec", [(image(2), 1, 0.0)], alone=True)
+        assert all(f.done() for f in here)  # answered before submit returned: run on this thread
+        beside = await asyncio.gather(*b.submit(m, "rec", [(image(3), 1, 0.0)]))  # not alone: the queue
+        pair = await asyncio.gather(*b.submit(m, "rec", [(image(4), 1, 0.0)] * 2, alone=True))  # 2 x its time: fits
+        return first + [here[0].result()] + beside + pair
+
+    answers = run(go())
+    b.close()
+    assert rec.threads == ["lab-inference", threading.current_thread().name, "lab-inference",
+                           threading.current_thread().name]
+    assert all(isinstance(a, Prediction) and len(a.predictions) == 1 for a in answers)
+    assert [a.batch_size for a in answers] == [1, 1, 1, 2, 2] and all(a.queue_ms >= 0 for a in answers)
+    np.testing.assert_allclose(rec.seen[1], normalize(image(2)[None], SPEC))
+
+
+def test_a_lone_request_waits_its_turn_behind_a_running_batch_and_slow_models_stay_on_the_thread():
+    rec = Recorder()
+    b = Batcher(max_batch=8, max_queue=64, max_bytes=1 << 20, max_wait_s=10, inline_max_s=5.0)
+    slow = Batcher(max_batch=8, max_queue=64, max_bytes=1 << 20, max_wait_s=10, inline_max_s=1e-9)
+    off = Batcher(max_batch=8, max_queue=64, max_bytes=1 << 20, max_wait_s=10)  # inline_max_s 0: never
+    waits = Batcher(max_batch=8, max_queue=64, max_bytes=1 << 20, max_wait_s=10, wait_s=0.001, inline_max_s=5.0)
+    m = model(rec)
+
+    async def go():
+        await asyncio.gather(*b.submit(m, "rec", [(image(1), 1, 0.0)]))  # its batch of one is timed
+        held = await hold(b, m, rec)  # the thread runs a batch
+        lone = b.submit(m, "rec", [(image(2), 1, 0.0)], alone=True)
+        assert not any(f.done() for f in lone) and b.waiting() == 1  # queued behind it, not run beside it
+        rec.gate.set()
+        out = await asyncio.gather(*held, *lone)
+        for other in (slow, off, waits):  # too slow; told never; told to wait for more images
+            for v in (3, 4):
+                out += await asyncio.gather(*other.submit(m, "rec", [(image(v), 1, 0.0)], alone=True))
+        return out
+
+    answers = run(go())
+    for x in (b, slow, off, waits):
+        x.close()
+    assert rec.threads == ["lab-inference"] * 9 and all(isinstance(a, Prediction) for a in answers)
 
 
 def test_a_full_queue_refuses_the_whole_request_exactly_at_its_bound():
@@ -331,3 +381,60 @@ def test_a_classify_request_past_lab_timeout_is_answered_504_by_the_front_door()
     assert sent[0]["status"] == 504 and (b"connection", b"close") in sent[0]["headers"]
     assert "1 seconds" in json.loads(sent[1]["body"])["error"] and time.perf_counter() - t0 < 30
     assert door.inflight == 0 and door.by_client == {}
+
+
+def test_the_front_door_runs_a_request_on_the_loop_only_when_no_other_is_in_flight():
+    """Two requests read in the same turn of the loop both go through the queue (the first one to
+    reach the queue yields before deciding, and sees the second); a lone one runs on the loop."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from serving import batching
+    from serving import catalog as C
+    from serving.config import Settings
+    from serving.middleware import FrontDoor
+
+    settings = Settings()
+    rec = Recorder()
+    m = SimpleNamespace(tag="m:1", name="m", spec=SPEC, classes=["a", "b", "c"], backends={"rec": rec},
+                        default_backend=lambda configured="": "rec")
+    cat = SimpleNamespace(settings=settings, loaded=lambda name, version: m, backend=lambda model, b: rec)
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), (200, 10, 10)).save(buf, "PNG")
+    png = buf.getvalue()
+    door = FrontDoor(None, settings)
+
+    async def post() -> dict:
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": png, "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/classify", "query_string": b"", "client": ("1.2.3.4", 9),
+                 "headers": [(b"content-type", b"image/png"), (b"content-length", str(len(png)).encode())]}
+        await door(scope, receive, send)
+        assert sent[0]["status"] == 200
+        return json.loads(sent[1]["body"])
+
+    async def go():
+        first = await post()                             # times the backend's batch of one
+        together = await asyncio.gather(post(), post())  # read in the same turn of the loop
+        lone = await post()
+        return [first, *together, lone]
+
+    C.CURRENT = cat
+    batching.CURRENT = Batcher(max_batch=8, max_queue=64, max_bytes=1 << 20, max_wait_s=10, inline_max_s=5.0)
+    try:
+        answers = run(go())
+    finally:
+        batching.CURRENT.close()
+        C.CURRENT = batching.CURRENT = None
+    here = threading.current_thread().name
+    assert rec.threads[:1] == ["lab-inference"] and rec.threads[-1] == here
+    assert here not in rec.threads[1:-1] and sum(rec.sizes[1:-1]) == 2  # the pair: on the thread
+    assert len({json.dumps(a["predictions"]) for a in answers}) == 1 and door.inflight == 0

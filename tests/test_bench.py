@@ -50,6 +50,16 @@ def test_a_port_with_nothing_listening_gives_a_finished_run_with_errors(tmp_path
     assert res.statuses == {0: 6} and res.errors == 6 and res.ok == 0
 
 
+def test_the_load_generator_keeps_the_stage_times_each_answer_reports(server, store):
+    from bench.serve_latency import where_c1_goes
+
+    res = run(closed_loop(f"{server.url}/classify?backend=onnx", cifar_test_samples(5, store["data"]), 1, requests=8))
+    s = res.summary()
+    assert res.ok == 8 and sorted(s["stages_p50_ms"]) == ["inference_ms", "preprocess_ms", "queue_ms"]
+    assert all(len(v) == 8 and min(v) >= 0 for v in res.stages.values())
+    assert "decode" in where_c1_goes(s, floor_ms=0.0) and "stage times" in where_c1_goes({"p50_ms": 1.0}, 0.0)
+
+
 def test_load_test_refuses_remote_hosts():
     from bench.load_test import check_host
 
