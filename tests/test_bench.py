@@ -186,3 +186,13 @@ def test_the_replay_answers_every_arrival_once_in_batches_of_what_has_arrived():
     r = replay(run_batch, due, max_batch=8)
     assert [k for b in seen for k in b] == list(range(len(due)))
     assert 1 < max(map(len, seen)) <= 8 and r["requests"] == len(due) and r["p99_ms"] >= r["p50_ms"] > 0
+
+
+def test_the_checkout_comparison_says_not_established_when_its_interval_straddles_zero():
+    from bench.compare_checkouts import interval, verdict
+
+    lo, hi = interval([0.10, 0.12, 0.09, 0.11, 0.10, 0.13])
+    assert 0.09 <= lo < hi <= 0.13 and verdict(lo, hi) == "B higher"
+    lo, hi = interval([-0.2, 0.3, -0.1, 0.25, -0.3, 0.2])
+    assert lo < 0 < hi and verdict(lo, hi) == "not established"
+    assert verdict(*interval([-1.0, -1.2, -0.9])) == "B lower"
