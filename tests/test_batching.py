@@ -26,7 +26,7 @@ class Recorder:
         self.sizes: list[int] = []
         self.gate = threading.Event()
         self.gate.set()
-        self.entered = threading.Event()  # set once a batch is in predict (held there while gate is clear)
+        self.entered = threading.Event()  # set when a batch is in predict (held there while gate is clear)
         self.seen: list[np.ndarray] = []
         self.threads: list[str] = []  # the thread that ran each batch
 
@@ -60,6 +60,7 @@ def run(coro):
 async def hold(b: Batcher, m, rec: Recorder) -> list:
     """Queue one image and wait until the backend holds it (until rec.gate is set): its futures."""
     rec.gate.clear()
+    rec.entered.clear()  # an earlier batch set it: wait for this one
     futures = b.submit(m, "rec", [(image(0), 1, 0.0)])
     await rec.busy()
     return futures
