@@ -225,7 +225,7 @@ async def closed_loop(url: str, samples: list[Sample], concurrency: int, *, requ
             i = next(counter)
             if (requests is not None and i >= requests) or (deadline is not None and time.perf_counter() >= deadline):
                 break
-            conn = await target.send(conn, i * 7919 + cid, res, timeout)
+            conn = await target.send(conn, i, res, timeout)  # request i sends sample i mod n: each as often
         if conn is not None:
             conn.transport.close()
 

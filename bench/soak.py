@@ -87,7 +87,7 @@ async def run_load(url: str, samples, expected: dict, backends: list[str], concu
     async def client(session, cid: int):
         while time.perf_counter() < deadline:
             i = next(counter)
-            k = (i * 7919 + cid) % len(samples)
+            k = i % len(samples)  # request i sends sample i mod n: each as often
             backend = backends[i % len(backends)]
             s = samples[k]
             bad = corrupt > 0 and rng.random() < corrupt

@@ -196,3 +196,37 @@ def test_the_checkout_comparison_says_not_established_when_its_interval_straddle
     lo, hi = interval([-0.2, 0.3, -0.1, 0.25, -0.3, 0.2])
     assert lo < 0 < hi and verdict(lo, hi) == "not established"
     assert verdict(*interval([-1.0, -1.2, -0.9])) == "B lower"
+
+
+def test_the_closed_loop_sends_every_sample_equally_often_at_any_concurrency():
+    """Accuracy under load is measured on the images sent: all of them, each as often."""
+    import asyncio
+    from collections import Counter
+
+    from bench.loadgen import Sample
+
+    seen: Counter = Counter()
+
+    async def handle(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(next(line.split(b":")[1] for line in head.lower().split(b"\r\n")
+                                  if line.startswith(b"content-length")))
+                seen[await reader.readexactly(length)] += 1
+                await asyncio.sleep(0.001 * (len(seen) % 3))  # answers out of step across connections
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                await writer.drain()
+        except asyncio.IncompleteReadError:  # the client closed its connection
+            writer.close()
+
+    async def go():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        samples = [Sample(body=str(k).encode(), content_type="image/png") for k in range(100)]
+        res = await closed_loop(f"http://127.0.0.1:{port}/x", samples, 16, requests=400)
+        server.close()
+        return res
+
+    res = asyncio.run(go())
+    assert res.ok == 400 and len(seen) == 100 and set(seen.values()) == {4}
