@@ -84,7 +84,7 @@ async def run_load(url: str, samples, expected: dict, backends: list[str], concu
     deadline = t0 + seconds
     counter = iter(range(10**12))
 
-    async def client(session, cid: int):
+    async def client(session):
         while time.perf_counter() < deadline:
             i = next(counter)
             k = i % len(samples)  # request i sends sample i mod n: each as often
@@ -124,7 +124,7 @@ async def run_load(url: str, samples, expected: dict, backends: list[str], concu
 
     conn = aiohttp.TCPConnector(limit=concurrency, enable_cleanup_closed=True)
     async with aiohttp.ClientSession(connector=conn) as session:
-        await asyncio.gather(*(client(session, c) for c in range(concurrency)))
+        await asyncio.gather(*(client(session) for _ in range(concurrency)))
 
 
 def backend_list(text: str) -> list[str]:
