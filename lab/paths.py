@@ -31,3 +31,28 @@ def bentoml_home() -> Path:
 
 def models_dir() -> Path:
     return bentoml_home() / "models"
+
+
+def process_tag() -> str:
+    """This process in a file name: <host>-<pid> (the host's characters outside [A-Za-z0-9._] become '_')."""
+    import re
+    import socket
+
+    return f"{re.sub(r'[^A-Za-z0-9._]', '_', socket.gethostname()) or 'host'}-{os.getpid()}"
+
+
+def new_run_dir(parent: Path, name: str) -> Path:
+    """A new folder parent/<YYYYmmdd-HHMMSS>-<host>-<pid>-<name>, made by this process (atomically: never one
+    that another process, on this machine or another, made or writes), and returned."""
+    import time
+
+    parent.mkdir(parents=True, exist_ok=True)
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{process_tag()}"
+    for i in range(1000):
+        d = parent / (f"{stem}-{name}" if i == 0 else f"{stem}.{i}-{name}")
+        try:
+            d.mkdir(exist_ok=False)
+        except FileExistsError:
+            continue
+        return d
+    raise FileExistsError(f"could not make a new run folder under {parent}")

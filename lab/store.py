@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lab.card import CARD_FILE, Card, file_record, verify_files, write_card
-from lab.paths import bentoml_home, models_dir
+from lab.paths import bentoml_home, models_dir, process_tag
 
 
 class StoreBusyError(RuntimeError):
@@ -116,7 +116,7 @@ def publish(name: str, files: dict[str, Path], card: Card, labels: dict[str, str
     card.backends = backends_for_files(files)
     store_root = models_dir()
     store_root.mkdir(parents=True, exist_ok=True)
-    staging = staging_dir() / uuid.uuid4().hex
+    staging = staging_dir() / f"{process_tag()}-{uuid.uuid4().hex}"  # its owner, for clean_staging
     staging.mkdir(parents=True)
     try:
         with compat.create_staged(name, labels or {}, _clean(card.to_dict()), staging) as model:
@@ -150,14 +150,46 @@ def _fsync(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+# A publish takes minutes: a staging folder this old is a leftover, whoever made it.
+STAGING_MAX_AGE_S = 24 * 3600
+
+
+def _staging_owner_gone(d: Path) -> bool:
+    """Whether the process that made staging folder d (named <host>-<pid>-<uuid>) is gone: a dead process on
+    this machine, or (another machine's, or a folder of unknown owner) untouched for STAGING_MAX_AGE_S."""
+    import time
+
+    try:
+        age = time.time() - d.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age > STAGING_MAX_AGE_S:
+        return True
+    host_pid, _, rest = d.name.rpartition("-")
+    host, _, pid = host_pid.rpartition("-")
+    if not rest or not pid.isdigit() or host != process_tag().rpartition("-")[0]:
+        return False  # another machine's (or of unknown owner), and recent: it may be publishing now
+    if int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def clean_staging() -> int:
-    """Remove staging folders left by killed runs (never visible to the store); returns how many."""
+    """Remove staging folders left by killed publishes (never visible to the store); returns how many. A
+    folder whose process still runs (a publish in progress, here or on another machine) is left alone."""
     root = staging_dir()
     n = 0
     if root.is_dir():
         for d in root.iterdir():
-            shutil.rmtree(d, ignore_errors=True)
-            n += 1
+            if _staging_owner_gone(d):
+                shutil.rmtree(d, ignore_errors=True)
+                n += 1
     return n
 
 
