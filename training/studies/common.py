@@ -408,13 +408,16 @@ class Section:
 
 
 def publish_model(ctx: StudyContext, store_name: str, dataset: str, model: str, kwargs: dict, *, recipe: str,
-                  train: dict, description: str) -> dict:
+                  train: dict, description: str, before_publish: Callable[[], None] | None = None) -> dict:
     """Train `model` with these settings on the study's training images through the model pipeline (train,
     evaluate, export with its parity gate, publish) and put it in the BentoML store as `store_name`.
 
-    Returns {"tag", "served_accuracy", "epochs", "run_dir"}. The test split is the whole test set."""
-    from datetime import datetime
+    The run folder, <out>/published/<timestamp>-<host>-<pid>-<store name>/, is made new by this process: two
+    processes never write into the same one. `before_publish()` runs just before the store is written (it
+    raises to stop: a claim this process no longer holds).
 
+    Returns {"tag", "served_accuracy", "epochs", "run_dir"}. The test split is the whole test set."""
+    from lab.paths import new_run_dir
     from lab.store import clean_staging, store_lock
     from training import pipeline as P
     from training.presets import Preset
@@ -425,12 +428,13 @@ def publish_model(ctx: StudyContext, store_name: str, dataset: str, model: str, 
                     data_seed=ctx.data_seed, train_limit=ctx.preset.train_limit.get(dataset, 0), test_limit=0,
                     store_name=store_name, description=description,
                     calibration_images=min(512, ctx.preset.train_limit.get(dataset, 0) or 512))
-    run_dir = ctx.out_dir / "published" / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{store_name}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = new_run_dir(ctx.out_dir / "published", store_name)
     run = P.Run(dir=run_dir, preset=preset, data_root=ctx.data_root, progress=ctx.progress)
     ctx.log(f"  publishing {store_name}: {model} {kwargs} {train} (run folder {run_dir})")
     for stage in ("train", "evaluate", "export"):
         getattr(P, f"stage_{stage}")(run)
+    if before_publish is not None:
+        before_publish()
     with store_lock():
         clean_staging()
         tag = P.stage_publish(run)
