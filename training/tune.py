@@ -65,9 +65,10 @@ def main(argv=None) -> int:
     from lab.hardware import cores
     from lab.paths import default_data_root
     from training.studies.common import StudyContext, get_study_preset
-    from training.tuning import (TUNE_PRESETS, best_settings, evaluate_best_and_baseline, finish_study, get_space,
-                                 open_tuning_study, plan, print_statistics, run_worker, section, start_workers,
-                                 statistics)
+    from training.studies.claim import me
+    from training.tuning import (TUNE_PRESETS, best_settings, claim_after_study, evaluate_best_and_baseline,
+                                 finish_study, get_space, open_tuning_study, plan, print_statistics, run_worker,
+                                 section, start_workers, statistics)
 
     import torch
 
@@ -102,24 +103,44 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - t0
     stats = statistics(study)
     print_statistics(stats, ctx.log)
-    published = evaluation = None
-    if not args.no_publish and "best_value" in stats:
-        from training.studies.common import publish_model
+    # one process, of all those on this study (here or on other machines), does what follows it
+    publish = not args.no_publish and "best_value" in stats
+    claim = claim_after_study(storage, study, name, n_trials, publish)
+    what = "publishes the best trial" if publish else "writes the report"
+    if claim.state == "done":  # a rerun of a study published before
+        ctx.log(f"study complete: {claim.holder} published the best trial as {(claim.result or {}).get('tag', '?')}; "
+                f"nothing to do here (--fresh starts the study over)")
+        return 0
+    if not claim.mine:
+        ctx.log(f"study complete: {claim.holder} {what} (claimed in the study's storage); "
+                f"this process ({me()}) stops here")
+        return 0
+    taken = f", taken over from {claim.taken_over}, which stopped" if claim.taken_over else ""
+    ctx.log(f"study complete: {claim.holder} (this process) {what}{taken}")
+    with claim.held():
+        published = evaluation = None
+        if publish:
+            from training.studies.common import publish_model
 
-        # the evaluation grid is named after what it trains: a study that grows a new best (more trials, a
-        # rerun) trains its own grid instead of meeting one of other settings under the same name
-        key = hashlib.sha256(json.dumps([study.best_trial.params, baseline], sort_keys=True).encode()).hexdigest()
-        evaluation = evaluate_best_and_baseline(ctx, space, study, baseline, epoch_range,
-                                                f"{name}-evaluation-{key[:10]}")
-        if evaluation is not None and "comparison" in evaluation:
-            ctx.log(evaluation["comparison"].sentence(1))
-        kwargs, train = best_settings(space, study.best_trial.params, epoch_range)
-        published = publish_model(ctx, f"{space.dataset}-tuned-{space.name}", space.dataset, space.model, kwargs,
-                                  recipe="study_sgd", train=train,
-                                  description=f"best trial {study.best_trial.number} of Optuna study {name}")
-    command = "python training/tune.py " + " ".join(argv)
-    section(ctx, space, study, name, storage, n_trials, seconds, command, published, evaluation)
-    ctx.log(f"report section: {out / 'tuning' / 'section.md'}")
+            # the evaluation grid is named after what it trains: a study that grows a new best (more trials, a
+            # rerun) trains its own grid instead of meeting one of other settings under the same name
+            key = hashlib.sha256(json.dumps([study.best_trial.params, baseline], sort_keys=True).encode()).hexdigest()
+            evaluation = evaluate_best_and_baseline(ctx, space, study, baseline, epoch_range,
+                                                    f"{name}-evaluation-{key[:10]}")
+            if evaluation is not None and "comparison" in evaluation:
+                ctx.log(evaluation["comparison"].sentence(1))
+            kwargs, train = best_settings(space, study.best_trial.params, epoch_range)
+            published = publish_model(ctx, f"{space.dataset}-tuned-{space.name}", space.dataset, space.model,
+                                      kwargs, recipe="study_sgd", train=train,
+                                      description=f"best trial {study.best_trial.number} of Optuna study {name}",
+                                      before_publish=claim.check)
+        command = "python training/tune.py " + " ".join(argv)
+        section(ctx, space, study, name, storage, n_trials, seconds, command, published, evaluation)
+        ctx.log(f"report section: {out / 'tuning' / 'section.md'}")
+        if publish:
+            claim.finish({**published, "best_trial": study.best_trial.number})
+        else:
+            claim.release()  # a report may be written again by a rerun
     return 0
 
 

@@ -39,6 +39,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,6 +205,8 @@ def open_tuning_study(space: SearchSpace, storage_url: str, study_name: str, fre
             created = False
     except Exception as e:  # a database that stops answering between opening and creating
         raise StudyError(f"cannot create or load study {study_name!r}: {type(e).__name__}: {e}") from None
+    if created:  # this study, not an earlier one of the same name that was deleted: its claims are its own
+        study.set_user_attr("instance", uuid.uuid4().hex)
     if created and baseline is not None and not study.get_trials(deepcopy=False):
         study.enqueue_trial(baseline, user_attrs={"baseline": True})
     have = study.user_attrs.get("search_space")
@@ -291,7 +294,8 @@ def _waiting(study) -> bool:
 def finish_study(ctx: StudyContext, space: SearchSpace, storage_url: str, study_name: str, n_trials: int,
                  epoch_range: tuple[int, int], log=print, poll: float = 2.0, **study_kw):
     """Run trials until the study has its count, then wait for other workers' running trials; a trial that
-    goes stale meanwhile (its worker died) is queued again and run here. Returns the study."""
+    goes stale meanwhile (its worker died) is queued again and run here. Returns the study once it is
+    complete: n_trials finished, none running or queued (what follows it, see claim_after_study)."""
     import optuna
     from optuna.trial import TrialState
 
@@ -301,8 +305,31 @@ def finish_study(ctx: StudyContext, space: SearchSpace, storage_url: str, study_
         while study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) and not _waiting(study):
             time.sleep(poll)
             optuna.storages.fail_stale_trials(study)
-        if not _waiting(study):
+        # complete: nothing queued or running, and the count reached (a trial that failed in another worker
+        # left a slot: it is run here)
+        if not _waiting(study) and _counted(study) >= n_trials:
             return study
+
+
+def claim_after_study(storage_url: str, study, study_name: str, n_trials: int, publish: bool):
+    """Who does what follows the complete study (the test-set comparison, the report and, with `publish`, the
+    published model): one process of all those sharing its storage, on any machine. The first to ask
+    claims it in the study's database (training/studies/claim.py); that is normally the worker that
+    finished the last trial, since the others are waiting for it. Returns the Claim (`.mine`, `.holder`).
+
+    The key names this study (its instance, so a study deleted and made again under the name starts over),
+    its trial count and its best trial: a study that grows a new best is published again. A published study
+    stays published: a rerun says by whom; a report-only claim is released when done (a rerun reports
+    again)."""
+    from training.studies.claim import take
+
+    instance = study.user_attrs.get("instance") or f"id{study._study_id}"
+    try:
+        best = study.best_trial.number
+    except ValueError:  # no complete trial
+        best = "none"
+    what = "publish" if publish else "report"
+    return take(storage_url, f"tune/{study_name}/{instance}/{n_trials}/best{best}/{what}")
 
 
 def baseline_trial(study):
