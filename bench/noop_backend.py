@@ -19,6 +19,7 @@ class NoopBackend(Backend):
     file = "model.sim.onnx"
     description = "no inference: zeros for every class (measures the service's own cost)"
     serve_by_default = False
+    computes_model = False  # its zeros are not the model's answers: the service serves it unproven, by name only
 
     def __init__(self, path, card, threads: int | None = None):
         self.classes = len(card.classes)

@@ -21,6 +21,8 @@ from lab.preprocess import Preprocessing
 
 CARD_FILE = "card.json"
 CARD_SCHEMA = 1
+GOLDEN_IMAGES_FILE = "golden.images.npy"    # lab/golden.py: uint8 (N, H, W, C), the pixels after the resize
+GOLDEN_OUTPUTS_FILE = "golden.outputs.npy"  # float32 (N, K): the reference backend's outputs on them
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -66,6 +68,7 @@ class Card:
     best_rung: str | None = None             # the fastest rung within the accuracy bound: the default backend
     run_dir: str = ""
     flops_per_image_with_tta: int = 0
+    golden: dict[str, Any] | None = None     # golden answers (lab/golden.py): reference, per-backend tolerance
     schema: int = CARD_SCHEMA
 
     @property
@@ -131,6 +134,9 @@ class Card:
             raise CardError("rungs must be an object")
         if best is not None and best not in backends:
             raise CardError(f"best_rung {best!r} is not one of the card's backends")
+        golden = d.get("golden")
+        if golden is not None:
+            _check_golden(golden, files if require_files else None)
         return cls(
             name=name, architecture=Architecture(arch["name"], dict(arch["kwargs"])), classes=list(classes),
             preprocessing=pre, tta_level=int(d["tta_level"]), backends=dict(backends), metrics=metrics,
@@ -138,7 +144,7 @@ class Card:
             parameters=d["parameters"], flops_per_image=d["flops_per_image"], parity=dict(d.get("parity") or {}),
             versions=dict(d.get("versions") or {}), created=str(d.get("created", "")), files=files,
             int8=d.get("int8"), rungs=rungs, best_rung=best, run_dir=str(d.get("run_dir", "")),
-            flops_per_image_with_tta=int(d.get("flops_per_image_with_tta", 0)))
+            flops_per_image_with_tta=int(d.get("flops_per_image_with_tta", 0)), golden=golden)
 
     def public_dict(self) -> dict:
         """The card without this machine's paths (what GET /models/ shows)."""
@@ -150,6 +156,19 @@ class Card:
 
 _REQUIRED = ("name", "architecture", "classes", "preprocessing", "tta_level", "backends", "metrics",
              "parameters", "flops_per_image")
+
+
+def _check_golden(golden: Any, files: dict | None) -> None:
+    if not isinstance(golden, dict) or not isinstance(golden.get("backends"), dict):
+        raise CardError("golden must be {\"reference\": str, \"backends\": {name: record}, ...}")
+    for name, rec in golden["backends"].items():
+        tol = rec.get("tolerance") if isinstance(rec, dict) else None
+        if not (isinstance(tol, dict) and all(isinstance(tol.get(k), (int, float))
+                                              for k in ("min_agreement", "max_mean_diff"))):
+            raise CardError(f"golden.backends[{name!r}] needs a tolerance with min_agreement and max_mean_diff")
+    missing = [f for f in (GOLDEN_IMAGES_FILE, GOLDEN_OUTPUTS_FILE) if files is not None and f not in files]
+    if missing:
+        raise CardError(f"the card has golden answers but no sha256 for {', '.join(missing)}")
 
 
 def _str(v: Any, what: str) -> str:

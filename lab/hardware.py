@@ -21,6 +21,12 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset(w for line in text.splitlines() if line.startswith("flags") for w in line.split(":", 1)[1].split())
 
 
+def cpu_flags() -> dict[str, bool]:
+    """The CPU features the ladder's rungs depend on."""
+    flags = _cpu_flags()
+    return {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")}
+
+
 def cpu_has_native_bf16() -> bool:
     """AVX-512 BF16 or AMX: bf16 matrix work at full speed on this CPU."""
     return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})

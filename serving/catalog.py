@@ -4,13 +4,20 @@ A stored model qualifies when its folder holds a lab model card (lab.card). At s
 is indexed and the newest version of each name is loaded; an older version is loaded (off the event
 loop) the first time a request names it exactly, and only a few stay loaded. Each backend of the
 registry (lab.backends) is built only after the sha256 of its file matches the card, and kept only if
-a smoke inference gives finite logits of the right shape; any failure refuses that backend (or the
-model, for a bad card) with one log line and the rest keep serving.
+a smoke inference gives finite logits of the right shape and it reproduces the model's golden answers
+on this machine within the tolerance its card records (lab/golden.py: a runtime that computes another
+function on this CPU is refused); any failure refuses that backend (or the model, for a bad card or
+unreadable golden answers) with one log line and the rest keep serving.
+
+The default rung, for requests naming no backend: LAB_DEFAULT_BACKEND when set; else the card's rungs
+whose test accuracy is within RUNG_MAX_DROP of the reference rung's are each built, proven and timed
+here at the service's largest batch, and the fastest serves (`ServedModel.choice` says which, why and
+from what measurement; GET /models/ shows it). The rungs built only to be timed are let go.
 
 Hot reload: `rescan()` (every LAB_RELOAD_SECONDS from a thread of each worker, or POST /models/reload
 from localhost) indexes versions published since, and loads the newest of each name; it replaces the
-version being served only once it is verified (hashes, smoke inference) and serves every backend the
-old one served. Until then, and for ever if it is broken, the old version keeps serving; requests in
+version being served only once it is verified (hashes, smoke inference, golden answers) and serves
+every backend asked for that the old one served. Until then, and for ever if it is broken, the old version keeps serving; requests in
 flight keep the model they started with. Readers on the event loop never see a half-updated catalog:
 the watcher builds new dicts and swaps them in.
 Nothing here imports torch unless a torch backend is built.
@@ -27,14 +34,17 @@ from pathlib import Path
 
 import numpy as np
 
+from lab import golden as G
 from lab.backends import BackendUnavailable, load_backend
 from lab.card import Card, read_card
-from lab.preprocess import Preprocessing
+from lab.hardware import cpu_flags
+from lab.preprocess import Preprocessing, normalize
 from lab.store import lab_models
 from serving.config import Settings
 
 log = logging.getLogger("lab.serving")
 OLD_VERSIONS_LOADED = 3  # older versions kept loaded at once, per worker (least recently used go)
+SPEED_ROUNDS = 3         # calls per rung when the default rung is timed at load (after a first one)
 
 
 class RequestError(Exception):
@@ -54,6 +64,8 @@ class ServedModel:
     created: float
     backends: dict = field(default_factory=dict)   # name -> backend object
     refused: dict = field(default_factory=dict)    # name -> reason
+    proof: dict = field(default_factory=dict)      # name -> its golden answers measured here (lab/golden.py)
+    choice: dict = field(default_factory=dict)     # the default rung chosen on this machine, and why
 
     @property
     def spec(self) -> Preprocessing:
@@ -64,17 +76,23 @@ class ServedModel:
         return self.card.classes
 
     def default_backend(self, configured: str = "") -> str:
-        """The backend a request naming none gets: the configured one, else the card's best rung (the
-        fastest within its accuracy bound), else onnx, else the first built; each only when built."""
-        for b in (configured, self.card.best_rung, "onnx"):
+        """The backend a request naming none gets: the configured one, else the fastest proven rung timed
+        on this machine within the accuracy bound (`choice`), else the card's best rung, else onnx, else
+        the first built; each only when built."""
+        for b in (configured, self.choice.get("backend"), self.card.best_rung, "onnx"):
             if b and b in self.backends:
                 return b
         return sorted(self.backends)[0]
 
     def describe(self, configured_backend: str = "") -> dict:
+        default = self.default_backend(configured_backend) if self.backends else None
+        why = ("LAB_DEFAULT_BACKEND" if configured_backend and default == configured_backend
+               else self.choice.get("why", "") if default == self.choice.get("backend") else
+               "the card's best rung (no rung was timed here)" if default == self.card.best_rung else
+               "the first backend served")
         return {"tag": self.tag, "backends": sorted(self.backends), "refused": self.refused,
-                "default_backend": self.default_backend(configured_backend) if self.backends else None,
-                "rungs": (self.card.rungs or {}), "card": self.card.public_dict()}
+                "default_backend": default, "default_reason": why, "default_choice": self.choice,
+                "proof": self.proof, "rungs": (self.card.rungs or {}), "card": self.card.public_dict()}
 
 
 class Catalog:
@@ -126,19 +144,23 @@ class Catalog:
             log.error("refusing model %s: %s", tag, e)
             return None, str(e)
         served = ServedModel(tag=tag, name=tag.split(":")[0], path=path, card=card, created=created)
+        golden = None
+        if card.golden:
+            try:
+                golden = G.load(path, card)
+            except Exception as e:  # a golden file whose hash changed: nothing can be proven, nothing served
+                log.error("refusing model %s: its golden answers cannot be read: %s", tag, e)
+                return served, f"its golden answers cannot be read: {type(e).__name__}: {e}"
         wanted = list(self.settings.backends)
-        if (card.best_rung and card.best_rung not in wanted and not self.settings.default_backend
-                and not self.settings.backends_chosen):
-            wanted.append(card.best_rung)  # requests naming no backend get it (ServedModel.default_backend)
+        candidates = [] if self.settings.default_backend else rungs_within_bound(card)
+        if self.settings.backends_chosen:
+            candidates = [b for b in candidates if b in wanted]
+        wanted += [b for b in candidates if b not in wanted]  # built to be proven and timed here
         for backend in wanted:
             try:
                 built = load_backend(backend, path, card, threads=self.settings.threads)
                 smoke_test(built, card)
-                if built.shape_warmup:
-                    t0 = time.perf_counter()
-                    warm_up(built, card, self.settings.max_batch_size)
-                    log.info("%s of %s: called once at every batch size 1..%d in %.1f s", backend, tag,
-                             self.settings.max_batch_size, time.perf_counter() - t0)
+                served.proof[backend] = self._prove(tag, backend, built, card, golden)
                 served.backends[backend] = built
             except BackendUnavailable as e:
                 served.refused[backend] = str(e)
@@ -148,7 +170,37 @@ class Catalog:
                 log.error("refusing %s backend of model %s: %s", backend, tag, e)
         if not served.backends:
             return served, "no backend could be built: " + "; ".join(f"{b}: {r}" for b, r in served.refused.items())
+        proven = [b for b in candidates if b in served.backends and served.proof.get(b, {}).get("proven")]
+        if proven:
+            served.choice = choose_default(served, proven, golden, self.settings.max_batch_size)
+            log.info("%s: default rung %s (%s)", tag, served.choice["backend"], served.choice["why"])
+        for backend in candidates:  # built only to be timed: let go of those that are neither asked for nor chosen
+            if backend not in self.settings.backends and backend != served.choice.get("backend"):
+                served.backends.pop(backend, None)
+        for backend, built in served.backends.items():
+            if built.shape_warmup:
+                t0 = time.perf_counter()
+                warm_up(built, card, self.settings.max_batch_size)
+                log.info("%s of %s: called once at every batch size 1..%d in %.1f s", backend, tag,
+                         self.settings.max_batch_size, time.perf_counter() - t0)
         return served, None
+
+    @staticmethod
+    def _prove(tag: str, backend: str, built, card: Card, golden) -> dict:
+        """Run the backend on the model's golden images; raise golden.ProofFailed when it is off."""
+        if not getattr(built, "computes_model", True):
+            return {"proven": False, "skipped": "it computes no model by design"}
+        if golden is None:
+            log.warning("%s of %s: not proven (the card has no golden answers)", backend, tag)
+            return {"proven": False, "skipped": "the card has no golden answers"}
+        t0 = time.perf_counter()
+        result = G.prove(built, backend, *golden, card.preprocessing, card.golden)
+        result.update(proven=True, seconds=round(time.perf_counter() - t0, 3))
+        m = result["measured_here"]
+        log.info("%s of %s: golden answers reproduced (top-1 agreement %.1f%%, mean difference %.2g std, "
+                 "%d images, %.2f s)", backend, tag, 100 * m["agreement"], m["mean_diff"], m["images"],
+                 result["seconds"])
+        return result
 
     # ------------------------------------------------------------ hot reload
 
@@ -190,8 +242,9 @@ class Catalog:
                 if current is not None and newest.created <= current.created:
                     continue  # an older version appeared: indexed, loadable by version
                 served, why = self._load(newest.tag, newest.path, newest.created)
-                if why is None and current is not None and set(current.backends) - set(served.backends):
-                    lost = sorted(set(current.backends) - set(served.backends))
+                kept = set(self.settings.backends)  # the default rung may move; the backends asked for may not
+                if why is None and current is not None and (set(current.backends) & kept) - set(served.backends):
+                    lost = sorted((set(current.backends) & kept) - set(served.backends))
                     why = (f"it would lose backend(s) {', '.join(lost)} that {current.tag} serves: "
                            + "; ".join(f"{b}: {served.refused.get(b, 'not built')}" for b in lost))
                 if why is not None:
@@ -310,6 +363,46 @@ def smoke_test(backend, card: Card) -> None:
         raise ValueError(f"smoke inference gave shape {out.shape}, expected (2, {len(card.classes)})")
     if not np.all(np.isfinite(out)):
         raise ValueError("smoke inference gave non-finite logits")
+
+
+def rungs_within_bound(card: Card) -> list[str]:
+    """The card's rungs whose test accuracy (measured at export) is within RUNG_MAX_DROP of its reference
+    rung's: the candidates for the default, each proven and timed on this machine before it is chosen."""
+    rungs = card.rungs or {}
+    reference = (card.golden or {}).get("reference") or "onnx"
+    if reference not in rungs or "accuracy" not in rungs[reference]:
+        return []
+    bound = rungs[reference]["accuracy"] - G.RUNG_MAX_DROP - 1e-12
+    return [name for name, r in rungs.items() if not r.get("note") and r.get("accuracy", -1.0) >= bound
+            and name in card.backends]
+
+
+def choose_default(served: ServedModel, proven: list[str], golden, max_batch: int) -> dict:
+    """The fastest of the proven rungs at the service's largest batch, timed here on golden images (or
+    zeros for a card without them): a few calls each, interleaved round by round."""
+    spec = served.card.preprocessing
+    n = max(1, min(max_batch, 64))
+    if golden is not None:
+        x = normalize(np.resize(golden[0], (n, *golden[0].shape[1:])), spec)
+    else:
+        x = np.zeros((n, spec.channels, *spec.size), np.float32)
+    seconds: dict[str, list[float]] = {b: [] for b in proven}
+    t_all = time.perf_counter()
+    for b in proven:
+        served.backends[b].predict(x)  # its first call at this size
+    for k in range(SPEED_ROUNDS):
+        for b in proven[k % len(proven):] + proven[:k % len(proven)]:
+            t0 = time.perf_counter()
+            served.backends[b].predict(x)
+            seconds[b].append(time.perf_counter() - t0)
+    speed = {b: round(n / float(np.median(s)), 1) for b, s in seconds.items()}
+    best = max(proven, key=lambda b: speed[b])
+    ref = (served.card.golden or {}).get("reference") or "onnx"
+    why = (f"the fastest of {len(proven)} rung(s) proven on this machine within {100 * G.RUNG_MAX_DROP:.1f} points "
+           f"of {ref}'s test accuracy: {speed[best]:.0f} images/s at batch {n}, timed at load")
+    return {"backend": best, "why": why, "images_per_s": speed, "batch": n, "rounds": SPEED_ROUNDS,
+            "cpu_flags": sorted(f for f, on in cpu_flags().items() if on),
+            "exported_best_rung": served.card.best_rung, "seconds": round(time.perf_counter() - t_all, 2)}
 
 
 def warm_up(backend, card: Card, max_batch: int) -> None:

@@ -85,14 +85,17 @@ class Settings:
     log_format: str = setting("LAB_LOG_FORMAT", "text", "text, or json: one JSON object per log line",
                               group="operations", choices=("text", "json"))
     default_backend: str = setting("LAB_DEFAULT_BACKEND", "", "backend a request naming none is answered by "
-                                   "(default: the model card's best rung, else onnx)", group="operations")
+                                   "(default: the fastest rung proven and timed at load on this machine within "
+                                   "the card's accuracy bound, else the card's best rung, else onnx)",
+                                   group="operations")
     default_model: str = setting("LAB_DEFAULT_MODEL", "cifar10-airbench", "model served when a request names none",
                                  group="operations")
     models: tuple[str, ...] = setting("LAB_MODELS", (), "comma-separated model names to serve (default: every "
                                                         "model with a lab card)", group="operations")
     backends: tuple[str, ...] | None = setting(
         "LAB_BACKENDS", None, "comma-separated backends to build, exactly these (default: every backend of the "
-        "registry, lab.backends, that is served by default, and each model's best rung)", group="operations")
+        "registry, lab.backends, that is served by default, and each model's default rung chosen at load)",
+        group="operations")
 
     @property
     def backends_chosen(self) -> bool:

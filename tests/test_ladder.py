@@ -101,14 +101,18 @@ def test_a_rung_without_its_file_is_skipped_with_the_reason(store, tmp_path):
     assert f"`onnx_int8_1view`: the model has no {gone}" in (out / "ladder.md").read_text()
 
 
-def test_the_service_answers_with_the_best_rung_unless_told(server, store):
+def test_the_service_answers_with_the_rung_it_proved_and_timed_fastest_unless_told(server, store):
     card = read_card(store["model_dir"])
     info = requests.get(f"{server.url}/models/", timeout=10).json()["models"]["cifar10-airbench-smoke"]
-    assert info["default_backend"] == card.best_rung and info["rungs"] == card.rungs
+    choice = info["default_choice"]
+    assert info["default_backend"] == choice["backend"] and info["rungs"] == card.rungs
+    assert choice["backend"] == max(choice["images_per_s"], key=choice["images_per_s"].get)
+    assert all(info["proof"][b]["proven"] for b in choice["images_per_s"])  # every timed rung was proven first
+    assert "timed at load" in info["default_reason"]
     from tests.test_service import good_image
 
     r = requests.post(f"{server.url}/classify", data=good_image(), headers={"Content-Type": "image/png"}, timeout=30)
-    assert r.status_code == 200 and r.json()["backend"] == card.best_rung, r.text
+    assert r.status_code == 200 and r.json()["backend"] == choice["backend"], r.text
     r = requests.post(f"{server.url}/classify", data=good_image(), params={"backend": "onnx"},
                       headers={"Content-Type": "image/png"}, timeout=30)
     assert r.json()["backend"] == "onnx"

@@ -5,7 +5,8 @@ compares it with the torch model: the largest |logit difference| must be within 
 top-1 must agree, or `ExportError` is raised and nothing is published.
 
 Export hooks make the files of further backends (lab.backends): a hook gets the verified fp32 export
-and returns the file it made for publishing (or None when it is not good enough) and its record:
+and returns the file it made for publishing (a list when several; None when it is not good enough) and
+its record:
 
     @export_hook("int8")
     def int8(ctx: ExportContext) -> tuple[str | None, dict]: ...
@@ -147,7 +148,7 @@ class ExportContext:
     architecture: dict | None = None              # {"name": ..., "kwargs": ...}: what model.pth holds
 
 
-ExportHook = Callable[[ExportContext], "tuple[str | None, dict]"]
+ExportHook = Callable[[ExportContext], "tuple[str | list[str] | None, dict]"]
 EXPORT_HOOKS: dict[str, ExportHook] = {}
 
 

@@ -163,21 +163,18 @@ def one_view_int8(ctx: ExportContext) -> tuple[str | None, dict]:
 # ---------------------------------------------------------------- the ladder: every published rung measured
 
 
-@export_hook("ladder")
-def ladder(ctx: ExportContext) -> tuple[None, dict]:
-    """Measure every rung the model will be published with (training/ladder.py): accuracy on the test
-    set, latency at batch 1, throughput at batch 64; the card gets them and the best rung (the fastest
-    within MAX_DROP of the served fp32 graph), which the service answers with by default. Runs last."""
+def published_rungs(ctx: ExportContext) -> tuple[dict, dict]:
+    """({backend: a function that builds it}, {backend: its file}) for every registered backend whose
+    file is published, but those the preset skips (settings["ladder_skip"])."""
     from types import SimpleNamespace
 
     from lab.backends import get_backend, list_backends
     from lab.card import Architecture
     from lab.hardware import cores
-    from training.ladder import MAX_DROP, best_rung, cpu_flags, measure
 
     arch = ctx.architecture  # what the torch backends build model.pth into
-    card = SimpleNamespace(tta_level=ctx.tta_level, preprocessing=ctx.spec,
-                           architecture=Architecture(arch["name"], arch["kwargs"]))
+    card = SimpleNamespace(tta_level=ctx.tta_level, preprocessing=ctx.spec, classes=list(ctx.test.classes),
+                           architecture=Architecture(arch["name"], arch["kwargs"]) if arch else None)
     published = set(ctx.files)
     builders, files = {}, {}
     for name in list_backends():
@@ -191,6 +188,19 @@ def ladder(ctx: ExportContext) -> tuple[None, dict]:
             return cls(path, card, threads=cores())
 
         builders[name], files[name] = build, path
+    return builders, files
+
+
+@export_hook("ladder")
+def ladder(ctx: ExportContext) -> tuple[None, dict]:
+    """Measure every rung the model will be published with (training/ladder.py): accuracy on the test
+    set, latency at batch 1, throughput at batch 64; the card gets them and the best rung (the fastest
+    within MAX_DROP of the served fp32 graph), the service's default where no faster proven rung is timed
+    on the serving machine (serving/catalog.py). Runs after the hooks that make backend files."""
+    from lab.hardware import cores
+    from training.ladder import MAX_DROP, best_rung, cpu_flags, measure
+
+    builders, files = published_rungs(ctx)
     t0 = time.perf_counter()
     rungs = measure(builders, ctx.test, ctx.spec, reference="onnx", files=files, log=ctx.log, progress=False)
     best, rule = best_rung(rungs, "onnx", ctx.settings.get("ladder_max_drop", MAX_DROP))
@@ -202,3 +212,33 @@ def ladder(ctx: ExportContext) -> tuple[None, dict]:
     return None, {"rungs": {n: r.to_dict() for n, r in rungs.items()}, "best": best, "rule": rule,
                   "reference": "onnx", "threads": cores(), "cpu_flags": cpu_flags(),
                   "seconds": round(time.perf_counter() - t0, 1)}
+
+
+# ---------------------------------------------------------------- golden answers: what every backend must reproduce
+
+
+@export_hook("golden")
+def golden(ctx: ExportContext) -> tuple[list[str], dict]:
+    """golden.images.npy and golden.outputs.npy (lab/golden.py): a fixed sample of test images and the
+    served fp32 graph's outputs on them; each published backend that runs here is measured against them
+    and its tolerance recorded, which the service checks again at load on the machine that serves it."""
+    from lab import golden as G
+
+    images = G.golden_images(ctx.test.images.permute(0, 2, 3, 1).numpy())
+    reference = G.run(ctx.fp32, images, ctx.spec)
+    paths = G.write(ctx.out_dir, images, reference)
+    builders, _ = published_rungs(ctx)
+    records, skipped = {}, {}
+    for name, build in builders.items():
+        try:
+            backend = build()
+        except Exception as e:  # BackendUnavailable here: measured nowhere, proven with the default tolerance
+            skipped[name] = f"{type(e).__name__}: {e}".splitlines()[0]
+            continue
+        records[name] = G.record(G.run(backend, images, ctx.spec), reference)
+        m = records[name]["measured"]
+        ctx.log(f"golden answers, {name}: top-1 agreement {100 * m['agreement']:.1f}%, mean difference "
+                f"{m['mean_diff']:.2g} std on {len(images)} images")
+    rec = {"reference": "onnx", "images": len(images), "files": sorted(paths), "backends": records,
+           "not_measured": skipped}
+    return sorted(paths), rec

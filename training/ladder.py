@@ -20,7 +20,9 @@ from typing import Callable
 
 import numpy as np
 
-MAX_DROP = 0.005   # a rung may lose at most this much test accuracy against the reference to be "best"
+from lab.golden import RUNG_MAX_DROP as MAX_DROP  # the bound of the "best" rung; the service chooses by it too
+from lab.hardware import cpu_flags  # noqa: F401  (recorded with the ladder)
+
 Z95 = 1.959964     # the 95 % two-sided normal quantile
 
 
@@ -150,13 +152,3 @@ def best_rung(rungs: dict[str, Rung], reference: str, max_drop: float = MAX_DROP
     best = max(ok, key=lambda r: r.images_per_s_b64)
     return best.backend, (f"the fastest rung at batch 64 within {100 * max_drop:.1f} points of {reference}'s "
                           f"test accuracy ({100 * ref:.2f}%)")
-
-
-def cpu_flags() -> dict[str, bool]:
-    """The CPU features the rungs depend on (Linux /proc/cpuinfo)."""
-    try:
-        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        flags = set()
-    return {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")}

@@ -284,8 +284,7 @@ def stage_export(run: Run) -> None:
     for name, hook in EXPORT_HOOKS.items():
         made, hooks[name] = hook(ctx)
         ctx.previous[name] = hooks[name]
-        if made:
-            files.append(made)
+        files.extend([made] if isinstance(made, str) else made or [])
     run.files.write(ExportRecord(parity=result["parity"], served=served, files=files, hooks=hooks))
 
 
@@ -362,5 +361,6 @@ def make_card(run: Run, meta: TrainedRecord, exported: ExportRecord, metrics: Ev
         parameters=count_parameters(net), flops_per_image=flops,
         flops_per_image_with_tta=flops * passes(meta.tta_level), parity=exported.parity,
         int8=exported.hooks.get("int8"), rungs=(exported.hooks.get("ladder") or {}).get("rungs"),
-        best_rung=(exported.hooks.get("ladder") or {}).get("best"), versions=versions(),
+        best_rung=(exported.hooks.get("ladder") or {}).get("best"), golden=exported.hooks.get("golden"),
+        versions=versions(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), run_dir=str(run.dir))

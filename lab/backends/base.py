@@ -43,6 +43,8 @@ class Backend:
     serve_by_default: ClassVar[bool] = True  # built by the service unless LAB_BACKENDS says otherwise
     shape_warmup: ClassVar[bool] = False     # its first call at each batch size is slow: the service calls
                                              # it once at every size up to its largest batch before serving
+    computes_model: ClassVar[bool] = True    # it runs the model: the service proves its golden answers at
+                                             # load (lab/golden.py); False only for a benchmark's stand-in
 
     @classmethod
     def check_available(cls) -> None:
