@@ -7,8 +7,10 @@ takes the queue whose oldest image has waited longest and runs, as one batch, wh
 `max_batch` images; with `wait_s` > 0 a batch smaller than that waits up to that long for more). An
 image whose deadline passed while it waited is answered 503 without running; one whose request has
 gone (its future cancelled) is dropped. The inference itself: the uint8 images stacked and normalised
-as one array, the backend's logits, softmax, top-k, one `Prediction` per image; the answers go back to
-the event loop in one callback per batch.
+as one array (an input the Open Inference Protocol sent already normalised, float32, joins it as it
+is), the backend's logits, softmax, top-k, one `Prediction` per image (or, for top_k=ROWS, its whole
+`Scores`: logits and probabilities, for serving/v2.py); the answers go back to the event loop in one
+callback per batch.
 
 A lone request runs where it is: when the caller says no other request is in flight (`alone`), nothing
 waits in any queue, the thread is idle, and the backend's last batch of one took at most `inline_max_s`
@@ -39,10 +41,20 @@ class QueueFull(Exception):
     """No room in the queue for this request's images now: 503 with Retry-After."""
 
 
+ROWS = 0  # a job's top_k asking for its whole rows of logits and probabilities (Scores), not a Prediction
+
+
+@dataclass(slots=True)
+class Scores:
+    """One image's whole answer, for the Open Inference Protocol (serving/v2.py)."""
+    logits: np.ndarray             # float64 (K,), the backend's logits
+    probabilities: np.ndarray      # float64 (K,), softmax of the logits, as a Prediction's probabilities
+
+
 @dataclass(slots=True)
 class Job:
-    x: np.ndarray                  # uint8 (H, W, C), the image at the model's size
-    top_k: int
+    x: np.ndarray                  # uint8 (H, W, C), the image at the model's size; or float32 (C, H, W) normalised
+    top_k: int                     # or ROWS
     preprocess_ms: float
     enqueued: float                # time.perf_counter() when it joined the queue
     deadline: float                # time.perf_counter() past which it is answered 503 instead of run
@@ -129,7 +141,7 @@ class Batcher:
         """predict(), remembering how long a batch of one took (what _may_run_here goes by)."""
         t0 = time.perf_counter()
         results = predict(model, backend, jobs)
-        if len(jobs) == 1 and isinstance(results[0], Prediction):
+        if len(jobs) == 1 and not isinstance(results[0], Failure):
             self._one_s[(model.name, backend)] = time.perf_counter() - t0
         return results
 
@@ -225,8 +237,8 @@ def predict(model, backend: str, jobs: list[Job]) -> list[Prediction | Failure]:
 
     t0 = time.perf_counter()
     try:
-        x = normalize(np.stack([j.x for j in jobs]), model.spec)
-        probs = softmax(np.asarray(model.backends[backend].predict(x), np.float64))
+        logits = np.asarray(model.backends[backend].predict(model_input(jobs, model.spec)), np.float64)
+        probs = softmax(logits)
     except Exception as e:
         log.exception("inference failed on %s/%s for a batch of %d", model.tag, backend, len(jobs))
         return [Failure(500, f"inference failed: {type(e).__name__}")] * len(jobs)
@@ -234,11 +246,20 @@ def predict(model, backend: str, jobs: list[Job]) -> list[Prediction | Failure]:
     observe_batch(backend, len(jobs), ms / 1000)
     top = np.argsort(-probs, axis=1, kind="stable")  # ties: the lowest index first, as np.argmax
     classes, n = model.classes, len(jobs)
-    return [Prediction(model=model.tag, backend=backend,
+    return [Scores(logits=z, probabilities=row) if j.top_k == ROWS else
+            Prediction(model=model.tag, backend=backend,
                        predictions=[Label(classes[c], int(c), float(row[c])) for c in order[:j.top_k]],
                        inference_ms=round(ms, 3), batch_size=n, preprocess_ms=round(j.preprocess_ms, 3),
                        queue_ms=round((t0 - j.enqueued) * 1000, 3))
-            for j, row, order in zip(jobs, probs, top)]
+            for j, z, row, order in zip(jobs, logits, probs, top)]
+
+
+def model_input(jobs: list[Job], spec) -> np.ndarray:
+    """A batch's model input: its uint8 images stacked and normalised as one array; inputs sent already
+    normalised (float32 (C, H, W)) are taken as they are (the same values normalize gives, image by image)."""
+    if all(j.x.dtype == np.uint8 for j in jobs):
+        return normalize(np.stack([j.x for j in jobs]), spec)
+    return np.stack([normalize(j.x, spec) if j.x.dtype == np.uint8 else j.x for j in jobs])
 
 
 # One queue per worker process, made by the service at start-up; used by the front door.

@@ -20,6 +20,10 @@ lab.bentoml_compat.outermost: what it answers itself never passes through them).
   never waits in the queue. A classify request is answered within LAB_TIMEOUT (504 past it) and
   timed in lab_request_seconds. BentoML's app behind this door serves the rest: /models/, /metrics,
   /livez, the docs UI.
+- The Open Inference Protocol (KServe v2 REST, serving/v2.py): its GET endpoints are answered here;
+  POST /v2/models/{name}[/versions/{v}]/infer goes the way /classify goes, through the same limits,
+  budget, timeout, queue and metrics: parsed into model inputs by serving/v2.py, queued, answered by
+  serving/v2.py from each image's whole rows of logits and probabilities.
 - Per-client limits key on the peer address, or, for a peer listed in LAB_TRUSTED_PROXIES, on the
   nearest address in its X-Forwarded-For that is not a trusted proxy.
 - OpenAPI: /docs.json is generated from the answer types and the registry (serving/openapi.py).
@@ -38,7 +42,8 @@ from starlette.requests import ClientDisconnect
 from lab import bentoml_compat
 from serving import batching
 from serving import catalog as C
-from serving.batching import QueueFull
+from serving import v2
+from serving.batching import ROWS, QueueFull
 from serving.budget import Reservation
 from serving.catalog import RequestError
 from serving.config import Settings
@@ -47,7 +52,7 @@ from serving.metrics import count_error, observe_request
 from serving.schema import ErrorAnswer, Failure, Prediction, batch_answer, render
 
 SKIP = ("/metrics", "/livez", "/readyz", "/healthz", "/models")
-QUIET = ("/metrics", "/livez", "/readyz", "/healthz")  # logged at DEBUG only
+QUIET = ("/metrics", "/livez", "/readyz", "/healthz", "/v2/health")  # logged at DEBUG only
 access_log = logging.getLogger("lab.access")
 _ids = random.Random()  # request ids name log lines, they guard nothing: no need for the OS's randomness
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -73,15 +78,20 @@ class FrontDoor:
         scope.setdefault("state", {})["request_id"] = rid
         t0 = time.perf_counter()
         out = _Outgoing(send, rid, self.retry_after, jsonify=not scope["path"].startswith("/metrics"))
+        path = scope["path"]
+        protocol = path == "/v2" or path.startswith("/v2/")  # the Open Inference Protocol (serving/v2.py)
+        route = v2.route(path) if protocol else None
         try:
-            await self._route(scope, receive, out)
+            await self._route(scope, receive, out, protocol, route)
         finally:
             seconds = time.perf_counter() - t0
             self._log(scope, rid, out.status, seconds * 1000)
-            if scope["path"] in ROUTES:  # BentoML's middlewares, behind this one, time the other routes
-                observe_request(scope["path"], out.status, seconds)
+            # BentoML's middlewares, behind this one, time the other routes; a label is never the client's path
+            label = path if path in ROUTES else route.label if route is not None else None
+            if label is not None:
+                observe_request(label, out.status, seconds)
 
-    async def _route(self, scope, receive, send):
+    async def _route(self, scope, receive, send, protocol: bool = False, route: "v2.Route | None" = None):
         path, method = scope["path"], scope["method"]
         if path == "/readyz" and method in ("GET", "HEAD"):
             cat = C.CURRENT
@@ -96,6 +106,10 @@ class FrontDoor:
 
             return await respond_json(send, 200, document())
         kind = ROUTES.get(path)
+        if protocol:
+            if route is None or route.endpoint != "infer":
+                return await self._describe(route, scope, send)
+            kind = "v2"
         if kind is None:
             return await self.app(scope, receive, send)
         if method != "POST":
@@ -117,7 +131,10 @@ class FrontDoor:
             # the whole request within LAB_TIMEOUT (one timer, no task of its own); an image still in
             # the queue then is dropped with its cancelled future, one being run is let finish
             async with asyncio.timeout(self.settings.timeout):
-                await self._classify(kind, scope, receive, send, held)
+                if kind == "v2":
+                    await self._infer_v2(route, scope, receive, send, held)
+                else:
+                    await self._classify(kind, scope, receive, send, held)
         except TimeoutError:
             count_error(504, _query_backend(scope))
             if not send.status:
@@ -135,41 +152,19 @@ class FrontDoor:
     async def _classify(self, kind: str, scope, receive, send, held: Reservation) -> None:
         try:
             items = await parse(scope, receive, kind, held)
-        except RequestError as e:
-            count_error(e.status, _query_backend(scope))
-            return await respond(send, e.status, e.message, close=e.status in (408, 413))
-        except Overloaded as e:
-            count_error(503, _query_backend(scope), kind="memory" if "budget" in str(e) else "overloaded")
-            return await respond(send, 503, f"overloaded: {e}; retry after {self.retry_after} s", close=True)
-        except ClientDisconnect:
-            # Nobody to answer, but the access log and the metrics get the request's end: 499, nginx's
-            # "client closed request" (uvicorn drops what is sent on a closed connection).
-            return await respond(send, 499, "the client closed the connection before the whole request "
-                                            "was read", close=True)
+        except (RequestError, Overloaded, ClientDisconnect) as e:
+            return await self._refuse(e, scope, send)
         good = [it for it in items if it.error is None]
         answers = []
         if good:
-            batcher, alone = batching.CURRENT, False
-            if self.inflight == 1 and batcher.inline_max_s > 0:
-                # Two turns of the loop first: requests it has read meanwhile start (and count in
-                # inflight), so only a request with none beside it runs on the loop (serving/batching.py).
-                await asyncio.sleep(0)
-                await asyncio.sleep(0)
-                alone = self.inflight == 1
             try:
-                futures = batcher.submit(good[0].model, good[0].backend,
-                                         [(it.x, it.top_k, it.preprocess_ms) for it in good], alone=alone)
+                futures = await self._submit(good[0].model, good[0].backend,
+                                             [(it.x, it.top_k, it.preprocess_ms) for it in good])
             except QueueFull as e:
-                count_error(503, good[0].backend, kind="queue_full")
-                return await respond(send, 503, f"overloaded: {e}; retry after {self.retry_after} s")
+                return await self._refuse(e, scope, send, good[0].backend)
             for it in good:
                 it.x = None  # the queue holds the image now
-            try:
-                # one image: its own future (a gather costs a future and a turn of the loop more)
-                answers = [await futures[0]] if len(futures) == 1 else await asyncio.gather(*futures)
-            finally:
-                for f in futures:
-                    f.cancel()  # the request has gone (a timeout): its images are not run
+            answers = await _answers(futures)
         it = iter(answers)
         results = [next(it) if item.error is None else Failure(*item.error) for item in items]
         _count_results(items, results)
@@ -181,6 +176,75 @@ class FrontDoor:
             return await respond_json(send, 200, render(result))
         status, answer = batch_answer(results, [item.filename for item in items])
         await respond_json(send, status, render(answer))
+
+    async def _infer_v2(self, route: "v2.Route", scope, receive, send, held: Reservation) -> None:
+        """POST .../infer of the Open Inference Protocol: parsed into model inputs (serving/v2.py), queued
+        with /classify's images, answered from each image's logits and probabilities."""
+        try:
+            request = await v2.parse(route, scope, receive, held)
+        except (RequestError, Overloaded, ClientDisconnect) as e:
+            return await self._refuse(e, scope, send)
+        try:
+            futures = await self._submit(request.model, request.backend,
+                                         [(x, ROWS, ms) for x, ms in request.images])
+        except QueueFull as e:
+            return await self._refuse(e, scope, send, request.backend)
+        request.images = None  # the queue holds them now
+        results = await _answers(futures)
+        failed = next((r for r in results if isinstance(r, Failure)), None)
+        for r in results:
+            _count(request.model.name, request.backend, r.status if isinstance(r, Failure) else 200)
+        if failed is not None:  # an image shed past LAB_MAX_LATENCY_MS (503), a failed inference (500)
+            return await respond(send, failed.status, failed.error)
+        body, headers = v2.answer(request, results)
+        await respond_bytes(send, 200, body, headers)
+
+    async def _describe(self, route: "v2.Route | None", scope, send) -> None:
+        """The GET endpoints of the Open Inference Protocol: metadata, health, readiness, config."""
+        method = scope["method"]
+        if route is None:
+            return await respond(send, 404, f"{scope['path'][:200]} is not an endpoint of the Open Inference "
+                                            f"Protocol (see GET /v2)")
+        if method not in ("GET", "HEAD"):
+            return await respond(send, 405, f"{method} is not allowed on {route.label}: use GET",
+                                 allow=b"GET, HEAD")
+        try:
+            async with asyncio.timeout(self.settings.timeout):  # an older version loads the first time
+                answer = await v2.describe(route)
+        except RequestError as e:
+            return await respond(send, e.status, e.message)
+        except TimeoutError:
+            return await respond(send, 504, f"not able to answer in {self.settings.timeout} seconds")
+        await respond_json(send, 200, json.dumps(answer))
+
+    async def _submit(self, model, backend: str, images: list[tuple]) -> list[asyncio.Future]:
+        """Put a request's images in the batching queue of (model, backend): one future each. Raises
+        QueueFull. A request alone in the worker may run its batch right here (serving/batching.py)."""
+        batcher, alone = batching.CURRENT, False
+        if self.inflight == 1 and batcher.inline_max_s > 0:
+            # Two turns of the loop first: requests it has read meanwhile start (and count in
+            # inflight), so only a request with none beside it runs on the loop (serving/batching.py).
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            alone = self.inflight == 1
+        return batcher.submit(model, backend, images, alone=alone)
+
+    async def _refuse(self, e: Exception, scope, send, backend: str | None = None) -> None:
+        """The answer to a request that could not be parsed or queued, counted in lab_errors_total."""
+        backend = backend or _query_backend(scope)
+        if isinstance(e, RequestError):
+            count_error(e.status, backend)
+            return await respond(send, e.status, e.message, close=e.status in (408, 413))
+        if isinstance(e, QueueFull):
+            count_error(503, backend, kind="queue_full")
+            return await respond(send, 503, f"overloaded: {e}; retry after {self.retry_after} s")
+        if isinstance(e, Overloaded):
+            count_error(503, backend, kind="memory" if "budget" in str(e) else "overloaded")
+            return await respond(send, 503, f"overloaded: {e}; retry after {self.retry_after} s", close=True)
+        # ClientDisconnect: nobody to answer, but the access log and the metrics get the request's end:
+        # 499, nginx's "client closed request" (uvicorn drops what is sent on a closed connection).
+        return await respond(send, 499, "the client closed the connection before the whole request was read",
+                             close=True)
 
     def _log(self, scope, rid: str, status: int, ms: float) -> None:
         path = scope["path"]
@@ -201,21 +265,36 @@ def _query_backend(scope) -> str | None:
     return values[0] if values else "onnx"
 
 
+async def _answers(futures: list[asyncio.Future]) -> list:
+    """Each image's answer from the batching queue (a Prediction, Scores or Failure), in order."""
+    try:
+        # one image: its own future (a gather costs a future and a turn of the loop more)
+        return [await futures[0]] if len(futures) == 1 else await asyncio.gather(*futures)
+    finally:
+        for f in futures:
+            f.cancel()  # the request has gone (a timeout): its images are not run
+
+
 def _count_results(items, results) -> None:
+    for item, r in zip(items, results):
+        _count(item.model.name if item.model is not None else "", item.backend or "",
+               200 if isinstance(r, Prediction) else r.status)
+
+
+def _count(model: str, backend: str, status: int) -> None:
+    """One image answered, in lab_requests_total."""
     from serving.metrics import metrics
 
     m = metrics()
     if m is None:
         return
-    for item, r in zip(items, results):
-        key = (item.model.name if item.model is not None else "", item.backend or "",
-               200 if isinstance(r, Prediction) else r.status)
-        counter = _request_counters.get(key)
-        if counter is None:
-            counter = _request_counters[key] = m.requests.labels(key[0], key[1], str(key[2]))
-        counter.inc()
-        if key[2] != 200:  # a 503 here is an image that waited past LAB_MAX_LATENCY_MS: shed
-            count_error(key[2], key[1], kind="shed" if key[2] == 503 else None)
+    key = (model, backend, status)
+    counter = _request_counters.get(key)
+    if counter is None:
+        counter = _request_counters[key] = m.requests.labels(key[0], key[1], str(key[2]))
+    counter.inc()
+    if status != 200:  # a 503 here is an image that waited past LAB_MAX_LATENCY_MS: shed
+        count_error(status, backend, kind="shed" if status == 503 else None)
 
 
 _request_counters: dict[tuple, object] = {}  # (model, backend, status) -> its child of lab_requests_total
@@ -238,8 +317,14 @@ async def respond_json(send: "_Outgoing", status: int, body: bytes | str, close:
                        allow: bytes = b"") -> None:
     """A whole JSON response of the front door's own, with its X-Request-ID (and Retry-After on a 503)."""
     body = body.encode() if isinstance(body, str) else body
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"x-request-id", send.rid)]
+    await respond_bytes(send, status, body, [(b"content-type", b"application/json")], close, allow)
+
+
+async def respond_bytes(send: "_Outgoing", status: int, body: bytes, headers: list[tuple[bytes, bytes]],
+                        close: bool = False, allow: bytes = b"") -> None:
+    """A whole response of the front door's own: `headers` (its content-type among them), and its
+    length, X-Request-ID (and Retry-After on a 503)."""
+    headers = [*headers, (b"content-length", str(len(body)).encode()), (b"x-request-id", send.rid)]
     if status == 503:
         headers.append((b"retry-after", str(send.retry_after).encode()))
     if allow:
