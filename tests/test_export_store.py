@@ -130,3 +130,41 @@ from lab.store import clean_staging; print(clean_staging())
 """
     out = subprocess.run([sys.executable, "-c", code], env=lab_env, capture_output=True, text=True, check=True)
     assert int(out.stdout.strip()) >= 1
+
+
+def test_clean_staging_removes_only_the_folders_of_publishes_that_are_gone(tmp_path, monkeypatch):
+    """Several processes (here and on other machines sharing the store) publish at once: a folder whose
+    publish still runs is never removed, only a dead process's on this machine, or one untouched for a day."""
+    import os
+    import time
+
+    from lab.paths import process_tag
+    from lab.store import clean_staging, staging_dir
+
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    root = staging_dir()
+    root.mkdir(parents=True)
+    host = process_tag().rpartition("-")[0]
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        for name in (f"{host}-{live.pid}-aaaa", f"{host}-{dead}-bbbb", f"{host}-{os.getpid()}-cccc",
+                     "elsewhere-123-dddd", "elsewhere-124-eeee", "0123abcd"):
+            (root / name).mkdir()
+        day_old = time.time() - 25 * 3600
+        os.utime(root / "elsewhere-124-eeee", (day_old, day_old))
+        assert clean_staging() == 2
+        assert sorted(p.name for p in root.iterdir()) == sorted(
+            [f"{host}-{live.pid}-aaaa", f"{host}-{os.getpid()}-cccc", "elsewhere-123-dddd", "0123abcd"])
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_two_run_folders_made_in_the_same_second_are_two_folders(tmp_path):
+    from lab.paths import new_run_dir, process_tag
+
+    a, b = new_run_dir(tmp_path, "m-smoke"), new_run_dir(tmp_path, "m-smoke")
+    assert a != b and a.is_dir() and b.is_dir()
+    assert process_tag() in a.name and a.name.endswith("-m-smoke") and b.name.endswith("-m-smoke")

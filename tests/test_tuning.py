@@ -353,3 +353,128 @@ def test_the_best_trial_and_the_baseline_are_compared_on_the_test_set_with_the_e
     # the grid resumes: a second evaluation trains nothing
     evaluate_best_and_baseline(ctx, space, study, baseline, epoch_range, "cmp-evaluation")
     assert len(fake_training) == trials_calls + len(cells)
+
+
+# ---------------------------------------------------------------- who publishes: one process, claimed in the storage
+
+
+def test_a_claim_has_one_holder_until_it_is_done_released_or_its_holder_is_gone(tmp_path, monkeypatch):
+    import socket
+
+    from training.studies import claim as C
+    from training.studies.runner import StudyError
+
+    url = f"sqlite:///{tmp_path / 'claims.db'}"
+    a = C.take(url, "k")
+    assert a.mine and a.holder == C.me() and a.state == "running"
+    b = C.take(url, "k", holder="elsewhere:1")
+    assert not b.mine and b.holder == C.me() and b.state == "running"
+    a.finish({"tag": "m:v1"})
+    done = C.take(url, "k", holder="elsewhere:1")
+    assert not done.mine and done.state == "done" and done.result == {"tag": "m:v1"} and done.holder == C.me()
+    # a holder that died on this machine: the next process takes its claim over at once
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    C.take(url, "k2", holder=f"{socket.gethostname()}:{dead}")
+    taken = C.take(url, "k2")
+    assert taken.mine and taken.taken_over == f"{socket.gethostname()}:{dead}"
+    # one on another machine: only once it has been silent for GRACE_S (the database's clock)
+    C.take(url, "k3", holder="elsewhere:1")
+    assert not C.take(url, "k3").mine
+    monkeypatch.setattr(C, "GRACE_S", 0)
+    time.sleep(1.1)  # SQLite's CURRENT_TIMESTAMP counts whole seconds
+    mine = C.take(url, "k3")
+    assert mine.mine and mine.taken_over == "elsewhere:1"
+    with pytest.raises(StudyError, match="no longer this process's"):  # the old holder may not publish now
+        C.Claim(url, "k3", "elsewhere:1", True, "running").check()
+    mine.check()
+    # a holder that fails releases its claim: the next process takes it
+    with pytest.raises(RuntimeError):
+        with mine.held():
+            raise RuntimeError("the publish failed")
+    assert C.take(url, "k3", holder="elsewhere:2").mine
+
+
+CLAIM_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    from training.studies.claim import take
+    ready = Path(sys.argv[2])
+    (ready / str(os.getpid())).touch()
+    while len(list(ready.iterdir())) < int(sys.argv[3]):  # start together
+        time.sleep(0.01)
+    c = take(sys.argv[1], "the-key")
+    print(c.mine, c.holder)
+""")
+
+
+def test_processes_that_claim_at_once_on_a_fresh_postgresql_database_get_one_holder(fresh_postgres_url, tmp_path,
+                                                                                    lab_env):
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIM_SCRIPT, fresh_postgres_url, str(ready), "4"], env=lab_env,
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    answers = []
+    for p in procs:  # the table does not exist yet either: they race to create it too
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+        answers.append(out.split())
+    assert sum(mine == "True" for mine, _ in answers) == 1, answers
+    assert len({holder for _, holder in answers}) == 1, answers
+
+
+def test_two_workers_started_at_once_on_a_fresh_postgresql_database_publish_the_best_trial_once(
+        tune_data, lab_env, fresh_postgres_url, tmp_path):
+    """The issue's two workers at once: both exit 0, exactly one publishes (the other names it), from a run
+    folder of its own, and the store holds one new version whose files match its card."""
+    import re
+    import socket
+
+    import sqlalchemy as sa
+
+    from lab.card import read_card, verify_files
+
+    name = f"twice-{time.time_ns()}"
+    args = [sys.executable, str(REPO / "training" / "tune.py"), "--no-progress", "--preset", "smoke", "--data-root",
+            str(tune_data), "--storage", fresh_postgres_url, "--study-name", name, "--n-trials", "4"]
+    procs = [subprocess.Popen(args, env=lab_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:] + err[-3000:]
+    pids = {f"{socket.gethostname()}:{p.pid}": out for p, (out, _) in zip(procs, outs)}
+    named = {}
+    for me, out in pids.items():  # each worker's output names the publisher
+        m = re.search(r"^study complete: (\S+) (\(this process\) )?publishes the best trial", out, re.M)
+        assert m, out[-3000:]
+        named[me] = m.group(1)
+        assert bool(m.group(2)) == (m.group(1) == me), m.group(0)
+    publisher = next(iter(named.values()))
+    assert set(named.values()) == {publisher} and publisher in pids, named
+    other = next(me for me in pids if me != publisher)
+    assert f"this process ({other}) stops here" in pids[other] and "publishing " not in pids[other]
+    assert len(re.findall(r"^  published cifar10-tuned-cnn-smoke:\S+: served accuracy", pids[publisher], re.M)) == 1
+    # the store: exactly one version, its files the card's
+    versions = [d for d in (Path(lab_env["BENTOML_HOME"]) / "models" / "cifar10-tuned-cnn-smoke").iterdir()
+                if d.is_dir()]
+    assert len(versions) == 1, versions
+    card = read_card(versions[0])
+    verify_files(versions[0], card)
+    assert {p.name for p in versions[0].iterdir()} == set(card.files) | {"card.json", "model.yaml"}
+    assert f"published cifar10-tuned-cnn-smoke:{versions[0].name}" in pids[publisher]
+    # one run folder, the publisher's own
+    folders = list((tmp_path / "runs" / "tuning" / name / "published").iterdir())
+    assert len(folders) == 1 and f"-{publisher.rsplit(':', 1)[1]}-cifar10-tuned-cnn-smoke" in folders[0].name, folders
+    engine = sa.create_engine(fresh_postgres_url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT holder, state, result FROM lab_claims")).all()
+    engine.dispose()
+    assert [(r.holder, r.state, json.loads(r.result)["tag"]) for r in rows] == \
+        [(publisher, "done", f"cifar10-tuned-cnn-smoke:{versions[0].name}")]
+    # a rerun finds the study published: it says by whom and publishes nothing
+    again = tune(["--preset", "smoke", "--data-root", str(tune_data), "--storage", fresh_postgres_url,
+                  "--study-name", name, "--n-trials", "4"], lab_env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"study complete: {publisher} published the best trial as cifar10-tuned-cnn-smoke:{versions[0].name}" \
+        in again.stdout
+    assert len([d for d in versions[0].parent.iterdir() if d.is_dir()]) == 1
