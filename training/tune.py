@@ -9,7 +9,9 @@ untuned baseline on the test set and published.
 
 Every worker started with the same --storage and --study-name joins the study; together they finish
 exactly --n-trials trials. Restarting after a kill continues to that count. The process that creates the
-study queues the untuned baseline as trial 0. See training/tuning.py.
+study queues the untuned baseline as trial 0. Once the study is complete, one process of all those on it
+claims (in the study's database) the comparison, the report and the published model; the others print
+which process publishes and exit 0. See training/tuning.py.
 """
 from __future__ import annotations
 

@@ -29,7 +29,10 @@ only while fewer than that many are finished, running or queued; a trial that lo
 failed as "surplus" before it trains). The process that creates the study queues the baseline as its
 first trial; the others load it. Each trial records its worker (host:pid). A killed worker's running
 trial stops sending heartbeats; after 30 s the next worker to look fails it and queues its parameters
-again, so a restart continues the study to its count.
+again, so a restart continues the study to its count. Once the study is complete, exactly one process
+(not --worker-only) does what follows it, the comparison, the report and the published model: the first to
+claim it in the study's own database (claim_after_study, training/studies/claim.py); the others name it and
+exit.
 """
 from __future__ import annotations
 
