@@ -8,7 +8,8 @@ It starts its own service on 127.0.0.1 (bench/server.py; LAB_WORKERS=1) against 
 $BENTOML_HOME, then runs each case: the thin PNGs that used to take gigabytes, the costliest images
 allowed by the pixel limit, bombs, truncated and corrupt files, malformed HTTP, huge and many headers,
 idle / slow-header / stalled-body connections by the hundred (while a good client, from another
-loopback address, measures what it gets), disconnects mid-upload, an overload burst, multipart abuse.
+loopback address, measures what it gets), disconnects mid-upload, an overload burst, multipart abuse,
+and malformed requests of the Open Inference Protocol (POST /v2/models/{model}/infer, serving/v2.py).
 Before each case the worker's peak-RSS counter is reset (/proc/<pid>/clear_refs), so `peak MiB` is
 that case's own peak. After each case a good request must still get 200 ("serves").
 
@@ -98,8 +99,8 @@ def open_files(procs) -> int:
 
 
 class Ctx:
-    def __init__(self, server: Server, flood: int, good: bytes):
-        self.server, self.flood, self.good = server, flood, good
+    def __init__(self, server: Server, flood: int, good: bytes, model: str = "cifar10-airbench"):
+        self.server, self.flood, self.good, self.model = server, flood, good, model
         self.host, self.port = "127.0.0.1", server.port
 
     def post(self, data: bytes, ctype: str = "image/png", path: str = "/classify", timeout: float = 120, **kw):
@@ -381,6 +382,28 @@ def overload(ctx: Ctx, clients: int = 600, addresses: int = 8):
             "good_statuses": [s for s, _ in results]}
 
 
+def _v2_case(head_fn, tail: bytes = b"", header_length=None, extra: bytes = b""):
+    """POST /v2/models/{model}/infer, raw, with no Content-Type (as tritonclient sends it): a JSON header
+    (bytes, or an object to dump), then `tail`; Inference-Header-Content-Length when there is a tail."""
+    def case(ctx: Ctx):
+        head = head_fn() if callable(head_fn) else head_fn
+        head = head if isinstance(head, bytes) else json.dumps(head).encode()
+        if tail or header_length is not None:
+            extra_ = extra + f"Inference-Header-Content-Length: {len(head) if header_length is None else header_length}\r\n".encode()
+        else:
+            extra_ = extra
+        body = head + tail
+        payload = (f"POST /v2/models/{ctx.model}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+                   .encode() + extra_ + b"\r\n" + body)
+        status, dt, detail = raw(ctx, payload)
+        return {"status": status, "seconds": dt, "detail": f"{len(body):,} bytes; {detail}"}
+    return case
+
+
+def _v2_image(size: int) -> dict:
+    return {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": size}}]}
+
+
 def build_cases(quick: bool) -> dict:
     big = 2_000_000 if quick else 40_000_000  # pixels of the "largest allowed" images
     side = int(big ** 0.5)
@@ -454,6 +477,21 @@ def build_cases(quick: bool) -> dict:
     c["multipart: truncated"] = ("multipart", lambda ctx: _multi_raw(
         ctx, multipart([("image", "a.png", ctx.good)])[0][:-30], multipart([])[1]))
     c["multipart: no boundary"] = ("multipart", lambda ctx: _multi_raw(ctx, b"xx", "multipart/form-data"))
+    # the Open Inference Protocol
+    c["v2: header not JSON"] = ("v2", _v2_case(b"{not json"))
+    c["v2: JSON nested 1,000,000 deep"] = ("v2", _v2_case(lambda: b"[" * 1_000_000 + b"]" * 1_000_000))
+    c["v2: 10 MB JSON of {} (parse cost past the budget)"] = ("v2", _v2_case(
+        lambda: b'{"inputs": [' + b",".join([b"{}"] * 3_400_000) + b"]}"))
+    c["v2: Inference-Header-Content-Length 10^30"] = ("v2", _v2_case(_v2_image(8), b"\0" * 8, 10 ** 30))
+    c["v2: Inference-Header-Content-Length -1"] = ("v2", _v2_case(_v2_image(8), b"\0" * 8, -1))
+    c["v2: binary_data_size 2^64"] = ("v2", _v2_case(_v2_image(2 ** 64), b"\0" * 8))
+    c["v2: BYTES element of 4 GB declared"] = ("v2", _v2_case(_v2_image(8), struct.pack("<I", 2 ** 32 - 1) + b"abcd"))
+    c["v2: shape of 10^12 images"] = ("v2", _v2_case({"inputs": [{"name": "pixels", "datatype": "UINT8",
+                                                                    "shape": [10 ** 12, 32, 32, 3], "data": [0]}]}))
+    c["v2: png bomb 40000x40000 as BYTES"] = ("v2", _v2_case(
+        lambda: _v2_image(4 + len(solid_png(40000, 40000, "L", 0))),
+        tail=(lambda b: struct.pack("<I", len(b)) + b)(solid_png(40000, 40000, "L", 0))))
+    c["v2: gzip Content-Encoding"] = ("v2", _v2_case({"inputs": []}, extra=b"Content-Encoding: gzip\r\n"))
     # connections
     c["idle connections"] = ("conn", lambda ctx: flood(ctx, b"", seconds=25))
     c["slow headers (1 byte/s)"] = ("conn", lambda ctx: flood(ctx, b"POST /classify HTTP/1.1\r\n", b"X", 1.0, 25))
@@ -514,7 +552,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="cifar10-airbench", help="model name served by default")
     ap.add_argument("--cases", default="all", help="comma-separated groups or names (thin, big, bomb, corrupt, "
-                                                   "http, multipart, conn) or 'all'")
+                                                   "http, multipart, v2, conn) or 'all'")
     ap.add_argument("--flood", type=int, default=520, help="connections per connection-flood case")
     ap.add_argument("--quick", action="store_true", help="2 MP instead of 40 MP for the largest images")
     ap.add_argument("--warmup", type=float, default=60, help="seconds of load at c=64 before the baseline")
@@ -560,7 +598,7 @@ def _run(server, chosen, args, out, extra) -> int:
         else:
             os.environ[k] = v
     good = encode(gradient(32, 32), "PNG")
-    ctx = Ctx(server, args.flood, good)
+    ctx = Ctx(server, args.flood, good, args.model)
     procs = workers(server)
     pids = [p.pid for p in procs]
     rest = rss(pids)
