@@ -310,11 +310,12 @@ def _object(value, what: str) -> dict:
 
 def _backend(cat: C.Catalog, model: C.ServedModel, params: dict, scope) -> str:
     """The backend the request names (request parameter, ?backend= or X-Lab-Backend; the same name
-    twice is fine, two names are not), else the model's default, exactly as /classify chooses it."""
+    twice is fine, two names are not; an empty one names none, as in /classify), else the model's
+    default, exactly as /classify chooses it."""
     named = {"the parameter backend": params.get("backend"),
              "?backend=": dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"))).get("backend"),
              "the X-Lab-Backend header": header(scope, BACKEND_HEADER)}
-    given = {k: v for k, v in named.items() if v is not None}
+    given = {k: v for k, v in named.items() if v is not None and v != ""}
     for where, value in given.items():
         if not isinstance(value, str) or not value:
             raise C.RequestError(400, f"{where} must be a backend's name, got {value!r}")

@@ -222,6 +222,8 @@ def test_every_backend_is_reachable(server, client, spec):
     same = client.infer(MODEL, [_input("image", images, spec, True)], parameters={"backend": backends[0]},
                         query_params={"backend": backends[0]})
     assert same.get_response()["parameters"]["backend"] == backends[0]
+    default = client.infer(MODEL, [_input("image", images, spec, True)], query_params={"backend": ""})
+    assert default.get_response()["parameters"]["backend"] == _classify(server, images[0])["backend"]
 
 
 def test_versions_are_the_stores(server, client, spec):
