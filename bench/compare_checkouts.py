@@ -28,19 +28,13 @@ import numpy as np
 from bench.loadgen import closed_loop, run
 from bench.samples import cifar_test_samples
 from bench.server import REPO, Server
-
-
-# Student's t, two-sided 95 %, by degrees of freedom (rounds - 1); 1.96 past the table
-T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18,
-        15: 2.13, 20: 2.09, 30: 2.04}
+from lab import student_t
 
 
 def interval(diffs: list[float]) -> tuple[float, float]:
     """95 % t-interval of the mean of paired differences (one per round)."""
     d = np.asarray(diffs, dtype=float)
-    df = len(d) - 1
-    t = T975[max(k for k in T975 if k <= df)] if df <= 30 else 1.96
-    half = t * d.std(ddof=1) / np.sqrt(len(d))
+    half = student_t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
     return float(d.mean() - half), float(d.mean() + half)
 
 

@@ -8,6 +8,7 @@ it imports none of them (tests/test_layout.py enforces the direction).
   lab.store       BentoML's model store: publish all-or-nothing, list and get lab models by tag
   lab.paths       where data, caches, runs and the store live
   lab.hardware    what this machine can do (native bf16, cores)
+  lab.student_t   Student's t distribution (intervals from a few seeds or rounds; no SciPy)
 
 Nothing here imports torch at module level: the ONNX serving path runs without torch installed.
 """
