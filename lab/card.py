@@ -69,6 +69,9 @@ class Card:
     run_dir: str = ""
     flops_per_image_with_tta: int = 0
     golden: dict[str, Any] | None = None     # golden answers (lab/golden.py): reference, per-backend tolerance
+    imported: dict[str, Any] | None = None   # a graph made elsewhere (training/import_onnx.py): its source, sha256,
+                                             # what was declared for it and what was changed to serve it
+    max_batch: int = 0                       # images per call its graphs take at most (0: any number)
     schema: int = CARD_SCHEMA
 
     @property
@@ -144,7 +147,8 @@ class Card:
             parameters=d["parameters"], flops_per_image=d["flops_per_image"], parity=dict(d.get("parity") or {}),
             versions=dict(d.get("versions") or {}), created=str(d.get("created", "")), files=files,
             int8=d.get("int8"), rungs=rungs, best_rung=best, run_dir=str(d.get("run_dir", "")),
-            flops_per_image_with_tta=int(d.get("flops_per_image_with_tta", 0)), golden=golden)
+            flops_per_image_with_tta=int(d.get("flops_per_image_with_tta", 0)), golden=golden,
+            imported=d.get("imported"), max_batch=_max_batch(d.get("max_batch", 0)))
 
     def public_dict(self) -> dict:
         """The card without this machine's paths (what GET /models/ shows)."""
@@ -169,6 +173,12 @@ def _check_golden(golden: Any, files: dict | None) -> None:
     missing = [f for f in (GOLDEN_IMAGES_FILE, GOLDEN_OUTPUTS_FILE) if files is not None and f not in files]
     if missing:
         raise CardError(f"the card has golden answers but no sha256 for {', '.join(missing)}")
+
+
+def _max_batch(v: Any) -> int:
+    if not isinstance(v, int) or v < 0:
+        raise CardError(f"max_batch must be a non-negative integer, got {v!r}")
+    return v
 
 
 def _str(v: Any, what: str) -> str:

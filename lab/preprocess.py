@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 RESIZE_RULES = ("shorter_side_center_crop", "stretch")
 _INTERPOLATION = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
                   "nearest": Image.Resampling.NEAREST}
+MAX_SIDE = 2048                  # largest model input side and resize a card may declare
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: a 4000x3000 photo is 12 MP; a 40000x40000 "bomb" is 1600 MP
 # Only these decoders see request bytes (Pillow knows many more, EPS via Ghostscript among them).
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")  # JPEG includes MPO (camera) files
@@ -40,39 +41,74 @@ class ImageError(ValueError):
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How an image becomes a tensor for one model; stored in its card."""
+    """How an image becomes a tensor for one model; stored in its card.
+
+    The pixels: decoded, converted to the model's channels, resized by the resize rule (for
+    shorter_side_center_crop: the shorter side to `resize_size`, the model's own size when 0, then the
+    central crop of `size`). The tensor: float32 x = (pixel - mean) / std, where pixel is 0..1
+    (input_range "0-1", the default; pixel/255) or 0..255 ("0-255") and mean/std are in the same
+    units, channels in `channel_order`, laid out as `layout` (a batch: N first)."""
 
     size: tuple[int, int]                     # (height, width) the model expects
     channels: int                             # 3 = RGB, 1 = grayscale (L)
-    mean: tuple[float, ...]                   # per channel, on the 0..1 scale
+    mean: tuple[float, ...]                   # per channel in channel_order, in the input range's units
     std: tuple[float, ...]
     resize: str = "shorter_side_center_crop"  # or "stretch"
     interpolation: str = "bilinear"
-    layout: str = field(default="NCHW", init=False)
+    layout: str = "NCHW"                      # or "NHWC"
     dtype: str = field(default="float32", init=False)
+    resize_size: int = 0                      # shorter side before the central crop (0: the crop's own size)
+    channel_order: str = "RGB"                # or "BGR" (3 channels); "L" for 1
+    input_range: str = "0-1"                  # or "0-255"
 
     def __post_init__(self):
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if len(self.size) != 2 or not all(isinstance(v, int) and 1 <= v <= MAX_SIDE for v in self.size):
+            raise ValueError(f"size must be (height, width), each 1..{MAX_SIDE}, got {self.size}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError("mean and std need one value per channel")
+        if not all(v > 0 for v in self.std):
+            raise ValueError(f"std must be positive, got {self.std}")
         if self.resize not in RESIZE_RULES:
             raise ValueError(f"unknown resize rule {self.resize!r}; valid: {', '.join(RESIZE_RULES)}")
         if self.interpolation not in _INTERPOLATION:
             raise ValueError(f"unknown interpolation {self.interpolation!r}")
+        if self.layout not in ("NCHW", "NHWC"):
+            raise ValueError(f"layout must be NCHW or NHWC, got {self.layout!r}")
+        if self.input_range not in ("0-1", "0-255"):
+            raise ValueError(f"input_range must be 0-1 or 0-255, got {self.input_range!r}")
+        orders = ("RGB", "BGR") if self.channels == 3 else ("L",)
+        if self.channel_order not in orders:
+            raise ValueError(f"channel_order must be one of {', '.join(orders)} for {self.channels} channel(s), "
+                             f"got {self.channel_order!r}")
+        if self.resize_size and not (max(self.size) <= self.resize_size <= MAX_SIDE):
+            raise ValueError(f"the crop {self.size[0]}x{self.size[1]} is larger than the resize to "
+                             f"{self.resize_size} (resize_size must be at least the crop and at most {MAX_SIDE})")
+        if self.resize_size and self.resize != "shorter_side_center_crop":
+            raise ValueError("resize_size applies to the shorter_side_center_crop rule only")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """One image's tensor shape, without the batch axis: (C, H, W) or (H, W, C)."""
+        h, w = self.size
+        return (self.channels, h, w) if self.layout == "NCHW" else (h, w, self.channels)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["size"], d["mean"], d["std"] = list(self.size), list(self.mean), list(self.std)
-        d["channel_order"] = "RGB" if self.channels == 3 else "L"
-        d["scale"] = "pixel / 255, then (x - mean) / std"
+        d["scale"] = f"pixel{' / 255' if self.input_range == '0-1' else ''}, then (x - mean) / std"
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
-        return cls(size=tuple(d["size"]), channels=int(d["channels"]), mean=tuple(d["mean"]),
+        channels = int(d["channels"])
+        return cls(size=tuple(int(v) for v in d["size"]), channels=channels, mean=tuple(d["mean"]),
                    std=tuple(d["std"]), resize=d.get("resize", "shorter_side_center_crop"),
-                   interpolation=d.get("interpolation", "bilinear"))
+                   interpolation=d.get("interpolation", "bilinear"), layout=d.get("layout", "NCHW"),
+                   resize_size=int(d.get("resize_size") or 0),
+                   channel_order=d.get("channel_order", "RGB" if channels == 3 else "L"),
+                   input_range=d.get("input_range", "0-1"))
 
 
 # ---------------------------------------------------------------- decoding
@@ -169,7 +205,8 @@ def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInf
 
 def intermediate_limit(spec: "Preprocessing") -> int:
     h, w = spec.size
-    return max(INTERMEDIATE_PIXELS, 64 * h * w)
+    side = max(spec.resize_size, h, w)
+    return max(INTERMEDIATE_PIXELS, 64 * side * side)
 
 
 def decode_estimate(info: ImageInfo, spec: "Preprocessing") -> int:
@@ -299,12 +336,15 @@ def resize(img: Image.Image, spec: Preprocessing) -> Image.Image:
     that stays within intermediate_limit(spec); else (a thin image) only the source region that the
     crop keeps is resampled, straight to the target size (the same geometry and filter)."""
     h, w = spec.size
-    if img.size == (w, h):
+    if img.size == (w, h) and not spec.resize_size:
         return img
     resample = _INTERPOLATION[spec.interpolation]
     if spec.resize == "stretch":  # reducing_gap: reduced by an integer factor before any enlargement
         return img.resize((w, h), resample, reducing_gap=3.0)
-    scale = max(w / img.width, h / img.height)
+    if spec.resize_size:
+        scale = spec.resize_size / min(img.width, img.height)
+    else:
+        scale = max(w / img.width, h / img.height)
     new = (max(w, round(img.width * scale)), max(h, round(img.height * scale)))
     left, top = (new[0] - w) // 2, (new[1] - h) // 2
     if new[0] * new[1] <= intermediate_limit(spec):
@@ -322,13 +362,17 @@ def to_uint8(img: Image.Image, spec: Preprocessing) -> np.ndarray:
 
 
 def normalize(images: np.ndarray, spec: Preprocessing) -> np.ndarray:
-    """uint8 (N, H, W, C) or (H, W, C) -> float32 (N, C, H, W) or (C, H, W), normalised."""
+    """uint8 (N, H, W, C) or (H, W, C), channels RGB (or L) -> float32 in the model's layout (NCHW: (N, C, H, W)
+    or (C, H, W); NHWC: as given), normalised, in the model's channel order."""
     if images.dtype != np.uint8:
         raise TypeError(f"expected uint8 pixels, got {images.dtype}")
-    mean = np.asarray(spec.mean, dtype=np.float32) * 255.0
-    inv_std = 1.0 / (np.asarray(spec.std, dtype=np.float32) * 255.0)
+    unit = 255.0 if spec.input_range == "0-1" else 1.0
+    mean = np.asarray(spec.mean, dtype=np.float32) * unit
+    inv_std = 1.0 / (np.asarray(spec.std, dtype=np.float32) * unit)
+    if spec.channel_order == "BGR":  # mean and std are given in the model's channel order
+        images = images[..., ::-1]
     x = (images.astype(np.float32) - mean) * inv_std
-    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+    return np.ascontiguousarray(x if spec.layout == "NHWC" else np.moveaxis(x, -1, -3))
 
 
 def decode_uint8(data: bytes, spec: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

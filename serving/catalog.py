@@ -356,7 +356,7 @@ def _collect_replaced() -> None:
 def smoke_test(backend, card: Card) -> None:
     """A backend must turn a small batch (zeros, and noise) into finite logits of the right shape."""
     spec = card.preprocessing
-    x = np.zeros((2, spec.channels, *spec.size), np.float32)
+    x = np.zeros((2, *spec.input_shape), np.float32)
     x[1] = np.random.default_rng(0).standard_normal(x.shape[1:]).astype(np.float32)
     out = np.asarray(backend.predict(x))
     if out.shape != (2, len(card.classes)):
@@ -385,7 +385,7 @@ def choose_default(served: ServedModel, proven: list[str], golden, max_batch: in
     if golden is not None:
         x = normalize(np.resize(golden[0], (n, *golden[0].shape[1:])), spec)
     else:
-        x = np.zeros((n, spec.channels, *spec.size), np.float32)
+        x = np.zeros((n, *spec.input_shape), np.float32)
     seconds: dict[str, list[float]] = {b: [] for b in proven}
     t_all = time.perf_counter()
     for b in proven:
@@ -410,7 +410,7 @@ def warm_up(backend, card: Card, max_batch: int) -> None:
     first time it sees it: no request pays for that."""
     spec = card.preprocessing
     for n in range(1, max_batch + 1):
-        backend.predict(np.zeros((n, spec.channels, *spec.size), np.float32))
+        backend.predict(np.zeros((n, *spec.input_shape), np.float32))
 
 
 def store_signature() -> tuple:

@@ -15,7 +15,8 @@ HTTP), and gets the model's default backend when it names none, exactly as /clas
 A request sends exactly one of the model's three inputs, each read through the model's card:
   image       BYTES [N] or [N, 1]    encoded image files, decoded as /classify decodes them
   pixels      UINT8 [N, H, W, C]     pixels at the model's size, normalised by the card
-  normalized  FP32  [N, C, H, W]     the model's input itself, as the card's preprocessing makes it
+  normalized  FP32  [N, C, H, W]     the model's input itself, as the card's preprocessing makes it ([N, H, W, C]
+                                    for a model whose card says layout NHWC)
 and gets `probabilities` (FP32 [N, K], softmax of the logits as /classify computes it) unless it asks
 for outputs by name: `probabilities`, `logits`, either with `"parameters": {"classification": k}`
 (BYTES [N, k], "score:index:label", best first). Tensors travel as JSON (`data`; BYTES elements
@@ -155,7 +156,7 @@ def _dims(model: C.ServedModel) -> dict[str, list[int]]:
     spec = model.spec
     h, w = spec.size
     k = len(model.classes)
-    return {"image": [1], "pixels": [h, w, spec.channels], "normalized": [spec.channels, h, w],
+    return {"image": [1], "pixels": [h, w, spec.channels], "normalized": list(spec.input_shape),
             "probabilities": [k], "logits": [k]}
 
 
@@ -176,7 +177,7 @@ def config(cat: C.Catalog, model: C.ServedModel) -> dict:
     since a request sends exactly one of them."""
     dims = _dims(model)
     default = model.default_backend(cat.settings.default_backend)
-    formats = {"image": "FORMAT_NONE", "pixels": "FORMAT_NHWC", "normalized": "FORMAT_NCHW"}
+    formats = {"image": "FORMAT_NONE", "pixels": "FORMAT_NHWC", "normalized": f"FORMAT_{model.spec.layout}"}
     return {"name": model.name, "platform": _platform(default), "backend": default,
             "version_policy": {"latest": {"num_versions": 1}},
             "max_batch_size": cat.settings.max_batch_images,

@@ -108,7 +108,30 @@ def load_backend(name: str, model_dir: Path | str, card: "Card", threads: int | 
         raise BackendUnavailable(f"the model has no {cls.file}")
     cls.check_available()
     verify_files(model_dir, card, only=[cls.file])
-    return cls(inside(model_dir, cls.file), card, threads=threads)
+    return within_max_batch(cls(inside(model_dir, cls.file), card, threads=threads), card)
+
+
+class ChunkedBackend:
+    """A backend whose graph takes at most `max_batch` images a call (an imported graph whose batch axis
+    could not be made free): a larger batch runs as several calls, so the service batches it as any other."""
+
+    def __init__(self, backend: Backend, max_batch: int):
+        self.backend, self.max_batch = backend, max_batch
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        if len(batch) <= self.max_batch:
+            return self.backend.predict(batch)
+        return np.concatenate([self.backend.predict(batch[i:i + self.max_batch])
+                               for i in range(0, len(batch), self.max_batch)])
+
+
+def within_max_batch(backend: Backend, card) -> Backend:
+    """The backend as is, or chunked when the card says its graph takes at most max_batch images."""
+    limit = getattr(card, "max_batch", 0) or 0
+    return ChunkedBackend(backend, limit) if limit else backend
 
 
 def load_plugins() -> None:
