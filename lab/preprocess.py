@@ -58,7 +58,7 @@ class Preprocessing:
     layout: str = "NCHW"                      # or "NHWC"
     dtype: str = field(default="float32", init=False)
     resize_size: int = 0                      # shorter side before the central crop (0: the crop's own size)
-    channel_order: str = "RGB"                # or "BGR" (3 channels); "L" for 1
+    channel_order: str = ""                   # RGB (the default for 3 channels) or BGR; L for 1 channel
     input_range: str = "0-1"                  # or "0-255"
 
     def __post_init__(self):
@@ -79,6 +79,8 @@ class Preprocessing:
         if self.input_range not in ("0-1", "0-255"):
             raise ValueError(f"input_range must be 0-1 or 0-255, got {self.input_range!r}")
         orders = ("RGB", "BGR") if self.channels == 3 else ("L",)
+        if not self.channel_order:
+            object.__setattr__(self, "channel_order", orders[0])
         if self.channel_order not in orders:
             raise ValueError(f"channel_order must be one of {', '.join(orders)} for {self.channels} channel(s), "
                              f"got {self.channel_order!r}")
@@ -107,7 +109,7 @@ class Preprocessing:
                    std=tuple(d["std"]), resize=d.get("resize", "shorter_side_center_crop"),
                    interpolation=d.get("interpolation", "bilinear"), layout=d.get("layout", "NCHW"),
                    resize_size=int(d.get("resize_size") or 0),
-                   channel_order=d.get("channel_order", "RGB" if channels == 3 else "L"),
+                   channel_order=d.get("channel_order", ""),
                    input_range=d.get("input_range", "0-1"))
 
 

@@ -178,7 +178,7 @@ def foreign(tmp_path_factory):
 
     tv = root / "mobilenet.onnx"
     torch.onnx.export(Caffe(net), (torch.zeros(1, 64, 64, 3),), str(tv), dynamo=False, opset_version=17,
-                      input_names=["images"], output_names=["scores"])
+                      input_names=["images"], output_names=["logits"])  # the name the import gives its own output
     classes = root / "cifar.txt"
     classes.write_text("\n".join(f"c{i}" for i in range(10)))
     folder = root / "images"

@@ -178,7 +178,7 @@ def external_files(model) -> dict[str, int]:
 
 
 def servable_graph(model, outputs_kind: str, fixed_batch: bool):
-    """The graph as the service runs it: one output named `logits` [N, K] (flattened; log of probabilities),
+    """The graph as the service runs it: one output `logits` [N, K] (flattened; log of probabilities),
     the batch axis free unless fixed_batch. Returns (model, [what was changed])."""
     import onnx
     from onnx import helper, numpy_helper
@@ -198,11 +198,13 @@ def servable_graph(model, outputs_kind: str, fixed_batch: bool):
         g.node.append(helper.make_node("Log", [name + "_floor"], [name + "_log"]))
         name += "_log"
         changes.append("probabilities turned into log-probabilities (softmax gives them back)")
-    g.node.append(helper.make_node("Identity", [name], ["logits"]))
+    names = {o for n in g.node for o in (*n.input, *n.output)} | {i.name for i in (*g.input, *g.initializer)}
+    final = "logits" if "logits" not in names else "lab_logits"
+    g.node.append(helper.make_node("Identity", [name], [final]))
     k = _dims(out)[1]
     batch = "N" if not fixed_batch else (_dims(out)[0] if isinstance(_dims(out)[0], int) else 1)
     del g.output[:]
-    g.output.append(helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [batch, k]))
+    g.output.append(helper.make_tensor_value_info(final, onnx.TensorProto.FLOAT, [batch, k]))
     inits = {i.name for i in g.initializer}
     inp = next(i for i in g.input if i.name not in inits)
     if not fixed_batch and inp.type.tensor_type.shape.dim[0].HasField("dim_value"):
