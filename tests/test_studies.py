@@ -40,6 +40,7 @@ def test_every_study_stage_runs_on_smoke_and_writes_its_section(smoke_studies, s
         assert "95 % CI [" in section and "Holm-adjusted p" in section, stage
         assert "established" in section, stage
     assert "spread" not in report.replace("spread over seeds", "")  # no verdict from seed ranges any more
+    _check_raw_results(out, report)
     assert "sweep seed 100" in report and "chosen LR" in report
     # the NumPy CNN's weights: load(path).predict(uint8 images) -> (N, 10) logits
     from training.scratch.numpy_cnn import load
@@ -56,6 +57,31 @@ def test_every_study_stage_runs_on_smoke_and_writes_its_section(smoke_studies, s
     assert "12/12 cells already done" in again.stdout
     # ... and its section still says what the grid cost, not only the seconds of the rerun
     assert "its 12 cells took" in (out / "kernels" / "section.md").read_text()
+
+
+def _check_raw_results(out, report: str) -> None:
+    """Beside the report, its raw results: every cell, every LR swept, every comparison, corrected as one family."""
+    import csv
+    import json
+
+    from training.studies.family import size
+
+    res = json.loads((out / "results.json").read_text())
+    assert res["family_size"] == size("smoke") and "One family of comparisons" in report
+    comparisons = [c for stage in res["stages"] for c in stage["comparisons"]]
+    assert len(comparisons) >= 27  # architectures 8, kernels 3, depth 8, blocks 2, optimizers 6 (+ tuning's)
+    for c in comparisons:
+        assert c["ci_lo"] <= c["diff"] <= c["ci_hi"] and c["p"] <= c["p_holm"] <= 1 and c["df"] > 0
+        assert c["family_size"] == res["family_size"] and "family.py" in c["sentence"] and c["sentence"] in report
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {r["kind"] for r in rows} == {"cell", "sweep", "comparison"}
+    assert sum(r["kind"] == "comparison" for r in rows) == len(comparisons)
+    cells = [r for r in rows if r["kind"] == "cell" and r["stage"] == "kernels"]
+    assert len(cells) == 12 and all(r["lr"] and r["test_acc"] and r["seed"] for r in cells)
+    assert any(r["kind"] == "sweep" and r["chosen"] == "True" for r in rows)
+    for stage in ("architectures", "kernels", "depth", "blocks", "optimizers", "tuning"):
+        own = json.loads((out / stage / "results.json").read_text())
+        assert own["cells"] and (out / stage / "results.csv").stat().st_size > 100, stage
 
 
 def test_unknown_stage_names_the_valid_ones(study_data, lab_env):

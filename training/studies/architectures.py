@@ -15,8 +15,9 @@ The protocol, the same in every stage (one factor changes between the variants a
   - every cell clips the global gradient norm at 1.0: nets without normalisation need it to live through
     their first steps, and applying it to all keeps it out of the comparisons;
   - per-epoch monitoring is on the held-out split; the final model of each seed is scored once on the
-    test images, and every comparison is a difference with a 95 % interval over seeds and test images,
-    Holm-corrected over the comparisons the stage declares up front (training/studies/stats.py);
+    test images, and every comparison is a difference with a 95 % t-interval over seeds and test images,
+    Holm-corrected over every comparison the report declares up front (training/studies/stats.py,
+    family.py);
   - anything chosen (the published best architecture and its seed) is chosen on held-out accuracy.
 
 Each stage is a grid of cells (training/studies/runner.py) and writes its section of the study report.
@@ -55,7 +56,7 @@ ARCHITECTURES = {
     "residual_all":     variant("resnet_small", norm=True, dropout=0.2,
                                 train=dict(weight_decay=5e-4, translate=2, flip=True)),
 }
-ARCHITECTURE_COMPARISONS = (   # declared before any cell runs: the family Holm corrects over
+ARCHITECTURE_COMPARISONS = (   # declared before any cell runs; the report's family: training/studies/family.py
     ("cnn", "fc", ""), ("residual", "cnn", ""), ("residual_bn", "cnn", "(the headline: CNN vs a BN residual net)"),
     ("residual_bn", "residual", ""), ("residual_dropout", "residual", ""), ("residual_wd", "residual", ""),
     ("residual_aug", "residual", ""), ("residual_all", "residual", ""),
@@ -183,18 +184,22 @@ def add_sweep(sec: Section, ctx: StudyContext, stage: str, choices: dict) -> Non
     sec.add("Learning rates: each variant's own, from its sweep (held-out accuracy; the test images are not "
             f"read; the shared recipe's LR is {base_lr():g}):", "")
     sec.table(*sweep_table(choices, sweep_epochs(ctx.preset.epochs_for(stage))))
+    sec.sweeps = {v: c.as_dict() for v, c in choices.items()}
 
 
-def add_comparisons(sec: Section, by: dict[str, list[dict]], declared) -> list:
-    """The declared comparisons whose variants both ran, each a difference with its interval and verdict."""
-    from training.studies.stats import compare_all, correct_matrix
+def add_comparisons(sec: Section, ctx: StudyContext, by: dict[str, list[dict]], declared) -> list:
+    """The declared comparisons whose variants both ran, each a difference with its interval and verdict
+    (corrected over the report's family when the section is written: training/studies/family.py)."""
+    from training.studies.family import size
+    from training.studies.stats import compare_pair, correct_matrix
 
-    pairs = [(a, correct_matrix(by[a]), b, correct_matrix(by[b]), note) for a, b, note in declared
-             if a in by and b in by]
-    out = compare_all(pairs)
-    sec.add(f"Comparisons, declared before the runs (test accuracy of the first minus the second; 95 % interval "
-            f"over seeds and test images, paired per image; Holm over the {len(out)}):", "")
-    sec.add(*[f"- {c.sentence(len(out))}" for c in out], "")
+    out = [compare_pair(a, correct_matrix(by[a]), b, correct_matrix(by[b]), note) for a, b, note in declared
+           if a in by and b in by]
+    sec.add(f"Comparisons, declared before the runs (test accuracy of the first minus the second; 95 % t-interval "
+            f"over seeds, with the test images' share paired per image; Holm over the report's one family of "
+            f"{size(ctx.preset.name)} declared comparisons, of which this stage makes {len(out)}: "
+            "training/studies/stats.py, family.py):", "")
+    sec.add(*[c.sentence(prefix="- ") for c in out], "")
     return out
 
 
@@ -219,7 +224,7 @@ def architectures(ctx: StudyContext, command: str) -> Section:
     png = curves_figure({v: by[v] for v in ARCHITECTURES if v in by},
                         ctx.stage_dir("architectures") / "curves_cifar10.png", "cifar10: learning curves")
     sec.image(png, "cifar10 learning curves")
-    add_comparisons(sec, by, ARCHITECTURE_COMPARISONS)
+    add_comparisons(sec, ctx, by, ARCHITECTURE_COMPARISONS)
     # the best, chosen on held-out accuracy (never on the test images), and its median seed by the same
     best = max(by, key=lambda v: statistics.fmean(r["val_acc"] for r in by[v]))
     median = sorted(by[best], key=lambda r: r["val_acc"])[len(by[best]) // 2]
@@ -323,7 +328,7 @@ def kernels(ctx: StudyContext, command: str) -> Section:
     png = _draw_first_layers({v: next((r for r in by[v] if r.get("inspect")), None) for v in KERNELS if v in by},
                              ctx.stage_dir("kernels") / "first_layer.png")
     sec.image(png, "first-layer filters and activations")
-    add_comparisons(sec, by, KERNEL_COMPARISONS)
+    add_comparisons(sec, ctx, by, KERNEL_COMPARISONS)
     sec.add("- Time: " + "; ".join(f"{v} trains in {Spread.of(r['train_seconds'] for r in by[v]).mean:.0f} s and "
                                      f"infers {Spread.of(r['infer_ms_b256'] for r in by[v]).mean:.3f} ms/image"
                                      for v in KERNELS if v in by) + ".", "")
@@ -426,7 +431,7 @@ def depth(ctx: StudyContext, command: str) -> Section:
     sec.image(_depth_plot(by, d / "accuracy_vs_depth.png"), "accuracy against depth")
     sec.image(_grad_plot(by, deepest, d / "gradient_norms.png"), "per-layer gradient norms")
     sec.image(_feature_plot(by, 8 if 8 in DEPTHS else deepest, d / "feature_maps.png"), "feature maps")
-    add_comparisons(sec, by, DEPTH_COMPARISONS)
+    add_comparisons(sec, ctx, by, DEPTH_COMPARISONS)
     sec.add("Gradient flow at the deepest setting (the first conv layer's gradient norm over the last one's, mean "
             "over the sampled steps of training):", "")
     for init in INITS:
@@ -570,7 +575,7 @@ def blocks(ctx: StudyContext, command: str) -> Section:
     png = curves_figure({v: by[v] for v in variants if v in by}, ctx.stage_dir("blocks") / "curves.png",
                         "residual block variants: learning curves (CIFAR-10)")
     sec.image(png, "block variants learning curves")
-    add_comparisons(sec, by, tuple((a, b, note.get(a, n)) for a, b, n in BLOCK_COMPARISONS))
+    add_comparisons(sec, ctx, by, tuple((a, b, note.get(a, n)) for a, b, n in BLOCK_COMPARISONS))
     sec.write(ctx, time.perf_counter() - t0, recs)
     return sec
 
@@ -611,7 +616,7 @@ def headline(ctx: StudyContext, command: str) -> Section:
     png = curves_figure({v: by[v] for v in HEADLINE if v in by}, ctx.stage_dir("headline") / "curves.png",
                         "headline comparisons: learning curves (CIFAR-10)")
     sec.image(png, "headline learning curves")
-    add_comparisons(sec, by, HEADLINE_COMPARISONS)
+    add_comparisons(sec, ctx, by, HEADLINE_COMPARISONS)
     sec.write(full, time.perf_counter() - t0, recs)
     return sec
 

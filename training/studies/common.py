@@ -367,13 +367,24 @@ def curves_figure(groups: dict[str, list[dict]], path: Path, title: str) -> Path
 
 @dataclass
 class Section:
+    """A stage's part of the report. A comparison's sentence (stats.Comparison.sentence) added to it is
+    kept with its comparison: `write` corrects it over the report's family (training/studies/family.py;
+    outside the study report, as training/tune.py writes it, over the section's own comparisons), writes
+    its verdict, and puts it in the stage's raw results beside the section."""
     stage: str
     title: str
     command: str
     lines: list[str] = field(default_factory=list)
+    sweeps: dict = field(default_factory=dict)       # variant -> its LR sweep (sweep.LRChoice.as_dict())
+    compared: list = field(default_factory=list)     # (line index, stats.Sentence) of every comparison
 
     def add(self, *lines: str) -> "Section":
-        self.lines.extend(lines)
+        from training.studies.stats import Sentence
+
+        for line in lines:
+            if isinstance(line, Sentence):
+                self.compared.append((len(self.lines), line))
+            self.lines.append(line)
         return self
 
     def table(self, header: list[str], rows: list[list]) -> "Section":
@@ -397,11 +408,74 @@ class Section:
         head = [f"## {self.title}", "", command_line(self.command), "",
                 f"Preset **{ctx.preset.name}**: {ctx.preset.description}. {timing}. {protocol_line(ctx)}", ""]
         d = ctx.stage_dir(self.stage)
+        comparisons = self._correct(ctx)
         path = d / "section.md"
         path.write_text("\n".join(head + self.lines) + "\n")
         if records is not None:
             (d / "cells.json").write_text(json.dumps(records, indent=1, default=float))
+        results = {"stage": self.stage, "title": self.title, "preset": ctx.preset.name, "command": self.command,
+                   "cells": [cell_row(r) for r in (records or {}).values() if isinstance(r, dict) and "test_acc" in r],
+                   "sweeps": self.sweeps, "comparisons": comparisons}
+        (d / "results.json").write_text(json.dumps(results, indent=1, default=float))
+        write_results_csv(d / "results.csv", [results])
         return path
+
+    def _correct(self, ctx: StudyContext) -> list[dict]:
+        """Correct the section's comparisons over the report's family (the other stages' p-values as they
+        stand) and write each one's verdict into its line; returns them as results rows."""
+        if not self.compared:
+            return []
+        from training.studies.family import correct
+        from training.studies.stats import as_family
+
+        found = [s.comparison for _, s in self.compared]
+        if ctx.stage:  # a stage of the study report (run_all.py names the stage it runs): the report's family
+            fixed = correct(ctx.out_dir, ctx.preset.name, {self.stage: found})[self.stage]
+        else:          # a report of its own (training/tune.py): its comparisons are its family
+            fixed = as_family(found, "this report's comparisons")
+        rows = []
+        for (i, old), c in zip(self.compared, fixed):
+            self.lines[i] = c.sentence(prefix=old.prefix)
+            rows.append({**c.row(), "prefix": old.prefix, "sentence": str(self.lines[i])})
+        return rows
+
+
+# ---------------------------------------------------------------- the raw results beside the report
+
+RESULT_COLUMNS = ["kind", "stage", "variant", "seed", "lr", "test_acc", "val_acc", "train_eval_acc", "diverged",
+                  "test_images", "chosen", "bracketed", "a", "b", "diff", "ci_lo", "ci_hi", "se", "df", "p", "p_holm",
+                  "established", "family_size", "seeds_a", "seeds_b", "images", "note"]
+
+
+def cell_row(rec: dict) -> dict:
+    """One evaluation cell as the results files hold it: its variant, seed, LR and accuracies."""
+    lr = rec.get("lr", rec.get("config", {}).get("lr"))
+    return {"cell": rec.get("cell"), "variant": rec.get("variant", rec.get("optimizer")), "seed": rec.get("seed"),
+            "lr": lr, "test_acc": rec["test_acc"], "val_acc": rec.get("val_acc"),
+            "train_eval_acc": rec.get("train_eval_acc"), "diverged": bool(rec.get("diverged")),
+            "test_images": rec.get("test_images")}
+
+
+def write_results_csv(path: Path, stages: list[dict]) -> Path:
+    """Stages' results (as results.json holds them) as one table: a row per cell ("cell"), per LR tried in a
+    sweep ("sweep") and per comparison ("comparison"); accuracies and differences as fractions."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, RESULT_COLUMNS, extrasaction="ignore", restval="")
+        w.writeheader()
+        for res in stages:
+            stage = res["stage"]
+            for c in res.get("cells", []):
+                w.writerow({"kind": "cell", "stage": stage, **c})
+            for v, sw in res.get("sweeps", {}).items():
+                for lr, acc in sw["tried"].items():
+                    w.writerow({"kind": "sweep", "stage": stage, "variant": v, "seed": sw["seed"], "lr": lr,
+                                "val_acc": acc, "diverged": float(lr) in sw["diverged"],
+                                "chosen": float(lr) == sw["chosen"], "bracketed": sw["bracketed"]})
+            for c in res.get("comparisons", []):
+                w.writerow({"kind": "comparison", "stage": stage, **c})
+    return path
 
 
 # ---------------------------------------------------------------- publishing a model a study found

@@ -51,7 +51,7 @@ LR_GRID = {                          # where each sweep starts: around the optim
     "adamax_resnet": (1e-2, 3e-3, 1e-3),
 }
 GRID_STEP = 10 ** 0.5               # an extension goes one step of the grid's spacing past its edge
-COMPARISONS = (                     # declared before the runs: the family Holm corrects over
+COMPARISONS = (                     # declared before the runs; the report's family: training/studies/family.py
     ("adam", "sgd", ""), ("rmsprop", "sgd", ""), ("rprop", "sgd", "(equal compute)"),
     ("rprop_full", "rprop", "(equal updates; full-batch Rprop spends more passes on them)"),
     ("adamax", "adam", "(the seeds' CNN)"), ("adamax_resnet", "adam_resnet", "(a BatchNorm ResNet-20)"),
@@ -123,6 +123,7 @@ def optimizers(ctx: StudyContext, command: str) -> Section:
             "")
     sec.add("LR sweeps (held-out accuracy; the test images are not read):", "")
     sec.table(*sweep_table(choices, sweep_epochs(passes)))
+    sec.sweeps = {o: c.as_dict() for o, c in choices.items()}
     best_mean = max(Spread.of(r["val_acc"] for r in v).mean for v in by.values())
     target = math.floor(90 * best_mean) / 100  # 90% of the best mean final held-out accuracy, rounded down
     sec.add(f"Target for the columns 'to target': {100 * target:.0f}% held-out accuracy (90% of the best "
@@ -145,7 +146,7 @@ def optimizers(ctx: StudyContext, command: str) -> Section:
                "training time"], rows)
     png = _curves(by, ctx.stage_dir("optimizers") / f"curves_{DATASET}.png", DATASET)
     sec.image(png, f"{DATASET}: loss and accuracy per pass and per update")
-    add_comparisons(sec, by, COMPARISONS)
+    add_comparisons(sec, ctx, by, COMPARISONS)
     sec.write(ctx, time.perf_counter() - t0, recs)
     return sec
 

@@ -1,29 +1,62 @@
-"""The statistics of the study report: a difference between two variants with a 95 % interval that counts
-both sources of noise, and a verdict from it corrected for the number of comparisons a section makes.
+"""The statistics of the study report: a difference between two variants with a 95 % interval that has
+the coverage it claims at 3 seeds, and a verdict from it, corrected over every comparison the report makes.
 
-A cell keeps which test images it got right (`pack_correct`, 1 bit per image). A comparison of variant A
-with variant B is the difference of their mean accuracies over seeds, and its uncertainty comes from
-  - the seeds (another seed gives another net): resampled with replacement within each variant, and
-  - the test images (another test set gives another score): resampled with replacement, the SAME draw
-    for A and B, so that the images both find hard cancel out (the comparison is paired per image).
-The 95 % interval is the 2.5th and 97.5th percentile of the bootstrap differences; the two-sided
-p-value is twice the smaller tail beyond zero. A section declares its comparisons up front and
-`compare_all` applies Holm's step-down correction over them: "established" means the Holm-adjusted
-p-value is below 0.05, otherwise the report says "not established".
+A cell keeps which test images it got right (`pack_correct`, 1 bit per image). Variant A has n_A seeds,
+each a net scored on the same N test images: c[s, i] = 1 when seed s's net got image i right. A
+comparison states D = mean accuracy of A's seeds - mean accuracy of B's seeds, an estimate of
+Delta = E[accuracy of a net of A] - E[accuracy of a net of B], the expectation over the seeds (another
+seed, another net) and over test images (another test set from the same distribution, another score).
 
-With 3 seeds the seed bootstrap is coarse (it sees at most 3 distinct nets per variant); the intervals
-say what these seeds and these images support, not more.
+Where its uncertainty comes from. Write mu_A(x) for the chance that a net of A, over seeds, gets image x
+right, and c_A[s, i] = mu_A(x_i) + e_A[s, i], the e zero-mean given the image. Then
+    D = mean_i (mu_A(x_i) - mu_B(x_i)) + mean_i (mean_s e_A[s, i]) - mean_i (mean_s e_B[s, i])
+and the three terms are uncorrelated:
+  - the seeds of A: Var(mean_i e_A[s, i]) is the variance of one net's accuracy on this test set, seed to
+    seed. It is everything a seed changes, the net's general level and which images it happens to get
+    right alike (that part, the "test-image noise of each net", is in it already), and the sample
+    variance s_A^2 of A's per-seed accuracies estimates it without bias: the term is s_A^2 / n_A;
+  - the seeds of B, likewise: s_B^2 / n_B (A's and B's seeds are different nets: unpaired. Where seed s
+    gives both variants the same initial weights and batch order, their accuracies may correlate
+    positively, and ignoring that only widens the interval);
+  - the test images, which A and B share: delta(x) = mu_A(x) - mu_B(x) varies from image to image, and
+    another test set would give another mean of it, Var_x(delta) / N. The images both variants find
+    hard or easy cancel in delta: the comparison is paired per image. The per-image difference of the
+    seed means, d_i = mean_s c_A[s, i] - mean_s c_B[s, i], has variance Var_x(delta) + E[v_A(x) / n_A +
+    v_B(x) / n_B] over images, v(x) the variance of c[s, i] over seeds at image x; that second part is
+    the seeds' noise again, already counted in s_A^2 and s_B^2. So the image term is
+    (var_i(d_i) - mean_i(v_A,i / n_A + v_B,i / n_B)) / N, v_A,i the sample variance over A's seeds at
+    image i (unbiased), floored at 0. Taking var_i(d_i) / N whole would count the seeds' per-image
+    noise twice.
+SE^2 = s_A^2/n_A + s_B^2/n_B + image term. With 3 seeds the first two are estimated from 2 degrees of
+freedom each, so D / SE is not normal: it follows Student's t with the Welch-Satterthwaite degrees of
+freedom df = SE^4 / ((s_A^2/n_A)^2/(n_A-1) + (s_B^2/n_B)^2/(n_B-1) + (image term)^2/(N-1)), between
+n_A - 1 (when A's seeds dominate) and n_A + n_B - 2; the image term, estimated from N images, barely
+lowers it. The interval is D +- t_{0.975, df} SE and the two-sided p-value is P(|T_df| > |D| / SE)
+(lab/student_t.py).
+
+Why not the bootstrap that was here: resampling 3 seeds with replacement sees at most 3 distinct nets,
+its seed variance is (n - 1) / n of s^2 / n (two thirds at 3 seeds), and its percentile quantiles are
+normal ones where t with 2-4 degrees of freedom is needed (t_{0.975, 4} = 2.78, not 1.96). Under a true
+null it said "established" 12 to 21 % of the time at 1 to 3 points of seed spread
+(tests/test_study_science.py simulates it; docs/studies.md has the figures).
+
+Multiplicity: the report makes many comparisons, and one family holds them all, declared in
+training/studies/family.py before any cell runs. `holm` adjusts the p-values of a family; "established"
+means the Holm-adjusted p-value is below 0.05. A comparison carries the family's name and size and its
+sentence says both. `compare_all` treats the pairs it is given as one family (a script comparing two
+variants, the tests); the report's stages use the report's family (Section.write, write_report).
 """
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from lab import student_t
+
 ALPHA = 0.05
-REPS = 4000          # bootstrap resamples per comparison
-SEED = 12345         # the bootstrap's own generator: a rerun of the report prints the same intervals
 
 
 def pack_correct(correct) -> str:
@@ -47,25 +80,43 @@ def correct_matrix(records: list[dict]) -> np.ndarray:
     return np.stack([unpack_correct(r["test_correct"], n) for r in records])
 
 
-def bootstrap_differences(a: np.ndarray, b: np.ndarray, reps: int = REPS, seed: int = SEED) -> np.ndarray:
-    """Bootstrap distribution of mean accuracy(a) - mean accuracy(b); a, b: (seeds, images) bool on the same
-    images. Seeds are resampled within each variant, images once per resample for both (paired)."""
-    a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"the two variants were scored on different test sets ({a.shape[1]} vs {b.shape[1]} images)")
-    rng = np.random.default_rng(seed)
-    n = a.shape[1]
-    out = np.empty(reps)
-    chunk = max(1, 2_000_000 // max(n, 1))
-    for start in range(0, reps, chunk):
-        k = min(chunk, reps - start)
-        # per resample: which seeds (as counts), then the per-image difference of the two seed means
-        wa = rng.multinomial(len(a), np.full(len(a), 1 / len(a)), size=k) / len(a)    # (k, seeds_a)
-        wb = rng.multinomial(len(b), np.full(len(b), 1 / len(b)), size=k) / len(b)
-        per_image = wa @ a - wb @ b                                                    # (k, images)
-        idx = rng.integers(0, n, size=(k, n))
-        out[start:start + k] = np.take_along_axis(per_image, idx, axis=1).mean(1)
-    return out
+@dataclass(frozen=True)
+class Uncertainty:
+    """The parts of a difference's variance (fractions squared) and its degrees of freedom."""
+    seeds_a: float       # s_A^2 / n_A
+    seeds_b: float       # s_B^2 / n_B
+    images: float        # the shared test images' term, paired per image
+    df: float
+
+    @property
+    def se(self) -> float:
+        return math.sqrt(self.seeds_a + self.seeds_b + self.images)
+
+
+def uncertainty(a: np.ndarray, b: np.ndarray) -> Uncertainty:
+    """The standard error's parts and Welch-Satterthwaite degrees of freedom of mean acc(a) - mean acc(b);
+    a, b: (seeds, images) correctness on the same images (the module docstring derives it)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"the two variants were scored on different test sets ({a.shape} vs {b.shape})")
+    (na, n), nb = a.shape, len(b)
+    if na < 2 or nb < 2:
+        raise ValueError(f"an interval over seeds needs at least 2 seeds per variant (got {na} and {nb})")
+    seeds_a, seeds_b = a.mean(1).var(ddof=1) / na, b.mean(1).var(ddof=1) / nb
+    d = a.mean(0) - b.mean(0)                                         # per image: the seed means' difference
+    seed_noise = (a.var(0, ddof=1) / na + b.var(0, ddof=1) / nb).mean()  # of d_i, already in seeds_a + seeds_b
+    images = max(0.0, float(d.var(ddof=1) - seed_noise)) / n if n > 1 else 0.0
+    total = seeds_a + seeds_b + images
+    parts = seeds_a ** 2 / (na - 1) + seeds_b ** 2 / (nb - 1) + (images ** 2 / (n - 1) if n > 1 else 0.0)
+    df = total ** 2 / parts if parts > 0 else float(na + nb - 2)
+    return Uncertainty(float(seeds_a), float(seeds_b), float(images), float(df))
+
+
+class Sentence(str):
+    """A comparison's sentence in the report: the text, and the comparison it states (`.comparison`), so
+    that the section can correct it over the report's family and write it to the results files."""
+    comparison: "Comparison"
+    prefix: str
 
 
 @dataclass(frozen=True)
@@ -73,10 +124,14 @@ class Comparison:
     a: str
     b: str
     diff: float          # mean accuracy of a minus b, as a fraction
-    lo: float            # 95 % bootstrap interval of diff
+    lo: float            # 95 % t-interval of diff
     hi: float
-    p: float             # two-sided bootstrap p-value
-    p_holm: float = 1.0  # after Holm's correction over the section's comparisons
+    p: float             # two-sided p-value, before any correction
+    se: float = 0.0      # standard error of diff
+    df: float = 0.0      # Welch-Satterthwaite degrees of freedom
+    p_holm: float = 1.0  # after Holm's correction over its family
+    family: str = "this comparison alone"   # what the correction runs over
+    family_size: int = 1
     seeds: tuple[int, int] = (0, 0)
     images: int = 0
     note: str = ""       # what the reader must know about this pair (unmatched sizes, ...)
@@ -85,31 +140,55 @@ class Comparison:
     def established(self) -> bool:
         return self.p_holm < ALPHA
 
-    def sentence(self, family: int) -> str:
-        """'A - B: +3.8 points, 95 % CI [+1.8, +5.9] (3 and 3 seeds x 10,000 test images); established
-        (Holm-adjusted p = 0.004 over 6 comparisons).'"""
+    def sentence(self, family: int | None = None, prefix: str = "") -> Sentence:
+        """'A - B: +3.8 points, 95 % CI [+1.8, +5.9] (t, 3.9 df; 3 and 3 seeds x 10,000 test images);
+        established (Holm-adjusted p = 0.004 over the report's 30 declared comparisons).'
+        `family` (a count) is ignored: the comparison knows its family."""
         verdict = ("**established**" if self.established else
                    "**not established** (the interval allows no difference, or more seeds are needed)")
         p = f"= {self.p_holm:.3f}" if self.p_holm >= 0.001 else "< 0.001"
+        raw = f"{self.p:.3f}" if self.p >= 0.001 else "< 0.001"
         note = f" {self.note}" if self.note else ""
-        return (f"{self.a} − {self.b}: **{100 * self.diff:+.1f} points**, 95 % CI [{100 * self.lo:+.1f}, "
-                f"{100 * self.hi:+.1f}] ({self.seeds[0]} and {self.seeds[1]} seeds x {self.images:,} test images); "
-                f"{verdict}, Holm-adjusted p {p} over {family} comparison{'s' if family != 1 else ''}.{note}")
+        size = self.family_size
+        text = (f"{prefix}{self.a} − {self.b}: **{100 * self.diff:+.1f} points**, 95 % CI [{100 * self.lo:+.1f}, "
+                f"{100 * self.hi:+.1f}] (t-interval, {self.df:.1f} df; {self.seeds[0]} and {self.seeds[1]} seeds x "
+                f"{self.images:,} test images); {verdict}, Holm-adjusted p {p} over {size} "
+                f"comparison{'s' if size != 1 else ''} ({self.family}; unadjusted p {raw}).{note}")
+        out = Sentence(text)
+        out.comparison, out.prefix = self, prefix
+        return out
+
+    @classmethod
+    def from_row(cls, row: dict) -> "Comparison":
+        return cls(row["a"], row["b"], row["diff"], row["ci_lo"], row["ci_hi"], row["p"], se=row["se"], df=row["df"],
+                   p_holm=row["p_holm"], family=row["family"], family_size=row["family_size"],
+                   seeds=(row["seeds_a"], row["seeds_b"]), images=row["images"], note=row["note"])
+
+    def row(self) -> dict:
+        """The comparison as the results files hold it (fractions, not points)."""
+        return {"a": self.a, "b": self.b, "diff": self.diff, "ci_lo": self.lo, "ci_hi": self.hi, "se": self.se,
+                "df": self.df, "p": self.p, "p_holm": self.p_holm, "established": self.established,
+                "family": self.family, "family_size": self.family_size, "seeds_a": self.seeds[0],
+                "seeds_b": self.seeds[1], "images": self.images, "note": self.note}
 
 
-def compare_pair(name_a: str, a: np.ndarray, name_b: str, b: np.ndarray, note: str = "",
-                 reps: int = REPS) -> Comparison:
-    d = bootstrap_differences(a, b, reps=reps)
-    lo, hi = np.percentile(d, [100 * ALPHA / 2, 100 * (1 - ALPHA / 2)])
-    p = min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean()) + 1 / reps)
-    diff = float(np.asarray(a, dtype=float).mean() - np.asarray(b, dtype=float).mean())
-    return Comparison(name_a, name_b, diff, float(lo), float(hi), float(p), seeds=(len(a), len(b)),
-                      images=int(np.asarray(a).shape[1]), note=note)
+def compare_pair(name_a: str, a: np.ndarray, name_b: str, b: np.ndarray, note: str = "") -> Comparison:
+    """A - B with its 95 % t-interval and two-sided p-value (not yet corrected for multiplicity)."""
+    u = uncertainty(a, b)
+    diff = float(np.asarray(a, dtype=np.float64).mean(1).mean() - np.asarray(b, dtype=np.float64).mean(1).mean())
+    se = u.se
+    if se > 0:
+        half = student_t.ppf(1 - ALPHA / 2, u.df) * se
+        p = student_t.two_sided_p(diff / se, u.df)
+    else:  # every seed of both scored the same on every image: the difference is exact
+        half, p = 0.0, (1.0 if diff == 0 else 0.0)
+    return Comparison(name_a, name_b, diff, diff - half, diff + half, float(p), se=se, df=u.df, p_holm=float(p),
+                      seeds=(len(a), len(b)), images=int(np.asarray(a).shape[1]), note=note)
 
 
 def holm(p_values: list[float]) -> list[float]:
     """Holm's step-down adjusted p-values, in the input order."""
-    order = np.argsort(p_values)
+    order = np.argsort(p_values, kind="stable")
     m = len(p_values)
     adjusted = np.empty(m)
     running = 0.0
@@ -119,9 +198,14 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted.tolist()
 
 
-def compare_all(pairs: list[tuple[str, np.ndarray, str, np.ndarray, str]], reps: int = REPS) -> list[Comparison]:
-    """Every declared comparison (name_a, correct_a, name_b, correct_b, note), Holm-corrected together."""
-    from dataclasses import replace
+def as_family(comparisons: list[Comparison], family: str = "the comparisons of this run") -> list[Comparison]:
+    """The comparisons Holm-corrected as one family."""
+    name = family if len(comparisons) > 1 else "this comparison alone"
+    return [replace(c, p_holm=ph, family=name, family_size=len(comparisons))
+            for c, ph in zip(comparisons, holm([c.p for c in comparisons]))]
 
-    out = [compare_pair(na, a, nb, b, note, reps=reps) for na, a, nb, b, note in pairs]
-    return [replace(c, p_holm=ph) for c, ph in zip(out, holm([c.p for c in out]))]
+
+def compare_all(pairs: list[tuple[str, np.ndarray, str, np.ndarray, str]],
+                family: str = "the comparisons of this run") -> list[Comparison]:
+    """Every comparison given (name_a, correct_a, name_b, correct_b, note), Holm-corrected as one family."""
+    return as_family([compare_pair(na, a, nb, b, note) for na, a, nb, b, note in pairs], family)

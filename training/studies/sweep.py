@@ -54,6 +54,11 @@ class LRChoice:
         lrs = sorted(self.tried)
         return lrs[0] / factor if self.chosen == lrs[0] else lrs[-1] * factor
 
+    def as_dict(self) -> dict:
+        """What the results files keep: every LR tried with its held-out accuracy, the choice, the seed."""
+        return {"tried": {lr_key(lr): acc for lr, acc in sorted(self.tried.items())}, "chosen": self.chosen,
+                "bracketed": self.bracketed, "diverged": sorted(self.diverged), "seed": SWEEP_SEED}
+
     def cells(self) -> str:
         return ", ".join(f"{'**' if lr == self.chosen else ''}{lr:.3g}: "
                          f"{'diverged' if lr in self.diverged else f'{100 * acc:.1f}%'}"
