@@ -47,6 +47,31 @@ def test_export_is_verified_and_simplified(tmp_path):
         assert sess.run(None, {"input": batch[:n]})[0].shape == (n, 10)
 
 
+def test_parity_scales_with_the_logits_so_a_diverged_net_exports_and_a_wrong_graph_does_not(tmp_path, monkeypatch):
+    """A net whose logits reach 1e5 (a tuning trial that diverged) differs between two correct runtimes by
+    more than 1e-3 in float32; the tolerance is relative to the logits' scale, and a wrong graph still fails."""
+    net = trained_like_airbench()
+    with torch.no_grad():
+        net.head.weight.mul_(1e5)
+    batch = np.random.default_rng(0).normal(size=(16, 3, 32, 32)).astype(np.float32)
+    out = E.export_verified(net, 0, batch, tmp_path / "big")
+    for par in out["parity"].values():
+        assert par["ok"] and par["scale"] > 1e3 and par["max_abs_diff"] <= par["atol"] * par["scale"]
+    real_simplify = E.simplify_onnx
+
+    def perturbed(src, dst):
+        real_simplify(src, dst)
+        m = onnx.load(str(dst))
+        init = max(m.graph.initializer, key=lambda t: np.prod(t.dims))
+        init.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(init) * 1.01).astype(np.float32), init.name))
+        onnx.save(m, str(dst))
+        return dst
+
+    monkeypatch.setattr(E, "simplify_onnx", perturbed)
+    with pytest.raises(E.ExportError, match="logit scale"):
+        E.export_verified(net, 0, batch, tmp_path / "wrong")
+
+
 def test_a_broken_export_is_caught(tmp_path, monkeypatch):
     real_simplify = E.simplify_onnx
 

@@ -1,8 +1,10 @@
 """Export a trained model for serving: .pth, ONNX (dynamic batch), onnxsim-simplified ONNX, verified.
 
 The verification runs the simplified graph in onnxruntime on a held-out batch of real images and
-compares it with the torch model: the largest |logit difference| must be within `atol` and every
-top-1 must agree, or `ExportError` is raised and nothing is published.
+compares it with the torch model: the largest |logit difference| must be within `atol` times the
+logits' scale (their largest magnitude, at least 1: float32 keeps about 7 digits of any number, so a
+net whose logits reach 1e4 differs by more than 1e-3 between two correct runtimes) and every top-1 must
+agree, or `ExportError` is raised and nothing is published.
 
 Export hooks make the files of further backends (lab.backends): a hook gets the verified fp32 export
 and returns the file it made for publishing (a list when several; None when it is not good enough) and
@@ -41,14 +43,15 @@ class Parity:
     top1_agreement: float
     images: int
     atol: float
+    scale: float = 1.0            # max(1, the largest |logit| torch gives): the tolerance is atol * scale
 
     @property
     def ok(self) -> bool:
-        return self.max_abs_diff <= self.atol and self.top1_agreement == 1.0
+        return self.max_abs_diff <= self.atol * self.scale and self.top1_agreement == 1.0
 
     def to_dict(self) -> dict:
         return {"max_abs_diff": self.max_abs_diff, "top1_agreement": self.top1_agreement,
-                "images": self.images, "atol": self.atol, "ok": self.ok}
+                "images": self.images, "atol": self.atol, "scale": self.scale, "ok": self.ok}
 
 
 def save_state_dict(net: nn.Module, path: Path) -> Path:
@@ -101,7 +104,7 @@ def check_parity(net: nn.Module, tta_level: int, onnx_path: Path, batch: np.ndar
         raise ExportError(f"{onnx_path.name} returns shape {got.shape}, torch {expected.shape}")
     return Parity(max_abs_diff=float(np.abs(got - expected).max()),
                   top1_agreement=float((got.argmax(1) == expected.argmax(1)).mean()),
-                  images=len(batch), atol=atol)
+                  images=len(batch), atol=atol, scale=max(1.0, float(np.abs(expected).max())))
 
 
 def export_verified(net: nn.Module, tta_level: int, batch: np.ndarray, out_dir: Path,
@@ -122,7 +125,8 @@ def export_verified(net: nn.Module, tta_level: int, batch: np.ndarray, out_dir: 
         if not p.ok:
             raise ExportError(
                 f"{path.name} disagrees with torch on {p.images} held-out images: max |logit diff| "
-                f"{p.max_abs_diff:.3g} (tolerance {atol:g}), top-1 agreement {100 * p.top1_agreement:.2f}%")
+                f"{p.max_abs_diff:.3g} (tolerance {atol:g} x logit scale {p.scale:.3g}), top-1 agreement "
+                f"{100 * p.top1_agreement:.2f}%")
     return {"files": {"model.pth": pth, "model.onnx": raw, "model.sim.onnx": sim}, "parity": parity}
 
 
