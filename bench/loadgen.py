@@ -1,8 +1,9 @@
 """A load generator on raw sockets: closed loop (N clients back to back) or open loop (Poisson arrivals).
 
 HTTP/1.1 keep-alive written by hand over asyncio (uvloop where installed): each request is bytes built
-once, each answer is read by its Content-Length. One core drives tens of thousands of requests a
-second this way (aiohttp managed about 3,000 here), so a fast service is not hidden by a slow client;
+once, each answer is read by its Content-Length (or its chunks, where a server sends it chunked). One
+core drives tens of thousands of requests a second this way (aiohttp managed about 3,000 here), so a
+fast service is not hidden by a slow client;
 `Result.client_cpu` says how busy the client's core was, and a figure measured with it near 1.0 is
 the client's, not the server's.
 
@@ -11,6 +12,10 @@ one's latency counts from when it was due, not from when a connection was free t
 server is charged for the requests it held up (the coordinated-omission correction of wrk2). Goodput
 counts the 200s answered within a latency bound. Every answer can be checked against the true label of
 the image sent, so accuracy under load is measured with the speed.
+
+What a request holds and how its answer is read is a `Protocol`: `Classify` (the default) posts the
+image file to /classify and reads its JSON; `bench/v2client.py`'s `V2` builds Open Inference Protocol
+(KServe v2) requests and reads their answers, so both loops run against any v2 server.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ class Result:
     client_cpu: float = 0.0       # the client's CPU seconds per second of the run (1.0: one core saturated)
     bound_s: float | None = None  # the latency bound of goodput
     stages: dict[str, list[float]] = field(default_factory=dict)  # the service's own timings, ms (STAGES)
+    unreadable: int = 0           # 200s whose answer could not be read (each also counted wrong when labelled)
 
     def extend(self, other: "Result") -> None:
         """Add another run's answers to this one (runs made one after the other)."""
@@ -58,6 +64,7 @@ class Result:
         self.correct += other.correct
         self.checked += other.checked
         self.retry_after_seen += other.retry_after_seen
+        self.unreadable += other.unreadable
         self.seconds += other.seconds
         for k, v in other.stages.items():
             self.stages.setdefault(k, []).extend(v)
@@ -88,7 +95,7 @@ class Result:
                 "mean_ms": 1000 * statistics.fmean(self.latencies) if self.latencies else float("nan"),
                 "refusal_p99_ms": 1000 * self.pct(99, self.refusals) if self.refusals else None,
                 "accuracy": self.correct / self.checked if self.checked else None,
-                "checked": self.checked,
+                "checked": self.checked, "correct": self.correct, "unreadable": self.unreadable,
                 "mean_batch_size": statistics.fmean(self.batch_sizes) if self.batch_sizes else None,
                 "retry_after_seen": self.retry_after_seen, "seconds": self.seconds,
                 "client_cpu": self.client_cpu,
@@ -115,11 +122,17 @@ class _Connection(asyncio.Protocol):
         if end < 0:
             return
         head = bytes(self.buf[:end]).lower()
-        length = _content_length(head)
-        if len(self.buf) < end + 4 + length:
-            return
-        body = bytes(self.buf[end + 4:end + 4 + length])
-        del self.buf[:end + 4 + length]
+        if b"\r\ntransfer-encoding: chunked" in head:
+            got = _chunked(self.buf, end + 4)
+            if got is None:
+                return
+            body, stop = got
+        else:
+            length = _content_length(head)
+            if len(self.buf) < end + 4 + length:
+                return
+            body, stop = bytes(self.buf[end + 4:end + 4 + length]), end + 4 + length
+        del self.buf[:stop]
         self.waiter.set_result((int(head[9:12]), head, body, b"\r\nconnection: close" in head))
 
     def connection_lost(self, exc):
@@ -137,6 +150,25 @@ class _Connection(asyncio.Protocol):
             return 0, b"", b"", True
 
 
+def _chunked(buf: bytearray, pos: int) -> tuple[bytes, int] | None:
+    """A chunked body starting at buf[pos] (as uvicorn sends an answer without Content-Length): (the body,
+    where the answer ends), or None while it is incomplete. Trailers are not expected (none are sent)."""
+    parts = []
+    while True:
+        eol = buf.find(b"\r\n", pos)
+        if eol < 0:
+            return None
+        size = int(bytes(buf[pos:eol]).split(b";")[0], 16)
+        if size == 0:
+            if len(buf) < eol + 4:
+                return None
+            return b"".join(parts), eol + 4
+        if len(buf) < eol + 2 + size + 2:
+            return None
+        parts.append(bytes(buf[eol + 2:eol + 2 + size]))
+        pos = eol + 2 + size + 2
+
+
 def _content_length(head: bytes) -> int:
     at = head.find(b"\r\ncontent-length:")
     if at < 0:
@@ -145,15 +177,44 @@ def _content_length(head: bytes) -> int:
     return int(head[at + 17:stop if stop > 0 else None])
 
 
+class Protocol:
+    """What a request for a sample holds and how its answer is read. Subclasses give `request` (the body
+    and its headers, built once per sample) and `check` (records a 200's answer in a Result)."""
+
+    def request(self, sample: Sample) -> tuple[bytes, dict[str, str]]:
+        raise NotImplementedError
+
+    def check(self, head: bytes, body: bytes, sample: Sample, res: Result) -> None:
+        """Read a 200's answer (head: the response's header block, lower-cased; body: its bytes); count it
+        in res.checked / res.correct when the sample's label is known."""
+        raise NotImplementedError
+
+
+class Classify(Protocol):
+    """POST /classify: the image file as the body with its Content-Type; the answer's JSON top-1 label,
+    its batch size and the service's stage times."""
+
+    def request(self, sample: Sample) -> tuple[bytes, dict[str, str]]:
+        return sample.body, {"Content-Type": sample.content_type}
+
+    def check(self, head: bytes, body: bytes, sample: Sample, res: Result) -> None:
+        _check(body, sample, res)
+
+
 class _Target:
     """Where requests go and their bytes, built once per sample."""
 
-    def __init__(self, url: str, samples: list[Sample]):
+    def __init__(self, url: str, samples: list[Sample], protocol: Protocol | None = None):
         u = urlsplit(url)
         self.host, self.port = u.hostname, u.port or 80
         path = (u.path or "/") + (f"?{u.query}" if u.query else "")
-        self.payloads = [(f"POST {path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: {s.content_type}\r\n"
-                          f"Content-Length: {len(s.body)}\r\n\r\n").encode() + s.body for s in samples]
+        self.protocol = protocol or Classify()
+        self.payloads = []
+        for s in samples:
+            body, headers = self.protocol.request(s)
+            lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            self.payloads.append(f"POST {path} HTTP/1.1\r\nHost: {u.netloc}\r\n{lines}"
+                                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         self.samples = samples
 
     async def connect(self) -> _Connection:
@@ -179,7 +240,7 @@ class _Target:
             res.retry_after_seen += b"\r\nretry-after:" in head
         if status == 200:
             res.latencies.append(dt)
-            _check(body, self.samples[i % len(self.samples)], res)
+            self.protocol.check(head, body, self.samples[i % len(self.samples)], res)
         if closed and conn is not None:
             if conn.transport is not None:
                 conn.transport.close()
@@ -208,10 +269,11 @@ def _cpu() -> float:
 
 
 async def closed_loop(url: str, samples: list[Sample], concurrency: int, *, requests: int | None = None,
-                      duration: float | None = None, timeout: float = 60.0, warmup: int = 0) -> Result:
+                      duration: float | None = None, timeout: float = 60.0, warmup: int = 0,
+                      protocol: Protocol | None = None) -> Result:
     """`concurrency` clients, each on its own connection, sending its next request when the last one
-    is answered; for `duration` seconds or `requests` requests in all."""
-    target, res = _Target(url, samples), Result()
+    is answered; for `duration` seconds or `requests` requests in all. `protocol`: Classify() when None."""
+    target, res = _Target(url, samples, protocol), Result()
     scratch, conns = Result(), [None] * concurrency
     for i in range(warmup):
         conns[i % concurrency] = await target.send(conns[i % concurrency], i, scratch, timeout)
@@ -236,11 +298,12 @@ async def closed_loop(url: str, samples: list[Sample], concurrency: int, *, requ
 
 
 async def poisson(url: str, samples: list[Sample], qps: float, duration: float, *, timeout: float = 30.0,
-                  max_inflight: int = 1024, seed: int = 0, bound_s: float | None = None) -> Result:
+                  max_inflight: int = 1024, seed: int = 0, bound_s: float | None = None,
+                  protocol: Protocol | None = None) -> Result:
     """Open loop: requests due at exponential intervals (rate `qps`) for `duration` seconds, on up to
     `max_inflight` connections; latency counts from each request's due time. A request that finds
     every connection busy waits for one, and that wait is in its latency."""
-    target, res = _Target(url, samples), Result(bound_s=bound_s)
+    target, res = _Target(url, samples, protocol), Result(bound_s=bound_s)
     rng = random.Random(seed)
     idle: asyncio.LifoQueue = asyncio.LifoQueue()
     opened, tasks = 0, set()

@@ -19,12 +19,13 @@ def free_port() -> int:
 
 
 class Server:
-    """`bentoml serve` from the project root (or `cmd`, given {port}), stopped with its process group."""
+    """`bentoml serve` from the project root (or `cmd`, given {port}), stopped with its process group; on
+    a free port, or `port` when the caller chose it (a server whose settings file names it)."""
 
     def __init__(self, env: dict, log_path: Path, extra_env: dict | None = None,
                  startup_timeout: float = 120, cmd: list[str] | None = None, ready_path: str = "/readyz",
-                 cwd: Path = REPO):
-        self.port = free_port()
+                 cwd: Path = REPO, port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         env = dict(env, **(extra_env or {}))
