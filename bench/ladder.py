@@ -34,14 +34,33 @@ from lab.store import get_model
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
 
+def labelled_folder(folder: Path, card, limit: int = 0):
+    """Labelled images DIR/<class>/<image> through the card's preprocessing, as a test split."""
+    import torch
+
+    from training.data import ArrayDataset
+    from training.import_onnx import read_folder
+
+    images, labels = read_folder(folder, card.classes, card.preprocessing, limit)
+    return ArrayDataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels),
+                        list(card.classes), folder.name)
+
+
 def ladder(tag: str, out: Path, *, data_root: Path | None = None, limit: int = 0, backends: list[str] | None = None,
-           rounds: int = 5, max_drop: float = 0.005, log=print) -> dict:
+           rounds: int = 5, max_drop: float = 0.005, images: Path | None = None, log=print) -> dict:
     from training.data import load_dataset, shuffled
     from training.ladder import best_rung, cpu_flags, measure, verdict
 
     m = get_model(tag)
     path, card = m.path, read_card(m.path)
-    test = load_dataset(card.dataset["name"], "test", data_root, progress=False)
+    folder = images or (card.dataset.get("accuracy_folder") if card.imported else None)
+    if folder:
+        test = labelled_folder(Path(folder), card, limit)
+    elif card.imported:
+        raise ValueError(f"{m.tag} was imported without an accuracy folder: name labelled images with "
+                         f"--images DIR (DIR/<class>/<image>)")
+    else:
+        test = load_dataset(card.dataset["name"], "test", data_root, progress=False)
     if limit and limit < len(test):
         test = shuffled(test, 0).subset(slice(0, limit))  # spread over the classes
     threads = cores()
@@ -58,7 +77,7 @@ def ladder(tag: str, out: Path, *, data_root: Path | None = None, limit: int = 0
             continue
         builders[name] = lambda name=name: load_backend(name, path, card, threads)
         files[name] = path / cls.file
-    log(f"ladder: {m.tag}, {len(test)} {card.dataset['name']} test images, {threads} threads, "
+    log(f"ladder: {m.tag}, {len(test)} {test.name or card.dataset['name']} test images, {threads} threads, "
         f"rungs {', '.join(builders)}")
     t0 = time.perf_counter()
     rungs = measure(builders, test, card.preprocessing, reference="onnx", files=files, rounds=rounds, log=log)
@@ -165,6 +184,8 @@ def main() -> int:
     ap.add_argument("--model", default="cifar10-airbench:latest")
     ap.add_argument("--data-root", type=Path, default=None)
     ap.add_argument("--limit", type=int, default=0, help="use this many test images (0 = all)")
+    ap.add_argument("--images", type=Path, default=None,
+                    help="labelled test images DIR/<class>/<image> (an imported model's accuracy folder by default)")
     ap.add_argument("--backends", default="", help=f"comma-separated subset of {', '.join(list_backends())}")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds")
     ap.add_argument("--max-drop", type=float, default=0.5, help="accuracy bound of the best rung, points")
@@ -177,7 +198,8 @@ def main() -> int:
         backends = ["onnx", *backends]  # the reference every difference is measured against
     out = args.out or REPO / "reports" / "ladder" / args.model.split(":")[0]
     return one_line_errors(lambda: ladder(args.model, out, data_root=args.data_root, limit=args.limit,
-                                          backends=backends, rounds=args.rounds, max_drop=args.max_drop / 100))
+                                          backends=backends, rounds=args.rounds, max_drop=args.max_drop / 100,
+                                          images=args.images))
 
 
 if __name__ == "__main__":
