@@ -40,11 +40,13 @@ def check_host(host: str, allow_remote: bool) -> str:
 
 
 def run_locust(host: str, backend: str, users: int, spawn_rate: float, run_time: int, out: Path,
-               workers: int = 0, images: int = 500, data_root: str = "", model: str = "") -> dict:
-    """One bounded headless run (master + `workers` worker processes when workers > 0)."""
+               workers: int = 0, images: int = 500, data_root: str = "", model: str = "",
+               protocol: str = "classify") -> dict:
+    """One bounded headless run (master + `workers` worker processes when workers > 0); `protocol` v2
+    sends Open Inference Protocol requests to /v2/models/<model>/infer instead of /classify."""
     prefix = out / f"locust_{backend}"
     acc = out / f"locust_{backend}_accuracy.json"
-    common = ["-f", str(LOCUSTFILE), "--backends", backend, "--images", str(images)]
+    common = ["-f", str(LOCUSTFILE), "--backends", backend, "--images", str(images), "--protocol", protocol]
     if data_root:
         common += ["--data-root", data_root]
     if model:
@@ -70,7 +72,8 @@ def run_locust(host: str, backend: str, users: int, spawn_rate: float, run_time:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
-    stats = _read_stats(prefix.with_name(prefix.name + "_stats.csv"), f"classify[{backend}]")
+    stats = _read_stats(prefix.with_name(prefix.name + "_stats.csv"),
+                        f"{'infer' if protocol == 'v2' else 'classify'}[{backend}]")
     failures = _read_failures(prefix.with_name(prefix.name + "_failures.csv"))
     accuracy = json.loads(acc.read_text()).get(backend, {}) if acc.exists() else {}
     summary = {"backend": backend, "users": users, "run_time_s": run_time, "workers": workers,

@@ -7,7 +7,16 @@
     locust -f bench/locustfile.py --master --expect-workers 2 --headless -u 32 -r 16 -t 30s --host ...
     locust -f bench/locustfile.py --worker --master-host 127.0.0.1
 
-Each request is named "classify[<backend>]" in Locust's statistics. An answer counts as a failure
+Any Open Inference Protocol (KServe v2) server instead of /classify, with the same request builder and
+answer checker as bench/loadgen.py (bench/v2client.py: the image as a BYTES input, binary tensors unless
+--encoding json; class names from the model's metadata, else the classification extension):
+
+    locust -f bench/locustfile.py --host http://127.0.0.1:3000 --protocol v2 --model cifar10-airbench \
+        --backends onnx,onnx_int8 --headless -u 16 -r 8 -t 30s
+    locust -f bench/locustfile.py --host http://127.0.0.1:8080 --protocol v2 --model m --backends "" \
+        --encoding json --headless -u 16 -r 8 -t 30s          # a KServe or MLServer server
+
+Each request is named "classify[<backend>]" ("infer[<backend>]" in v2) in Locust's statistics. An answer counts as a failure
 unless it is a 200 whose top-1 label can be read; whether that label is the image's true label is
 tallied separately (accuracy under load), per backend, and written to --accuracy-out at the end
 (workers report their tallies to the master). The tally starts afresh with each run (and with Locust's
@@ -43,7 +52,12 @@ def _args(parser):
     parser.add_argument("--images", type=int, default=500, help="test images sampled from the data root")
     parser.add_argument("--data-root", default="", help="data root (default: $LAB_DATA_ROOT or ../shared/data)")
     parser.add_argument("--accuracy-out", default="", help="write per-backend accuracy JSON here at the end")
-    parser.add_argument("--model", default="", help="model name or name:version (default: the service's)")
+    parser.add_argument("--model", default="", help="model name or name:version (default: the service's); "
+                                                     "with --protocol v2, the v2 model name (needed)")
+    parser.add_argument("--protocol", default="classify", choices=("classify", "v2"),
+                        help="POST /classify, or /v2/models/<model>/infer (the Open Inference Protocol)")
+    parser.add_argument("--encoding", default="binary", choices=("binary", "json"),
+                        help="v2: binary tensors (the binary data extension) or JSON (the image base64)")
 
 
 @events.init.add_listener
@@ -160,10 +174,31 @@ class ClassifyUser(FastHttpUser):
 
     def on_start(self):
         opts = self.environment.parsed_options
-        backends = [b.strip() for b in (opts.backends if opts else "onnx").split(",") if b.strip()]
+        backends = [b.strip() for b in (opts.backends if opts else "onnx").split(",") if b.strip()] or [""]
         self.backend = backends[self._user_index() % len(backends)]
         self.model = opts.model if opts else ""
         self.rng = random.Random()
+        self.v2 = None
+        if opts is not None and opts.protocol == "v2":
+            self.v2 = self._v2_protocol(opts.encoding)
+
+    def _v2_protocol(self, encoding: str):
+        """The v2 request builder and checker for this user's backend; class names from the model's
+        metadata (this service gives them), else each answer's classification extension."""
+        from bench.v2client import V2
+
+        if not self.model:
+            raise SystemExit("--protocol v2 needs --model (the v2 model name)")
+        labels = None
+        with self.client.get(f"/v2/models/{self.model}", name="v2 metadata", catch_response=True) as r:
+            try:
+                got = (r.json().get("parameters") or {}).get("labels") if r.status_code == 200 else None
+                labels = list(got) if isinstance(got, list) and got else None
+            except (ValueError, AttributeError):
+                labels = None
+            r.success()
+        return V2(input="image", binary=encoding == "binary", labels=labels, backend=self.backend or None,
+                  output="probabilities" if labels else "classification")
 
     def _user_index(self) -> int:
         # spread users evenly over the backends, whatever order they are spawned in
@@ -172,6 +207,8 @@ class ClassifyUser(FastHttpUser):
 
     @task
     def classify(self):
+        if self.v2 is not None:
+            return self.infer()
         sample = self.rng.choice(SAMPLES)
         params = f"?backend={self.backend}" + (f"&model={self.model}" if self.model else "")
         with self.client.post(f"/classify{params}", data=sample.body, name=f"classify[{self.backend}]",
@@ -183,6 +220,28 @@ class ClassifyUser(FastHttpUser):
                 label = r.json()["predictions"][0]["label"]
             except (ValueError, KeyError, IndexError, TypeError):
                 r.failure("200 without a readable prediction")
+                return
+            r.success()
+            if sample.label is not None:
+                _count(self.backend, label == sample.label)
+
+    def infer(self):
+        """One Open Inference Protocol request (bench/v2client.py builds it and reads its answer)."""
+        from bench.v2client import read_answer, top1
+
+        sample = self.rng.choice(SAMPLES)
+        body, headers = self.v2.request(sample)
+        with self.client.post(f"/v2/models/{self.model}/infer", data=body, headers=headers,
+                              name=f"infer[{self.backend}]", catch_response=True) as r:
+            if r.status_code != 200:
+                r.failure(f"HTTP {r.status_code}: {(r.text or '')[:200]}")
+                return
+            try:
+                size = r.headers.get("Inference-Header-Content-Length")
+                label = top1(read_answer(r.content, None if size is None else int(size)), self.v2.output,
+                             self.v2.labels)
+            except (ValueError, KeyError, IndexError, TypeError):
+                r.failure("200 without a readable v2 answer")
                 return
             r.success()
             if sample.label is not None:

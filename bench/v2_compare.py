@@ -94,7 +94,8 @@ def summarize(c1: Result, c64: Result, op: Result | None, rate: float) -> dict:
            "c64_p50_ms": s64["p50_ms"], "c64_p99_ms": s64["p99_ms"], "c64_client_cpu": s64["client_cpu"],
            "requests": sum(r.ok + r.errors for r in runs), "errors": sum(r.errors for r in runs),
            "unreadable": sum(r.unreadable for r in runs),
-           "statuses": {k: v for r in runs for k, v in r.summary()["statuses"].items()},
+           "statuses": {str(k): sum(r.statuses.get(k, 0) for r in runs)
+                        for k in sorted({k for r in runs for k in r.statuses})},
            "checked": checked, "accuracy": correct / checked if checked else None,
            "open_rate": rate, "c1": s1, "c64": s64}
     if op is not None:
@@ -133,9 +134,12 @@ def labels_for(url: str, model: str, labels_file: Path | None) -> list[str] | No
 
 
 def one_server(args) -> int:
+    from bench.load_test import check_host
+
     url = args.url.rstrip("/")
     if "://" not in url:
         url = "http://" + url
+    url = check_host(url, args.allow_remote)  # load goes to 127.0.0.1 unless --allow-remote
     labels = labels_for(url, args.model, args.labels)
     spec = None
     if args.input == "pixels":
@@ -254,7 +258,7 @@ def prove(served: Served, model: str, encoding: str, samples: list[Sample], labe
         try:
             conn.request("POST", f"/v2/models/{served.names[model]}/infer", body, headers)
             r = conn.getresponse()
-            data, head = r.read(), "\r\n" + "\r\n".join(f"{k}: {v}" for k, v in r.getheaders()).lower()
+            data, size = r.read(), r.getheader("Inference-Header-Content-Length")
         except OSError as e:
             return f"{type(e).__name__}: {e}"
         finally:
@@ -262,7 +266,7 @@ def prove(served: Served, model: str, encoding: str, samples: list[Sample], labe
         if r.status != 200:
             return f"HTTP {r.status}: {data[:100].decode('utf-8', 'replace')!r}"
         try:
-            got = top1(read_answer(head.encode(), data), "probabilities", labels)
+            got = top1(read_answer(data, None if size is None else int(size)), "probabilities", labels)
         except (ValueError, KeyError, IndexError, TypeError) as e:
             return f"an answer that cannot be read ({e})"
         want = labels[0] if expected is None else expected[i]
@@ -565,6 +569,7 @@ def main() -> int:
                     help="with --url: the v2 model name; else the stored model (a store tag)")
     ap.add_argument("--input", choices=("image", "pixels"), default="image", help="with --url: the input sent")
     ap.add_argument("--encoding", choices=("binary", "json"), default="binary", help="with --url: tensors as")
+    ap.add_argument("--allow-remote", action="store_true", help="with --url: load a server not on 127.0.0.1")
     ap.add_argument("--backend", help="with --url: a backend of this service (request parameter and X-Lab-Backend)")
     ap.add_argument("--labels", type=Path, help="with --url: class names, one a line, by output index")
     ap.add_argument("--card", type=Path, help="with --url --input pixels: the model's card.json (its preprocessing)")

@@ -16,7 +16,8 @@
   backend: the request parameter `backend` and an `X-Lab-Backend` header (this service reads either;
          other servers ignore both)
 
-`V2.check` reads the answer, binary (its own `Inference-Header-Content-Length`, then each output's
+`V2.check` reads the answer (`read_answer`, `top1`; bench/locustfile.py reads its answers with them too),
+binary (its own `Inference-Header-Content-Length`, then each output's
 `binary_data_size` bytes) or JSON, and counts its top-1 against the sample's label; a 200 that cannot be
 read counts as unreadable, and wrong when the sample is labelled. Only the standard library and NumPy here
 (and lab/preprocess.py for `pixels`).
@@ -48,13 +49,11 @@ def _header_length(head: bytes) -> int | None:
     return int(head[at + 34:stop if stop > 0 else None])
 
 
-def read_answer(head: bytes, body: bytes) -> dict:
+def read_answer(body: bytes, json_size: int | None = None) -> dict:
     """A v2 answer -> {"outputs": {name: (datatype, shape, values)}, ...the rest of its JSON}: values a
     NumPy array (FP32 and the other numeric types) or a list of str (BYTES), from JSON or the binary tail.
-    `head`: the response's header block, lower-cased (b"" when the body is JSON only). Raises ValueError."""
-    size = _header_length(head)
-    if size is None:
-        size = len(body)
+    `json_size`: the answer's Inference-Header-Content-Length (None: all JSON). Raises ValueError."""
+    size = len(body) if json_size is None else json_size
     if size > len(body):
         raise ValueError(f"Inference-Header-Content-Length {size} is past the {len(body)}-byte body")
     doc = json.loads(body[:size])
@@ -172,7 +171,7 @@ class V2(Protocol):
 
     def check(self, head: bytes, body: bytes, sample: Sample, res: Result) -> None:
         try:
-            label = top1(read_answer(head, body), "probabilities", self.labels)
+            label = top1(read_answer(body, _header_length(head)), "probabilities", self.labels)
         except (ValueError, KeyError, IndexError, TypeError):
             res.unreadable += 1
             if sample.label is not None:

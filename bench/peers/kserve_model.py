@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """KServe's Python model server (`kserve.ModelServer`) serving a stored model with ONNX Runtime.
 
-Run in the kserve environment (bench/peers/envs.py), never in the service's:
+Run in the kserve environment (bench/peers/envs.py), never in the service's, with this repository on
+PYTHONPATH (it is not installed there; lab/preprocess.py decodes the images):
 
-    .cache/peers/kserve/venv/bin/python bench/peers/kserve_model.py --model-dir <stored model folder> \
+    PYTHONPATH=<repo> .cache/peers/kserve/venv/bin/python bench/peers/kserve_model.py --model-dir <stored model folder> \
         --serve m-onnx=model.sim.onnx --serve m-int8=model.int8.onnx --serve m-zero=zero --threads 2 \
         --http_port 8080 --enable_grpc false
 
@@ -19,12 +20,9 @@ model, as the service serves its backends. Every other flag is KServe's own (`--
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: lab/preprocess.py
-
-from bench.peers.common import Classifier, parse_serve  # noqa: E402
+from bench.peers.common import Classifier, parse_serve
 
 
 def make_model(name: str, clf: Classifier):

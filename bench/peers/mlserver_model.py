@@ -19,10 +19,7 @@ server serves every model of `serve`, as the service serves its backends.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: lab/preprocess.py
 
 IMPLEMENTATION = "bench.peers.mlserver_model.OnnxClassifier"
 
