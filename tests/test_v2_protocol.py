@@ -235,10 +235,18 @@ def test_versions_are_the_stores(server, client, spec):
         client.infer(MODEL, [_input("pixels", _images()[:1], spec, True)], model_version="nope")
 
 
-def test_v2_requests_are_timed_and_counted(server, client, spec):
-    client.infer(MODEL, [_input("image", _images()[:1], spec, True)])
-    text = requests.get(f"{server.url}/metrics", timeout=10).text
-    assert 'route="/v2/models/{name}/infer"' in text
+def test_v2_requests_are_timed_and_counted(store, spec, tmp_path):
+    """On a server of its own: every `bentoml serve` empties the Prometheus directory of its BENTOML_HOME,
+    so the session server's metrics are gone once another test has started a server on the same store."""
+    from bench.server import Server
+
+    with Server(store["env"], tmp_path / "serve.log", {"LAB_DEFAULT_MODEL": MODEL, "LAB_BACKENDS": "onnx",
+                                                       "LAB_DEFAULT_BACKEND": "onnx"}) as own:
+        triton.InferenceServerClient(own.url.removeprefix("http://")).infer(
+            MODEL, [_input("image", _images()[:1], spec, True)])
+        text = requests.get(f"{own.url}/metrics", timeout=10).text
+    assert 'lab_request_seconds_count{route="/v2/models/{name}/infer",status="200"}' in text
+    assert 'lab_requests_total{backend="onnx",model="cifar10-airbench-smoke",status="200"}' in text
 
 
 # ---------------------------------------------------------------- malformed requests, sent raw
