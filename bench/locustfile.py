@@ -213,17 +213,7 @@ class ClassifyUser(FastHttpUser):
         params = f"?backend={self.backend}" + (f"&model={self.model}" if self.model else "")
         with self.client.post(f"/classify{params}", data=sample.body, name=f"classify[{self.backend}]",
                               headers={"Content-Type": sample.content_type}, catch_response=True) as r:
-            if r.status_code != 200:
-                r.failure(f"HTTP {r.status_code}: {(r.text or '')[:200]}")
-                return
-            try:
-                label = r.json()["predictions"][0]["label"]
-            except (ValueError, KeyError, IndexError, TypeError):
-                r.failure("200 without a readable prediction")
-                return
-            r.success()
-            if sample.label is not None:
-                _count(self.backend, label == sample.label)
+            self._judge(r, sample, lambda: r.json()["predictions"][0]["label"], "a readable prediction")
 
     def infer(self):
         """One Open Inference Protocol request (bench/v2client.py builds it and reads its answer)."""
@@ -233,16 +223,23 @@ class ClassifyUser(FastHttpUser):
         body, headers = self.v2.request(sample)
         with self.client.post(f"/v2/models/{self.model}/infer", data=body, headers=headers,
                               name=f"infer[{self.backend}]", catch_response=True) as r:
-            if r.status_code != 200:
-                r.failure(f"HTTP {r.status_code}: {(r.text or '')[:200]}")
-                return
-            try:
+            def label():
                 size = r.headers.get("Inference-Header-Content-Length")
-                label = top1(read_answer(r.content, None if size is None else int(size)), self.v2.output,
-                             self.v2.labels)
-            except (ValueError, KeyError, IndexError, TypeError):
-                r.failure("200 without a readable v2 answer")
-                return
-            r.success()
-            if sample.label is not None:
-                _count(self.backend, label == sample.label)
+                return top1(read_answer(r.content, None if size is None else int(size)), self.v2.output,
+                            self.v2.labels)
+
+            self._judge(r, sample, label, "a readable v2 answer")
+
+    def _judge(self, r, sample, read_label, what: str) -> None:
+        """A failure for a non-200 or an unreadable answer; else a success, its top-1 counted against the label."""
+        if r.status_code != 200:
+            r.failure(f"HTTP {r.status_code}: {(r.text or '')[:200]}")
+            return
+        try:
+            label = read_label()
+        except (ValueError, KeyError, IndexError, TypeError):
+            r.failure(f"200 without {what}")
+            return
+        r.success()
+        if sample.label is not None:
+            _count(self.backend, label == sample.label)
