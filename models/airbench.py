@@ -39,11 +39,14 @@ class Conv3x3(nn.Conv2d):
 
 
 class ConvGroup(nn.Module):
-    def __init__(self, cin: int, cout: int, bn_momentum: float):
+    """conv1 (cin -> mid), pool, BN, GELU, conv2 (mid -> cout), BN, GELU; mid = cout unless pruned apart."""
+
+    def __init__(self, cin: int, cout: int, bn_momentum: float, mid: int | None = None):
         super().__init__()
-        self.conv1, self.pool = Conv3x3(cin, cout), nn.MaxPool2d(2)
-        self.norm1 = BatchNormBias(cout, bn_momentum)
-        self.conv2, self.norm2 = Conv3x3(cout, cout), BatchNormBias(cout, bn_momentum)
+        mid = cout if mid is None else mid
+        self.conv1, self.pool = Conv3x3(cin, mid), nn.MaxPool2d(2)
+        self.norm1 = BatchNormBias(mid, bn_momentum)
+        self.conv2, self.norm2 = Conv3x3(mid, cout), BatchNormBias(cout, bn_momentum)
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,25 +60,37 @@ class ConvGroup(nn.Module):
         return self.act(self.norm2(self.conv2(self.act(x))))
 
 
+def conv_widths(widths: tuple[int, ...]) -> tuple[int, ...]:
+    """Per-conv output widths (group1 conv1, group1 conv2, group2 conv1, ...) from 3 (one per group) or 6."""
+    widths = tuple(int(w) for w in widths)
+    if len(widths) == 3:
+        return tuple(w for w in widths for _ in range(2))
+    if len(widths) == 6:
+        return widths
+    raise ValueError(f"airbench takes 3 widths (one per conv group) or 6 (one per conv); got {len(widths)}")
+
+
 class AirbenchNet(ImageClassifier):
     def __init__(self, num_classes: int = 10, in_channels: int = 3,
-                 widths: tuple[int, int, int] = (64, 256, 256), whiten_kernel: int = 2,
-                 bn_momentum: float = 0.4):
+                 widths: tuple[int, ...] = (64, 256, 256), whiten_kernel: int = 2,
+                 bn_momentum: float = 0.4, logit_scale: float | None = None):
         super().__init__()
+        w = conv_widths(widths)
         k = whiten_kernel
         whiten_width = 2 * in_channels * k * k  # each PCA direction, positive and negative
         self.whiten = nn.Conv2d(in_channels, whiten_width, k, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)
         self.features = nn.Sequential(
             nn.GELU(),
-            ConvGroup(whiten_width, widths[0], bn_momentum),
-            ConvGroup(widths[0], widths[1], bn_momentum),
-            ConvGroup(widths[1], widths[2], bn_momentum),
+            ConvGroup(whiten_width, w[1], bn_momentum, mid=w[0]),
+            ConvGroup(w[1], w[3], bn_momentum, mid=w[2]),
+            ConvGroup(w[3], w[5], bn_momentum, mid=w[4]),
             nn.AdaptiveMaxPool2d(1),
             nn.Flatten(),
         )
-        self.head = nn.Linear(widths[2], num_classes, bias=False)
-        self.logit_scale = 1.0 / widths[2]
+        self.head = nn.Linear(w[5], num_classes, bias=False)
+        # A pruned net keeps the scale of the net it was pruned from, so that it computes the same function.
+        self.logit_scale = 1.0 / w[5] if logit_scale is None else float(logit_scale)
         with torch.no_grad():
             self.head.weight.mul_(1.0 / self.head.weight.std())
 
@@ -103,8 +118,12 @@ class AirbenchNet(ImageClassifier):
 
 @register_model
 def airbench(num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
-             widths: tuple[int, int, int] = (64, 256, 256), whiten_kernel: int = 2,
-             bn_momentum: float = 0.4) -> AirbenchNet:
-    """airbench94-style VGG net: data-fitted whitening, 3 conv groups, BN with frozen scale (the default model)."""
+             widths: tuple[int, ...] = (64, 256, 256), whiten_kernel: int = 2,
+             bn_momentum: float = 0.4, logit_scale: float | None = None) -> AirbenchNet:
+    """airbench94-style VGG net: data-fitted whitening, 3 conv groups, BN with frozen scale (the default model).
+
+    `widths`: 3 values (each conv group's width) or 6 (each conv's: group1 conv1, group1 conv2, ...), as a
+    pruned net has. `logit_scale`: the logits' factor, 1 / last width unless given (a pruned net keeps its
+    original's)."""
     del image_size  # any size >= 8 works: the last pooling is adaptive
-    return AirbenchNet(num_classes, in_channels, tuple(widths), whiten_kernel, bn_momentum)
+    return AirbenchNet(num_classes, in_channels, tuple(widths), whiten_kernel, bn_momentum, logit_scale)
