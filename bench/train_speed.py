@@ -57,10 +57,10 @@ class Trainer:
     def step(self) -> int:
         """One step of the engine's own training step (training/engine.py), on the next batch."""
         try:
-            x, y = next(self.batches)
+            x, y, *_ = next(self.batches)
         except StopIteration:
             self.batches = iter(self.loader)
-            x, y = next(self.batches)
+            x, y, *_ = next(self.batches)
         train_step(self.forward, x, y, self.optimizers, precision=self.precision,
                    label_smoothing=self.cfg.label_smoothing)
         return len(y)

@@ -343,7 +343,8 @@ class BatchLoader:
     def __init__(self, ds: ArrayDataset, spec: Preprocessing, batch_size: int, *, train: bool,
                  translate: int = 0, flip: bool = False, seed: int = 0, drop_last: bool | None = None,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                 device: torch.device | str | None = None, rank: int = 0, world_size: int = 1):
+                 device: torch.device | str | None = None, rank: int = 0, world_size: int = 1,
+                 targets: torch.Tensor | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside a world of size {world_size}")
         h, w = ds.images.shape[2:]
@@ -359,6 +360,8 @@ class BatchLoader:
         # the only copy of the pixels (on the CPU this is the dataset's own tensor: no copy at all)
         self.pixels = ds.images.to(self.device).contiguous()
         self.labels = ds.labels.to(self.device)
+        # per-image soft targets (a teacher's logits, N x K): yielded third, for the same images as y
+        self.targets = targets.to(self.device) if targets is not None else None
         self._mean, self._inv_std = normalization_constants(spec, self.device)
         self._arange = {n: torch.arange(n, device=self.device) for n in {ds.images.shape[1], h, w}}
         self._images = None
@@ -414,15 +417,17 @@ class BatchLoader:
                 flip = self._flip_mask if self.epoch % 2 == 0 else ~self._flip_mask
         for i in range(steps):
             lo, hi = self._local(i * b, min((i + 1) * b, n))
+            idx = slice(lo, hi) if order is None else order[lo:hi]
             if order is None:
-                x, y = self.pixels[lo:hi], self.labels[lo:hi]
+                x = self.pixels[idx]
             else:
-                idx = order[lo:hi]
                 x = self._gather(idx, shifts[lo:hi] if shifts is not None else None,
                                  flip[idx] if flip is not None else None)
-                y = self.labels[idx]
-            yield normalize_batch(x, self._mean, self._inv_std, channels_last=self.channels_last,
-                                  dtype=self.dtype), y
+            x = normalize_batch(x, self._mean, self._inv_std, channels_last=self.channels_last, dtype=self.dtype)
+            if self.targets is None:
+                yield x, self.labels[idx]
+            else:
+                yield x, self.labels[idx], self.targets[idx]
 
     def _gather(self, idx: torch.Tensor, shifts: torch.Tensor | None, flips: torch.Tensor | None) -> torch.Tensor:
         """uint8 images `idx`, each shifted by (dy, dx) = shifts - r with reflect padding and then mirrored

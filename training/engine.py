@@ -60,6 +60,10 @@ class TrainConfig:
     ema_decay: float = 0.99           # per averaging update
     ema_every: int = 5                # steps between averaging updates
     grad_clip: float = 0.0            # max global grad norm (clip_grad_norm_); 0 = off
+    # distillation (training/compress/): with a teacher's logits per training image (train(teacher=...)),
+    # the loss is (1 - w) x cross-entropy on the labels + w x T^2 x KL(teacher || student) at temperature T
+    distill_weight: float = 0.0       # w; 0 = the labels alone
+    distill_temperature: float = 1.0  # T
     translate: int = 0                # random translation in pixels (reflect padding)
     flip: bool = False                # alternating horizontal flip
     tta_level: int = 0                # test-time augmentation of the final model (models.tta)
@@ -179,26 +183,46 @@ class WeightAveraging:
 # ---------------------------------------------------------------- the step and the epoch
 
 
+def distillation_loss(out: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor, *, weight: float,
+                      temperature: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """(1 - weight) x cross-entropy with the labels + weight x T^2 x KL(softmax(teacher / T) || softmax(out / T))
+    (Hinton et al. 2015: the T^2 keeps the soft term's gradient scale independent of T)."""
+    hard = F.cross_entropy(out, y, label_smoothing=label_smoothing)
+    t = temperature
+    soft = F.kl_div(F.log_softmax(out / t, dim=1), F.log_softmax(teacher.float() / t, dim=1),
+                    reduction="batchmean", log_target=True) * (t * t)
+    return (1.0 - weight) * hard + weight * soft
+
+
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizers: list[torch.optim.Optimizer], *,
                precision: str, label_smoothing: float = 0.0, grad_clip: float = 0.0,
                after_backward: Callable[[nn.Module], None] | None = None,
-               sync_grads: Callable[[nn.Module], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, loss, backward, (average gradients over ranks), (clip), step. Returns the detached loss and
-    logits. Nothing here waits for the device."""
+               sync_grads: Callable[[nn.Module], None] | None = None, teacher: torch.Tensor | None = None,
+               distill_weight: float = 0.0, distill_temperature: float = 1.0,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward, loss, backward, (average gradients over ranks), (clip), step. Returns the detached loss,
+    logits, and whether clipping shrank this step (a bool tensor; False when grad_clip is 0). With
+    `teacher` (its logits for these images) the loss is `distillation_loss`. Nothing here waits for the
+    device."""
     with autocast(x.device, precision):
         out = model(x)
-    loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
+    if teacher is None:
+        loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
+    else:
+        loss = distillation_loss(out.float(), y, teacher, weight=distill_weight, temperature=distill_temperature,
+                                 label_smoothing=label_smoothing)
     loss.backward()
     if sync_grads is not None:
         sync_grads(model)                   # data-parallel: the gradient of the global batch
     if after_backward is not None:
         after_backward(model)               # e.g. a study reading per-layer gradient norms
+    clipped = torch.zeros((), dtype=torch.bool, device=out.device)
     if grad_clip:
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        clipped = nn.utils.clip_grad_norm_(model.parameters(), grad_clip) > grad_clip
     for opt in optimizers:
         opt.step()
     model.zero_grad(set_to_none=True)
-    return loss.detach(), out.detach()
+    return loss.detach(), out.detach(), clipped
 
 
 def train_one_epoch(model: nn.Module, forward: nn.Module, loader: BatchLoader, optimizers, cfg: TrainConfig,
@@ -212,15 +236,20 @@ def train_one_epoch(model: nn.Module, forward: nn.Module, loader: BatchLoader, o
     summed over the ranks of a data-parallel run); a non-finite loss is reported then, with its step
     (cfg.finite_check="step" checks after every step instead, at the cost of a host sync per step)."""
     model.train()
-    losses, corrects = [], []
+    losses, corrects, clips = [], [], []
     seen, first_step = 0, step
-    for x, y in loader:
+    for x, y, *teacher in loader:  # a loader with a teacher's logits yields them third
         if step >= total_steps:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        t = teacher[0].to(device, non_blocking=True) if teacher else None
         set_lr(optimizers, step / total_steps, cfg)
-        loss, out = train_step(forward, x, y, optimizers, precision=precision, label_smoothing=cfg.label_smoothing,
-                               grad_clip=cfg.grad_clip, after_backward=after_backward, sync_grads=sync_grads)
+        loss, out, clipped = train_step(forward, x, y, optimizers, precision=precision,
+                                        label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip,
+                                        after_backward=after_backward, sync_grads=sync_grads, teacher=t,
+                                        distill_weight=cfg.distill_weight,
+                                        distill_temperature=cfg.distill_temperature)
+        clips.append(clipped)
         if cfg.finite_check == "step" and not torch.isfinite(loss):
             raise _non_finite(loss.item(), step + 1, cfg)
         step += 1
@@ -234,16 +263,18 @@ def train_one_epoch(model: nn.Module, forward: nn.Module, loader: BatchLoader, o
     if losses:
         step_losses = torch.stack(losses)
         loss_sum, correct = step_losses.sum(), torch.stack(corrects).sum()
+        clipped_steps = torch.stack(clips).sum()
     else:
-        step_losses = loss_sum = correct = torch.zeros((), device=device)
+        step_losses = loss_sum = correct = clipped_steps = torch.zeros((), device=device)
     loss_sum, correct, seen = dist.all_sum([loss_sum, correct, seen], device)  # the epoch's one host sync
+    clipped_steps = int(clipped_steps)  # every rank clips the same averaged gradient: no sum over ranks
     if not math.isfinite(loss_sum):
         bad = torch.nonzero(~torch.isfinite(step_losses.reshape(-1))).flatten().tolist()
         if bad:
             raise _non_finite(step_losses[bad[0]].item(), first_step + bad[0] + 1, cfg)
         raise _non_finite(loss_sum, step, cfg, where="on another rank, ")
     return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-            "images": int(seen)}, step
+            "images": int(seen), "steps": step - first_step, "clipped_steps": clipped_steps}, step
 
 
 def _non_finite(value: float, step: int, cfg: TrainConfig, where: str = "") -> FloatingPointError:
@@ -284,7 +315,7 @@ def train(model: nn.Module, train_set: ArrayDataset, spec: Preprocessing, cfg: T
           progress: bool = True, log=print, context: dict | None = None,
           after_backward: Callable[[nn.Module], None] | None = None,
           on_epoch_end: Callable[[nn.Module, dict], None] | None = None,
-          device: torch.device | str | None = None) -> TrainResult:
+          device: torch.device | str | None = None, teacher: torch.Tensor | None = None) -> TrainResult:
     """Train `model` on `train_set`; evaluate on each of `eval_sets` after every epoch.
 
     With `run_dir`, writes history.json and checkpoint.pt there every epoch, and resumes from
@@ -294,7 +325,9 @@ def train(model: nn.Module, train_set: ArrayDataset, spec: Preprocessing, cfg: T
     `on_epoch_end(eval_model, record)` runs after each epoch's evaluation, outside the training clock;
     it may add entries to the epoch's record (a benchmark's test accuracy with TTA, say), and an exception
     it raises (optuna.TrialPruned, say) ends the training there. `device`
-    overrides the automatic choice (pick_device). In a torchrun process group (training/distributed.py)
+    overrides the automatic choice (pick_device). `teacher`: a teacher's logits (N, K) for the N training
+    images in their order, which makes the loss `distillation_loss` with cfg.distill_weight and
+    cfg.distill_temperature (put what identifies the teacher in `context`). In a torchrun process group (training/distributed.py)
     the ranks train one model together; only the main rank evaluates, logs, calls on_epoch_end and
     writes to run_dir.
     """
@@ -324,9 +357,14 @@ def train(model: nn.Module, train_set: ArrayDataset, spec: Preprocessing, cfg: T
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
+    if teacher is not None and tuple(teacher.shape[:1]) != (len(train_set),):
+        raise ConfigError(f"the teacher's logits are for {teacher.shape[0]} images, the training set has "
+                          f"{len(train_set)}")
+    if teacher is None and cfg.distill_weight:
+        raise ConfigError(f"distill_weight {cfg.distill_weight:g} needs a teacher's logits (train(teacher=...))")
     loader = BatchLoader(train_set, spec, cfg.batch_size, train=True, translate=cfg.translate,
                          flip=cfg.flip, seed=cfg.seed, channels_last=channels_last, device=data_device,
-                         rank=world.rank, world_size=world.world_size)
+                         rank=world.rank, world_size=world.world_size, targets=teacher)
     if len(loader) == 0:
         raise ValueError(f"batch size {cfg.batch_size} exceeds the {len(train_set)} training images")
     eval_batch = cfg.eval_batch_size or (5000 if data_device.type == "cuda" else 1000)
@@ -372,7 +410,8 @@ def train(model: nn.Module, train_set: ArrayDataset, spec: Preprocessing, cfg: T
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
         record = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
-                  "seconds": epoch_seconds, "train_seconds": train_seconds, "images": stats["images"]}
+                  "seconds": epoch_seconds, "train_seconds": train_seconds, "images": stats["images"],
+                  "steps": stats["steps"], "clipped_steps": stats["clipped_steps"]}
         # per-rank BatchNorm: the running statistics become the mean over the ranks
         dist.average_buffers(model, averaging.shadow if averaging is not None else None)
         eval_model = averaging.shadow if averaging is not None else model
