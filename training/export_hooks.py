@@ -193,6 +193,8 @@ def students(ctx: ExportContext) -> tuple[list[str], dict]:
     for name, rec in records.items():
         fp32_cls, int8_cls = get_backend(f"{name}_1view"), get_backend(f"{name}_int8_1view")
         work = ctx.out_dir / f"student-{name}"
+        for cls in (fp32_cls, int8_cls):  # an earlier export's files never stand in for this one's
+            (ctx.out_dir / cls.file).unlink(missing_ok=True)
         try:
             net = load_student(ctx.settings["run_dir"], rec)
             result = export_verified(net, 0, ctx.parity_batch, work)

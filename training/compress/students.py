@@ -105,7 +105,7 @@ def stage_students(run) -> None:
     from models import count_parameters, create_model
     from models.tta import passes
     from training.compress.prune import macs as count_macs
-    from training.compress.prune import prune_to_macs
+    from training.compress.prune import REBUILD, prune_to_macs
     from training.compress.teacher import sha256_file, teacher_logits
     from training.engine import evaluate_loss_acc, pick_device, train
     from training.data import BatchLoader
@@ -113,9 +113,6 @@ def stage_students(run) -> None:
 
     p = run.preset
     students = get_students(p.students)
-    if not students:
-        run.log("students: none in this preset")
-        return
     net, meta = load_trained(run)
     spec = Preprocessing.from_dict(meta.preprocessing)
     shape = (spec.channels, *spec.size)
@@ -125,12 +122,22 @@ def stage_students(run) -> None:
     teacher_macs = count_macs(net, shape)
     # each student's architecture first: a bad one is refused before any training
     plans = {}
-    for s in students:
+    for s in list(students):
+        why = ("" if s.method != "pruning" or type(net) in REBUILD else f"only {', '.join(r.name for r in REBUILD.values())}"
+               f" can be pruned and rebuilt") or ("" if s.width == 1.0 or arch["name"] in NARROW
+                                                  else f"no narrower {arch['name']} is defined")
+        if why:  # a student this architecture cannot have: the others are still made
+            run.log(f"students: {s.name} skipped for {arch['name']}: {why}")
+            students.remove(s)
+            continue
         if s.method == "pruning":
             pruned = prune_to_macs(net, shape, int((p.prune_macs or s.macs) * teacher_macs), log=run.log)
             plans[s.name] = ({"name": arch["name"], "kwargs": pruned.kwargs}, pruned)
         else:
             plans[s.name] = (student_architecture(s, arch), None)
+    if not students:
+        run.log("students: none for this preset and model")
+        return
     student_macs = {n: (pl[1].macs_after if pl[1] else count_macs(create_model(pl[0]["name"], **pl[0]["kwargs"]),
                                                                   shape)) for n, pl in plans.items()}
     out_dir = run.path("students")
