@@ -160,6 +160,78 @@ def one_view_int8(ctx: ExportContext) -> tuple[str | None, dict]:
     return OnnxInt8OneViewBackend.file, rec
 
 
+# ---------------------------------------------------------------- students: cheaper networks as rungs
+
+
+@export_hook("students")
+def students(ctx: ExportContext) -> tuple[list[str], dict]:
+    """student.<name>.sim.onnx and student.<name>.int8.onnx for each student the students stage trained
+    (training/compress/students.py, settings["students"]: their records): one view, exported and
+    parity-checked like the served graph, quantized with the recipe the int8 hook chose on the same
+    calibration images; the INT8 file is published when it loses at most int8_max_drop against the
+    student's fp32 graph. A student whose export fails its parity check is not published (one line says
+    why); the others are."""
+    import shutil
+
+    from lab.backends import get_backend
+    from training import data as D
+    from training.compress.students import load_student
+    from training.export import ExportError
+    from training.evaluate import classification_metrics, predict_backend
+
+    records = ctx.settings.get("students") or {}
+    if not records:
+        return [], {"skipped": "no students trained (the students stage did not run)"}
+    int8 = ctx.previous.get("int8") or {}
+    recipe = Recipe.parse(int8["recipe"]["name"]) if int8.get("recipe") else None
+    calib = (D.to_float(D.shuffled(ctx.train_set, SHUFFLE_SEED).images[:int8.get("calibration_images", 512)],
+                        ctx.spec).numpy() if recipe else None)
+    labels = ctx.test.labels.numpy()
+    served_acc = float((ctx.fp32_logits.argmax(1) == labels).mean())
+    max_drop = ctx.settings.get("int8_max_drop", 0.01)
+    made, out = [], {}
+    for name, rec in records.items():
+        fp32_cls, int8_cls = get_backend(f"{name}_1view"), get_backend(f"{name}_int8_1view")
+        work = ctx.out_dir / f"student-{name}"
+        for cls in (fp32_cls, int8_cls):  # an earlier export's files never stand in for this one's
+            (ctx.out_dir / cls.file).unlink(missing_ok=True)
+        try:
+            net = load_student(ctx.settings["run_dir"], rec)
+            result = export_verified(net, 0, ctx.parity_batch, work)
+            shutil.move(str(work / "model.sim.onnx"), ctx.out_dir / fp32_cls.file)
+        except ExportError as e:
+            out[name] = {"refused": str(e)}
+            ctx.log(f"student {name}: NOT published: {e}")
+            continue
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        acc = float((predict_backend(fp32_cls(ctx.out_dir / fp32_cls.file), ctx.test, ctx.spec).argmax(1)
+                     == labels).mean())
+        entry = {"network": name, "method": rec["method"], "architecture": rec["architecture"],
+                 "macs_per_image": rec["macs_per_image"], "parameters": rec["parameters"],
+                 "train_seconds": rec["train_seconds"], "epochs": rec["epochs"], "accuracy": acc,
+                 "drop_vs_served": served_acc - acc, "parity": result["parity"], "pruning": rec.get("pruning"),
+                 "distill_weight": rec.get("distill_weight"), "distill_temperature": rec.get("distill_temperature"),
+                 "teacher_sha256": rec["teacher"]["weights_sha256"]}
+        made.append(fp32_cls.file)
+        if recipe is not None:
+            path = ctx.out_dir / int8_cls.file
+            quantize_int8(ctx.out_dir / fp32_cls.file, calib, path, recipe)
+            q_acc = float((predict_backend(int8_cls(path), ctx.test, ctx.spec).argmax(1) == labels).mean())
+            entry["int8"] = {"accuracy": q_acc, "drop_vs_student": acc - q_acc, "recipe": recipe.name,
+                             "accepted": acc - q_acc <= max_drop}
+            if entry["int8"]["accepted"]:
+                made.append(int8_cls.file)
+            else:
+                path.unlink(missing_ok=True)
+        out[name] = entry
+        ctx.log(f"student {name}: test accuracy {100 * acc:.2f}% with one view ({100 * (acc - served_acc):+.2f} "
+                f"points against the served graph)" + (f"; INT8 {100 * entry['int8']['accuracy']:.2f}%"
+                                                       + ("" if entry["int8"]["accepted"] else " NOT published")
+                                                       if "int8" in entry else ""))
+    return made, {"students": out}
+
+
 # ---------------------------------------------------------------- the ladder: every published rung measured
 
 
@@ -191,6 +263,33 @@ def published_rungs(ctx: ExportContext) -> tuple[dict, dict]:
     return builders, files
 
 
+def rung_facts(ctx: ExportContext) -> dict[str, dict]:
+    """What each registered backend's rung is: the network it runs, how it was made cheaper, its views
+    per image and its multiply-accumulates per image (views x one view's), its parameters and the
+    training it cost (students only)."""
+    from lab.backends import get_backend, list_backends
+    from models import count_parameters
+    from models.tta import passes
+    from training.pipeline import count_flops
+
+    shape = tuple(ctx.parity_batch.shape[1:])
+    served_macs = count_flops(ctx.net, shape) // 2
+    students = (ctx.previous.get("students") or {}).get("students") or {}
+    out = {}
+    for name in list_backends():
+        cls = get_backend(name)
+        views = cls.views or passes(ctx.tta_level)
+        if cls.network == "served":
+            out[name] = {"network": "served", "method": cls.method, "views": views,
+                         "macs_per_image": served_macs * views, "parameters": count_parameters(ctx.net)}
+        elif "macs_per_image" in students.get(cls.network, {}):
+            st = students[cls.network]
+            out[name] = {"network": cls.network, "method": cls.method, "views": views,
+                         "macs_per_image": st["macs_per_image"] * views, "parameters": st["parameters"],
+                         "train_seconds": st["train_seconds"], "train_epochs": st["epochs"]}
+    return out
+
+
 @export_hook("ladder")
 def ladder(ctx: ExportContext) -> tuple[None, dict]:
     """Measure every rung the model will be published with (training/ladder.py): accuracy on the test
@@ -209,7 +308,9 @@ def ladder(ctx: ExportContext) -> tuple[None, dict]:
             ctx.log(f"  rung {r.backend:16s} {100 * r.accuracy:6.2f}% ({100 * r.diff:+.2f} points) "
                     f"{r.images_per_s_b64:8.1f} images/s at batch 64, {r.ms_b1_p50:6.2f} ms at batch 1")
     ctx.log(f"best rung: {best} ({rule})")
-    return None, {"rungs": {n: r.to_dict() for n, r in rungs.items()}, "best": best, "rule": rule,
+    facts = rung_facts(ctx)
+    return None, {"rungs": {n: {**r.to_dict(), **facts.get(n, {})} for n, r in rungs.items()}, "best": best,
+                  "rule": rule,
                   "reference": "onnx", "threads": cores(), "cpu_flags": cpu_flags(),
                   "seconds": round(time.perf_counter() - t0, 1)}
 

@@ -4,6 +4,8 @@
 
   train     trained.pth, trained.json, history.json, learning_curves.png (checkpoint.pt while running)
   evaluate  metrics.json, confusion.png, per-class accuracy in the log
+  students  students/<name>/ (weights.pth, history.json) and students.json: cheaper networks distilled from
+            the trained one (training/compress/students.py), exported beside it as model-level rungs
   export    export/model.pth, model.onnx, model.sim.onnx (+ each export hook's file), export/export.json
   publish   the BentoML model (the exported files plus card.json), published.json
 """
@@ -33,7 +35,7 @@ from training.engine import train
 from training.optim import ConfigError
 from training.presets import Preset
 
-STAGES = ("train", "evaluate", "export", "publish")
+STAGES = ("train", "evaluate", "students", "export", "publish")
 
 
 @dataclass
@@ -278,7 +280,8 @@ def stage_export(run: Run) -> None:
                         test=test, parity_batch=batch, fp32=fp32, fp32_logits=logits, log=run.log,
                         settings={"calibration_images": run.preset.calibration_images,
                                   "int8_max_drop": run.preset.int8_max_drop, "int8_recipes": run.preset.int8_recipes,
-                                  "ladder_skip": run.preset.ladder_skip})
+                                  "ladder_skip": run.preset.ladder_skip, "run_dir": run.dir,
+                                  "students": trained_students(run)})
     ctx.files, ctx.architecture = files, meta.architecture
     hooks = {}
     for name, hook in EXPORT_HOOKS.items():
@@ -286,6 +289,27 @@ def stage_export(run: Run) -> None:
         ctx.previous[name] = hooks[name]
         files.extend([made] if isinstance(made, str) else made or [])
     run.files.write(ExportRecord(parity=result["parity"], served=served, files=files, hooks=hooks))
+
+
+def stage_students(run: Run) -> None:
+    from training.compress.students import stage_students as train_students
+
+    train_students(run)
+
+
+def trained_students(run: Run) -> dict:
+    """The records of the preset's students trained for this run's model (students.json), in the preset's
+    order; a student trained for an earlier model of the folder is left out."""
+    import json
+
+    from training.compress.teacher import sha256_file
+
+    path = run.path("students.json")
+    if not path.exists() or not run.preset.students:
+        return {}
+    records, weights = json.loads(path.read_text()), sha256_file(run.path("trained.pth"))
+    return {n: records[n] for n in run.preset.students
+            if n in records and records[n]["teacher"]["weights_sha256"] == weights}
 
 
 def stage_publish(run: Run) -> str:

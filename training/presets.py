@@ -46,6 +46,9 @@ class Preset:
     # held-out training images is chosen. () = the default recipe on `calibration_images` images
     int8_recipes: tuple[str, ...] = ()
     ladder_skip: tuple[str, ...] = ()  # rungs the export's ladder does not measure (training/ladder.py)
+    # students the students stage trains (training/compress/students.py): cheaper networks as rungs
+    students: tuple[str, ...] = ("distilled", "narrow80", "narrow60", "pruned")
+    prune_macs: float = 0.5          # the pruned student's MAC budget, a share of the served network's one view
     description: str = ""
 
     def __post_init__(self):
@@ -53,6 +56,9 @@ class Preset:
 
         for name in self.int8_recipes:
             Recipe.parse(name)  # a bad name fails here, before any work, in one line
+        from training.compress.students import get_students
+
+        get_students(self.students)
 
     @property
     def recipe_name(self) -> str:
@@ -75,7 +81,7 @@ PRESETS: dict[str, Preset] = {
         int8_max_drop=1.0,  # a net this small is near chance: publish its INT8 model whatever it scores
         int8_recipes=("minmax/per-channel/u8/64", "minmax/per-tensor/u8/64"),
         ladder_skip=("torch_compile",),  # compiling costs more than the whole smoke run
-        store_suffix="-smoke",
+        store_suffix="-smoke", students=("distilled", "pruned"),
         description="seconds: 512 training images, a narrow net, 2 epochs"),
     "quick": Preset(
         name="quick", dataset="cifar10", model="airbench",

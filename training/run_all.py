@@ -259,7 +259,7 @@ def _main(args, world) -> int:
             clean_staging()
             for tag in repair_latest():
                 run.log(f"repaired the latest pointer of {tag}")
-        funcs = {"train": P.stage_train, "evaluate": P.stage_evaluate,
+        funcs = {"train": P.stage_train, "evaluate": P.stage_evaluate, "students": P.stage_students,
                  "export": P.stage_export, "publish": P.stage_publish}
         for stage in stages:
             if stage in done and stage not in explicit:  # named in --only: run again; else done is done

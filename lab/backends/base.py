@@ -45,6 +45,10 @@ class Backend:
                                              # it once at every size up to its largest batch before serving
     computes_model: ClassVar[bool] = True    # it runs the model: the service proves its golden answers at
                                              # load (lab/golden.py); False only for a benchmark's stand-in
+    # what the rung is, for the ladder (training/ladder.py) and the card's `rungs`:
+    network: ClassVar[str] = "served"        # the network it runs: "served", or a student's name
+    method: ClassVar[str] = "runtime"        # how it was made cheaper: runtime | distillation | pruning | qat
+    views: ClassVar[int] = 0                 # images through the network per image; 0 = the card's TTA views
 
     @classmethod
     def check_available(cls) -> None:

@@ -15,6 +15,7 @@ class OnnxOneViewBackend(OnnxBackend):
     file = "model.1view.sim.onnx"
     description = "ONNX Runtime, fp32, one view (no test-time augmentation)"
     serve_by_default = False
+    views = 1
 
 
 @register_backend
@@ -23,3 +24,4 @@ class OnnxInt8OneViewBackend(OnnxBackend):
     file = "model.1view.int8.onnx"
     description = "ONNX Runtime, static INT8, one view (no test-time augmentation)"
     serve_by_default = False
+    views = 1
