@@ -91,6 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     g.add_argument("--train-limit", type=int, help="use only this many training images")
     g.add_argument("--store-name", help="BentoML model name to publish under")
+    g.add_argument("--students", help="comma-separated students of the students stage (training/compress/students.py); "
+                                     "'' for none")
     return ap.parse_args(argv)
 
 
@@ -132,6 +134,8 @@ def resolve_preset(args):
         over["data_seed"] = args.data_seed
     if args.store_name:
         over["store_name"] = args.store_name
+    if args.students is not None:
+        over["students"] = tuple(n.strip() for n in args.students.split(",") if n.strip())
     p = replace(p, **over)
     p = replace(p, overrides={**p.overrides, **train_over})
     p.config()  # unknown settings and recipes fail here, before any work
