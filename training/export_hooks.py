@@ -263,6 +263,60 @@ def published_rungs(ctx: ExportContext) -> tuple[dict, dict]:
     return builders, files
 
 
+@export_hook("qat")
+def qat(ctx: ExportContext) -> tuple[str | None, dict]:
+    """model.qat.int8.onnx: where the post-training INT8 recipe the int8 hook chose changes more than
+    settings["qat_above_changes"] of the fp32 model's answers on held-out training images (the test set
+    takes no part in the decision), the served network is fine-tuned with its quantization in the loop
+    (training/compress/qat.py: fake int8 weights per channel and u8 activations calibrated on the same
+    images, settings["qat_epochs"] epochs of the model's recipe at a tenth of its learning rates) and
+    exported as a QDQ graph; published when it loses at most int8_max_drop of test accuracy."""
+    from lab.backends.qat import OnnxInt8QatBackend
+    from training import data as D
+    from training.compress import qat as Q
+    from training.evaluate import classification_metrics, predict_backend
+
+    int8 = ctx.previous.get("int8") or {}
+    chosen = next((r for r in int8.get("recipes", ()) if r.get("chosen")), None)
+    cfg = ctx.settings.get("train_config")
+    if chosen is None or cfg is None:
+        return None, {"skipped": "no post-training INT8 recipe to compare with"}
+    changes, limit = 1.0 - chosen["held_out_agreement"], ctx.settings.get("qat_above_changes", 0.003)
+    if changes <= limit:
+        return None, {"skipped": f"post-training INT8 changes {100 * changes:.2f} % of the held-out answers, "
+                                 f"within {100 * limit:.2f} %", "held_out_changes": changes}
+    path = ctx.out_dir / OnnxInt8QatBackend.file
+    path.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    calib = D.to_float(D.shuffled(ctx.train_set, SHUFFLE_SEED).images[:int8.get("calibration_images", 512)],
+                       ctx.spec).numpy()
+    net = Q.prepare(ctx.net, calib)
+    result = Q.finetune(net, ctx.train_set, ctx.spec, cfg, ctx.settings.get("qat_epochs", 1.0), log=lambda *_: None)
+    try:
+        exported = Q.export_qdq(result.model, ctx.tta_level, ctx.parity_batch, path)
+    except Q.QATError as e:
+        path.unlink(missing_ok=True)
+        ctx.log(f"QAT: NOT published: {e}")
+        return None, {"refused": str(e), "held_out_changes": changes}
+    labels = ctx.test.labels.numpy()
+    logits = predict_backend(OnnxInt8QatBackend(path), ctx.test, ctx.spec)
+    m = classification_metrics(labels, logits.argmax(1), ctx.test.classes)
+    fp32_acc = float((ctx.fp32_logits.argmax(1) == labels).mean())
+    max_drop = ctx.settings.get("int8_max_drop", 0.01)
+    rec = {"accuracy": m["accuracy"], "fp32_accuracy": fp32_acc, "drop": fp32_acc - m["accuracy"],
+           "post_training_drop": int8.get("drop"), "held_out_changes": changes, "epochs": result.history[-1]["epoch"],
+           "train_seconds": round(result.train_seconds, 1), "seconds": round(time.perf_counter() - t0, 1),
+           "int8_kernels": exported.get("int8_kernels"), "parity": exported.get("parity"), "bytes": path.stat().st_size,
+           "accepted": fp32_acc - m["accuracy"] <= max_drop}
+    ctx.log(f"QAT: test accuracy {100 * m['accuracy']:.2f}% ({100 * -rec['drop']:+.2f} points against fp32; "
+            f"post-training INT8 {100 * -(int8.get('drop') or 0):+.2f})"
+            + ("" if rec["accepted"] else f"; NOT published: more than {100 * max_drop:.1f} points lost"))
+    if not rec["accepted"]:
+        path.unlink(missing_ok=True)
+        return None, rec
+    return OnnxInt8QatBackend.file, rec
+
+
 def rung_facts(ctx: ExportContext) -> dict[str, dict]:
     """What each registered backend's rung is: the network it runs, how it was made cheaper, its views
     per image and its multiply-accumulates per image (views x one view's), its parameters and the
@@ -282,6 +336,11 @@ def rung_facts(ctx: ExportContext) -> dict[str, dict]:
         if cls.network == "served":
             out[name] = {"network": "served", "method": cls.method, "views": views,
                          "macs_per_image": served_macs * views, "parameters": count_parameters(ctx.net)}
+        elif cls.network == "qat" and "train_seconds" in (ctx.previous.get("qat") or {}):
+            q = ctx.previous["qat"]
+            out[name] = {"network": "qat", "method": cls.method, "views": views,
+                         "macs_per_image": served_macs * views, "parameters": count_parameters(ctx.net),
+                         "train_seconds": q["train_seconds"], "train_epochs": q["epochs"]}
         elif "macs_per_image" in students.get(cls.network, {}):
             st = students[cls.network]
             out[name] = {"network": cls.network, "method": cls.method, "views": views,
