@@ -115,6 +115,10 @@ def test_the_smoke_model_is_published_with_its_students_as_rungs(store):
     assert card.rungs["onnx_1view"]["macs_per_image"] * 6 == served["macs_per_image"]
     assert card.rungs["distilled_1view"]["macs_per_image"] == card.rungs["onnx_1view"]["macs_per_image"]
     assert card.rungs["pruned_1view"]["macs_per_image"] <= 0.5 * card.rungs["onnx_1view"]["macs_per_image"]
+    # quantization-aware training (the smoke preset always runs it): the served network's INT8 rung of its own
+    qat = card.rungs["onnx_int8_qat"]
+    assert card.backends["onnx_int8_qat"] == "model.qat.int8.onnx" and qat["method"] == "qat"
+    assert qat["macs_per_image"] == served["macs_per_image"] and qat["train_seconds"] > 0
     verify_files(store["model_dir"], card)
     records = json.loads((Path(store["run_dir"]) / "students.json").read_text())
     assert set(records) == {"distilled", "pruned"}

@@ -263,6 +263,68 @@ def published_rungs(ctx: ExportContext) -> tuple[dict, dict]:
     return builders, files
 
 
+@export_hook("qat")
+def qat(ctx: ExportContext) -> tuple[str | None, dict]:
+    """model.qat.int8.onnx: where the post-training INT8 graph the int8 hook chose loses more than
+    settings["qat_above_drop"] of accuracy on the held-out training images (the last ones of the fixed
+    order, which no calibration used; the test set takes no part in the decision), the served network is
+    fine-tuned with its quantization in the loop (training/compress/qat.py: fake int8 weights per channel
+    and u8 activations calibrated on the same images as post-training INT8, settings["qat_epochs"] epochs
+    of the model's recipe at a tenth of its learning rates) and exported as a QDQ graph; published when it
+    loses at most int8_max_drop of test accuracy."""
+    from lab.backends.onnx_int8 import OnnxInt8Backend
+    from lab.backends.qat import OnnxInt8QatBackend
+    from training import data as D
+    from training.compress import qat as Q
+    from training.evaluate import classification_metrics, predict_backend
+    from training.quantize import split_training
+
+    int8 = ctx.previous.get("int8") or {}
+    cfg = ctx.settings.get("train_config")
+    ptq_path = ctx.out_dir / OnnxInt8Backend.file
+    if "accuracy" not in int8 or cfg is None or not ptq_path.is_file():
+        return None, {"skipped": "no post-training INT8 graph to compare with"}
+    order = D.shuffled(ctx.train_set, SHUFFLE_SEED)
+    held = order.subset(slice(len(order) - split_training(len(order))[1], len(order)))
+    labels = held.labels.numpy()
+    fp32_held = float((predict_backend(ctx.fp32, held, ctx.spec).argmax(1) == labels).mean())
+    ptq_held = float((predict_backend(OnnxInt8Backend(ptq_path), held, ctx.spec).argmax(1) == labels).mean())
+    drop, limit = fp32_held - ptq_held, ctx.settings.get("qat_above_drop", 0.003)
+    decision = {"held_out_images": len(held), "held_out_fp32": fp32_held, "held_out_post_training": ptq_held}
+    if drop <= limit:
+        return None, {"skipped": f"post-training INT8 loses {100 * drop:.2f} points on {len(held)} held-out "
+                                 f"training images, within {100 * limit:.2f}", **decision}
+    path = ctx.out_dir / OnnxInt8QatBackend.file
+    path.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    calib = D.to_float(order.images[:int8.get("calibration_images", 512)], ctx.spec).numpy()
+    net = Q.prepare(ctx.net, calib)
+    result = Q.finetune(net, ctx.train_set, ctx.spec, cfg, ctx.settings.get("qat_epochs", 1.0), log=lambda *_: None)
+    try:
+        exported = Q.export_qdq(result.model, ctx.tta_level, ctx.parity_batch, path)
+    except Q.QATError as e:
+        path.unlink(missing_ok=True)
+        ctx.log(f"QAT: NOT published: {e}")
+        return None, {"refused": str(e), **decision}
+    labels = ctx.test.labels.numpy()
+    logits = predict_backend(OnnxInt8QatBackend(path), ctx.test, ctx.spec)
+    m = classification_metrics(labels, logits.argmax(1), ctx.test.classes)
+    fp32_acc = float((ctx.fp32_logits.argmax(1) == labels).mean())
+    max_drop = ctx.settings.get("int8_max_drop", 0.01)
+    rec = {"accuracy": m["accuracy"], "fp32_accuracy": fp32_acc, "drop": fp32_acc - m["accuracy"],
+           "post_training_drop": int8.get("drop"), **decision, "epochs": result.history[-1]["epoch"],
+           "train_seconds": round(result.train_seconds, 1), "seconds": round(time.perf_counter() - t0, 1),
+           "int8_kernels": exported.get("int8_kernels"), "parity": exported.get("parity"), "bytes": path.stat().st_size,
+           "accepted": fp32_acc - m["accuracy"] <= max_drop}
+    ctx.log(f"QAT: test accuracy {100 * m['accuracy']:.2f}% ({100 * -rec['drop']:+.2f} points against fp32; "
+            f"post-training INT8 {100 * -(int8.get('drop') or 0):+.2f})"
+            + ("" if rec["accepted"] else f"; NOT published: more than {100 * max_drop:.1f} points lost"))
+    if not rec["accepted"]:
+        path.unlink(missing_ok=True)
+        return None, rec
+    return OnnxInt8QatBackend.file, rec
+
+
 def rung_facts(ctx: ExportContext) -> dict[str, dict]:
     """What each registered backend's rung is: the network it runs, how it was made cheaper, its views
     per image and its multiply-accumulates per image (views x one view's), its parameters and the
@@ -282,6 +344,11 @@ def rung_facts(ctx: ExportContext) -> dict[str, dict]:
         if cls.network == "served":
             out[name] = {"network": "served", "method": cls.method, "views": views,
                          "macs_per_image": served_macs * views, "parameters": count_parameters(ctx.net)}
+        elif cls.network == "qat" and "train_seconds" in (ctx.previous.get("qat") or {}):
+            q = ctx.previous["qat"]
+            out[name] = {"network": "qat", "method": cls.method, "views": views,
+                         "macs_per_image": served_macs * views, "parameters": count_parameters(ctx.net),
+                         "train_seconds": q["train_seconds"], "train_epochs": q["epochs"]}
         elif "macs_per_image" in students.get(cls.network, {}):
             st = students[cls.network]
             out[name] = {"network": cls.network, "method": cls.method, "views": views,

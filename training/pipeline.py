@@ -281,7 +281,9 @@ def stage_export(run: Run) -> None:
                         settings={"calibration_images": run.preset.calibration_images,
                                   "int8_max_drop": run.preset.int8_max_drop, "int8_recipes": run.preset.int8_recipes,
                                   "ladder_skip": run.preset.ladder_skip, "run_dir": run.dir,
-                                  "students": trained_students(run)})
+                                  "students": trained_students(run), "train_config": run.preset.config(),
+                                  "qat_above_drop": run.preset.qat_above_drop,
+                                  "qat_epochs": run.preset.qat_epochs})
     ctx.files, ctx.architecture = files, meta.architecture
     hooks = {}
     for name, hook in EXPORT_HOOKS.items():

@@ -192,6 +192,16 @@ class QuantLayer(nn.Module):
         self.output_quant = ActQuant(*act_range) if kind != "linear" else None
         self.exporting = False   # export_qdq's frozen copy: the integers computed once, as constants
 
+    # the wrapped layer's parameters under their own names, so that a model naming them (airbench's
+    # param_roles: self.whiten.bias) finds them through the wrapper
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.layer.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.layer.bias
+
     def effective_weight(self) -> torch.Tensor:
         return _ws_weight(self.layer) if self.kind == "wsconv" else self.layer.weight
 
