@@ -61,7 +61,8 @@ def test_the_ladder_page_for_a_stored_model(store, tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "backends must be among" in proc.stderr  # an unknown rung: one line
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "ladder.py"), "--model", "cifar10-airbench-smoke",
-                           "--limit", "64", "--rounds", "1", "--backends", "onnx_int8,onnx_1view,torch,torch_compile",
+                           "--limit", "64", "--rounds", "1",
+                           "--backends", "onnx_int8,onnx_1view,torch,torch_compile,distilled_1view,pruned_int8_1view",
                            "--out", str(out)], env=dict(store["env"], LAB_DATA_ROOT=str(store["data"])),
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -70,6 +71,13 @@ def test_the_ladder_page_for_a_stored_model(store, tmp_path):
     assert report["best"] in report["rungs"] and report["cpu_flags"]
     md = (out / "ladder.md").read_text()
     assert "| `onnx_int8`" in md and "95 % CI" in md and "ladder.png" in md
+    # model-level rungs beside the runtime ones, each saying what it is; the gain they add is stated
+    assert report["rungs"]["distilled_1view"]["network"] == "distilled"
+    assert report["rungs"]["pruned_int8_1view"]["method"] == "pruning"
+    assert report["rungs"]["onnx_1view"]["views"] == 1 and report["rungs"]["onnx"]["views"] == 6
+    assert "| distilled / distillation / 1 |" in md and "M MACs per image" in md
+    if report["model_level"]:
+        assert f"`{report['model_level']['best']}`, runs" in md
     assert (out / "ladder.png").stat().st_size > 0 and "data:image/png;base64" in (out / "ladder.html").read_text()
 
 
