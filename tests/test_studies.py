@@ -41,6 +41,8 @@ def test_every_study_stage_runs_on_smoke_and_writes_its_section(smoke_studies, s
         assert "established" in section, stage
     assert "spread" not in report.replace("spread over seeds", "")  # no verdict from seed ranges any more
     _check_raw_results(out, report)
+    _check_clipping(out)
+    _check_optimizers(out)
     assert "sweep seed 100" in report and "chosen LR" in report
     # the NumPy CNN's weights: load(path).predict(uint8 images) -> (N, 10) logits
     from training.scratch.numpy_cnn import load
@@ -69,12 +71,14 @@ def _check_raw_results(out, report: str) -> None:
     res = json.loads((out / "results.json").read_text())
     assert res["family_size"] == size("smoke") and "One family of comparisons" in report
     comparisons = [c for stage in res["stages"] for c in stage["comparisons"]]
-    assert len(comparisons) >= 27  # architectures 8, kernels 3, depth 8, blocks 2, optimizers 6 (+ tuning's)
+    # architectures 8, kernels 3, depth 8, blocks 2, optimizers 7 and 14 of stability (+ tuning's)
+    assert len(comparisons) >= 42
     for c in comparisons:
-        assert c["ci_lo"] <= c["diff"] <= c["ci_hi"] and c["p"] <= c["p_holm"] <= 1 and c["df"] > 0
+        assert c["ci_lo"] <= c["diff"] <= c["ci_hi"] and c["p"] <= c["p_holm"] <= 1
+        assert c["df"] > 0 if c["test"] == "t" else c["test"] == "permutation" and c["measure"]
         assert c["family_size"] == res["family_size"] and "family.py" in c["sentence"] and c["sentence"] in report
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert {r["kind"] for r in rows} == {"cell", "sweep", "comparison"}
+    assert {r["kind"] for r in rows} == {"cell", "variant", "sweep", "comparison"}
     assert sum(r["kind"] == "comparison" for r in rows) == len(comparisons)
     cells = [r for r in rows if r["kind"] == "cell" and r["stage"] == "kernels"]
     assert len(cells) == 12 and all(r["lr"] and r["test_acc"] and r["seed"] for r in cells)
@@ -82,6 +86,59 @@ def _check_raw_results(out, report: str) -> None:
     for stage in ("architectures", "kernels", "depth", "blocks", "optimizers", "tuning"):
         own = json.loads((out / stage / "results.json").read_text())
         assert own["cells"] and (out / stage / "results.csv").stat().st_size > 100, stage
+
+
+def _check_clipping(out) -> None:
+    """The share of clipped steps beside every variant's accuracy: a column where the stage's cells clip,
+    said once where none does; each variant's share in the raw results, summed from its cells' steps."""
+    import csv
+    import json
+
+    for stage in ("architectures", "kernels", "depth", "blocks"):  # every cell clips at norm 1.0
+        section = (out / stage / "section.md").read_text()
+        tables = [line for line in section.splitlines() if line.startswith("| ") and "test accuracy" in line]
+        assert tables and all("| clipped steps, all seeds |" in line for line in tables), stage
+        assert " steps) |" in section and "No cell of this stage clips" not in section, stage
+        res = json.loads((out / stage / "results.json").read_text())
+        for v, summary in res["variants"].items():
+            cells = [c for c in res["cells"] if c["variant"] == v]
+            assert summary["grad_clip"] == 1.0 and summary["steps"] == sum(c["steps"] for c in cells) > 0, (stage, v)
+            assert summary["clipped_steps"] == sum(c["clipped_steps"] for c in cells) <= summary["steps"]
+            assert summary["clipped_share"] == summary["clipped_steps"] / summary["steps"]
+    for stage in ("optimizers", "tuning", "scratch"):  # no cell clips: one line, no column of zeros
+        section = (out / stage / "section.md").read_text()
+        assert section.count("No cell of this stage clips its gradients (grad_clip 0)") == 1, stage
+        assert "clipped steps, all seeds" not in section, stage
+    rows = [r for r in csv.DictReader((out / "results.csv").open()) if r["kind"] == "variant"]
+    assert {r["stage"] for r in rows} >= {"architectures", "optimizers", "tuning"}
+    assert all(r["clipped_share"] != "" and 0 <= float(r["clipped_share"]) <= 1 for r in rows)
+
+
+def _check_optimizers(out) -> None:
+    """SGD with and without momentum named; Adam against both; a stability verdict per optimizer against SGD,
+    in the report's family; the seeds' claims judged."""
+    import json
+
+    from training.studies.optimizers import CLAIMS, STABILITY_COMPARISONS, STABILITY_MEASURES
+
+    section = (out / "optimizers" / "section.md").read_text()
+    assert "| sgd | SGD, no momentum |" in section and "| sgd_momentum | SGD, momentum 0.9 (no Nesterov) |" in section
+    assert "- adam − sgd: **" in section and "- adam − sgd_momentum: **" in section
+    assert "### Stability" in section and "one point per pass" in section
+    res = json.loads((out / "optimizers" / "results.json").read_text())
+    stable = [c for c in res["comparisons"] if c["measure"]]
+    assert {(c["a"], c["b"], c["measure"]) for c in stable} == {
+        (a, b, m) for a, b in STABILITY_COMPARISONS for m in STABILITY_MEASURES}
+    for c in stable:
+        assert c["sentence"] in section and c["family_size"] == res["comparisons"][0]["family_size"]
+        verdict = c["sentence"].split("; **")[1].split("**")[0]
+        assert verdict in ("more stable", "less stable", "not established",
+                           "not established (LR not bracketed)"), verdict
+    assert set(res["stability"]) >= {a for a, _ in STABILITY_COMPARISONS} and len(res["stability"]["sgd"]) == 3
+    for claim, _, _ in CLAIMS:
+        row = next(line for line in section.splitlines() if line.startswith(f"| {claim} |"))
+        assert row.split(" | ")[2] in ("**confirmed**", "**contradicted**", "**cannot settle**"), row
+    assert res["derived"][0]["text"] in section
 
 
 def test_unknown_stage_names_the_valid_ones(study_data, lab_env):

@@ -120,32 +120,150 @@ def test_the_interval_counts_each_variants_seeds_and_the_shared_images_once():
 
 def test_one_family_holds_every_comparison_the_report_declares(tmp_path):
     import json
+    from dataclasses import replace
 
     from training.studies import architectures as A, family, optimizers as O
 
     quick = family.keys("quick")
-    assert len(quick) == len(set(quick)) == family.size("quick") == 30     # about 28 + the headline's 2
-    assert family.size("full") == 31                                       # + the hand-written ResNet-50's
+    # 31 of test accuracy (the stages' 29, the headline's 2) + 2 stability measures x 7 optimizers against SGD
+    assert len(quick) == len(set(quick)) == family.size("quick") == 45
+    assert family.size("full") == 46                                       # + the hand-written ResNet-50's
     for stage, declared in (("kernels", A.KERNEL_COMPARISONS), ("optimizers", O.COMPARISONS)):
         assert {family.key(stage, a, b) for a, b, _ in declared} <= set(quick)
     assert family.key("tuning", "tuned (trial 21)", "untuned baseline") in quick
+    assert family.key("optimizers", "adam", "sgd_momentum") in quick
+    assert {family.key("optimizers", o, "sgd", m) for o in ("adam", "rprop", "rprop_full", "sgd_momentum")
+            for m in O.STABILITY_MEASURES} <= set(quick)
+    assert family.key("optimizers", "adam", "sgd", "training-loss rises") != family.key("optimizers", "adam", "sgd")
 
     def comparison(a, b, p):
         return stats.Comparison(a, b, 0.01, 0.0, 0.02, p, se=0.005, df=4.0, seeds=(3, 3), images=10)
 
-    # one stage alone: Holm over all 30, the other 28 counting as p = 1
+    # one stage alone: Holm over all 45, the other 43 counting as p = 1
     found = {"kernels": [comparison("5x5", "3x3", 0.001), comparison("7x7", "3x3", 0.04)]}
     alone = family.correct(tmp_path, "quick", found)["kernels"]
-    assert [c.p_holm for c in alone] == pytest.approx([0.03, 1.0])
-    assert alone[0].established and alone[0].family_size == 30 and "family.py" in alone[0].sentence()
+    assert [c.p_holm for c in alone] == pytest.approx([0.045, 1.0])
+    assert alone[0].established and alone[0].family_size == 45 and "family.py" in alone[0].sentence()
     # another stage's stored p-values join the family: adjusted p-values can only fall
     (tmp_path / "blocks").mkdir()
     stored = [dict(comparison("bottleneck", "basic", 0.0001).row()), dict(comparison("wide", "basic", 0.3).row())]
     (tmp_path / "blocks" / "results.json").write_text(json.dumps({"comparisons": stored}))
     both = family.correct(tmp_path, "quick", found)["kernels"]
-    assert both[0].p_holm == pytest.approx(29 * 0.001) and both[0].p_holm <= alone[0].p_holm
+    assert both[0].p_holm == pytest.approx(44 * 0.001) and both[0].p_holm <= alone[0].p_holm
+    # a stability comparison is its own member of the family, beside the same pair's accuracy
+    rises = replace(comparison("adam", "sgd", 0.0001), measure="training-loss rises")
+    fixed = family.correct(tmp_path, "quick", {"optimizers": [comparison("adam", "sgd", 0.3), rises]})["optimizers"]
+    assert fixed[1].p_holm == pytest.approx(45 * 0.0001) and fixed[0].p_holm == pytest.approx(1.0)
     with pytest.raises(ValueError, match="not declared"):
         family.correct(tmp_path, "quick", {"kernels": [comparison("9x9", "3x3", 0.01)]})
+
+
+def test_a_measure_per_seed_gets_welchs_interval_and_a_stability_verdict():
+    from lab.student_t import ppf, two_sided_p
+
+    a, b = [0.1, 0.3, 0.2], [1.0, 1.4, 1.2]
+    c = stats.compare_values("adam", a, "sgd", b, measure="training-loss rises", lower="more stable",
+                             higher="less stable")
+    va, vb = np.var(a, ddof=1) / 3, np.var(b, ddof=1) / 3
+    df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 2)
+    assert c.diff == pytest.approx(-1.0) and c.se == pytest.approx(np.sqrt(va + vb)) and c.df == pytest.approx(df)
+    assert c.hi - c.diff == pytest.approx(ppf(0.975, df) * c.se)
+    assert c.p == pytest.approx(two_sided_p(c.diff / c.se, df))
+    assert c.established and "**more stable**" in c.sentence() and "(adam 0.2, sgd 1.2)" in c.sentence()
+    worse = stats.compare_values("rprop", b, "sgd", a, measure="training-loss rises", lower="more stable",
+                                 higher="less stable")
+    assert "**less stable**" in worse.sentence()
+    # the same difference from seeds that scatter widely: not established
+    loose = stats.compare_values("adam", [0.0, 2.0, 0.0], "sgd", [2.0, 0.0, 2.0], measure="m")
+    assert not loose.established and "**not established**" in loose.sentence()
+    # no spread within either side: no t; the exact permutation test over 3 + 3 seeds never goes below 1/10
+    flat = stats.compare_values("rprop", [2, 2, 2], "sgd", [0, 0, 0], measure="training-loss rises")
+    assert flat.test == "permutation" and flat.p == pytest.approx(0.1) and not flat.established
+    assert "exact permutation test" in flat.sentence() and "95 % CI" not in flat.sentence()
+    assert stats.permutation_p([0, 0, 0], [0, 0, 0]) == 1.0
+    assert stats.permutation_p([5, 6, 7, 8, 9], [0, 1, 2, 3, 4]) == pytest.approx(2 / 252)
+    back = stats.Comparison.from_row(c.row())
+    assert back == c and back.sentence() == c.sentence()
+
+
+def test_a_comparison_whose_lr_was_not_bracketed_gets_no_verdict():
+    c = stats.Comparison("cnn", "fc", 0.06, 0.04, 0.08, 1e-6, se=0.01, df=4.0, p_holm=1e-5, seeds=(3, 3), images=10,
+                         unbracketed="cnn")
+    assert not c.established and c.p_holm < 0.05
+    assert "**not established (LR not bracketed)**: the best LR of cnn" in c.sentence()
+    assert stats.Comparison.from_row(c.row()).unbracketed == "cnn" and c.row()["established"] is False
+
+
+def test_a_loss_curves_stability_measures():
+    from training.studies.optimizers import loss_curve, stability
+
+    assert stability([2.0, 1.5, 1.0]) == {"training-loss rises": 0.0, "training-loss waviness": 0.0}
+    # down 1.0, up 0.5: moved 1.5 in all, 0.5 net, so 1.0 of up-and-down over the first loss 2.0
+    assert stability([2.0, 1.0, 1.5]) == {"training-loss rises": 1.0, "training-loss waviness": 0.5}
+    assert stability([2.0, 2.5, 1.0, 1.2])["training-loss rises"] == 2.0
+    assert stability([2.0], diverged=True)["training-loss rises"] == 1.0   # diverged in its second pass
+    rec = {"history": [{"train_loss": x} for x in (4.0, 2.0, 3.0, 1.0, 2.0, 2.0)]}
+    assert loss_curve(rec) == [4.0, 2.0, 3.0, 1.0, 2.0, 2.0]
+    assert loss_curve(rec, 2) == [3.0, 2.0, 2.0]   # full-batch Rprop: runs of as many updates as rprop's pass
+
+
+def _stable(a: str, measure: str, diff: float, p: float):
+    return stats.Comparison(a, "sgd", diff, diff - 0.1, diff + 0.1, p, p_holm=p, seeds=(3, 3), measure=measure,
+                            lower="more stable", higher="less stable")
+
+
+def test_the_seeds_claims_are_confirmed_contradicted_or_left_unsettled():
+    from training.studies.optimizers import CLAIMS, judge_claim
+
+    claims = {claim: (tested, expects) for claim, tested, expects in CLAIMS}
+    rises, wavy = "training-loss rises", "training-loss waviness"
+
+    def judge(claim, *found):
+        return judge_claim(*claims[claim], {(c.a, c.measure): c for c in found})[0]
+
+    assert judge("Rprop unstable", _stable("rprop", rises, +1.0, 0.001)) == "confirmed"
+    assert judge("Rprop unstable", _stable("rprop", rises, -1.0, 0.001)) == "contradicted"
+    assert judge("Rprop unstable", _stable("rprop", rises, +1.0, 0.2)) == "cannot settle"      # not established
+    assert judge("Rprop unstable", _stable("rprop", rises, +1.0, 0.001),
+                 _stable("rprop_full", wavy, -0.2, 0.001)) == "cannot settle"                 # both ways
+    assert judge("Adam more stable", _stable("adam", wavy, -0.3, 0.001)) == "confirmed"
+    assert judge("SGD wavier", _stable("adam", wavy, -0.3, 0.001)) == "confirmed"
+    assert judge("SGD wavier", _stable("adam", rises, -1.0, 0.001)) == "cannot settle"        # not its measure
+    assert judge("SGD wavier", _stable("adam", wavy, +0.3, 0.001)) == "contradicted"
+    # SGD stable: something established more stable than SGD contradicts it; nothing else can confirm it
+    assert judge("SGD stable and consistent", _stable("rmsprop", rises, -1.0, 0.001)) == "contradicted"
+    assert judge("SGD stable and consistent", _stable("rprop", rises, +1.0, 0.001)) == "cannot settle"
+    assert judge("Adam more stable") == "cannot settle"                                       # not measured
+
+
+def test_the_claims_table_follows_the_familys_correction(tmp_path, study_data):
+    import json
+    from dataclasses import replace
+
+    from training.studies import family
+    from training.studies.common import Section
+
+    ctx = _ctx(tmp_path, study_data, "smoke")
+    ctx.stage = "optimizers"
+    sec = Section("optimizers", "5. Optimizers", "cmd")
+    found = [stats.compare_values("adam", [0.0, 0.01, 0.02], "sgd", [0.3, 0.32, 0.35], measure=m,
+                                  lower="more stable", higher="less stable") for m in ("training-loss waviness",)]
+    found[0] = replace(found[0], p=0.01, p_holm=0.01)  # alone it would hold; over the family of 45 it does not
+    sec.add(*[c.sentence(prefix="- ") for c in found], "")
+    sec.derive("training.studies.optimizers:claims_block", {"sgd_spread": None})
+    sec.write(ctx, 1.0)
+    text = (ctx.out_dir / "optimizers" / "section.md").read_text()
+    assert "| Adam more stable |" in text and "| SGD wavier |" in text
+    assert "| SGD wavier | adam − sgd: training-loss waviness | **cannot settle** |" in text
+    # a smaller p-value, as the report's assembly reads it: the table is judged again, and now confirms
+    res = json.loads((ctx.out_dir / "optimizers" / "results.json").read_text())
+    res["comparisons"][0]["p"] = 1e-6
+    (ctx.out_dir / "optimizers" / "results.json").write_text(json.dumps(res))
+    family.finalize(ctx.out_dir, "smoke", ["optimizers"])
+    text = (ctx.out_dir / "optimizers" / "section.md").read_text()
+    assert "| SGD wavier | adam − sgd: training-loss waviness | **confirmed** |" in text
+    assert "| Adam more stable | adam − sgd: training-loss rises, training-loss waviness | **confirmed** |" in text
+    assert "**more stable**, Holm-adjusted p" in text
 
 
 def test_per_image_results_round_trip():

@@ -46,7 +46,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.studies.common import Section, Spread, StudyContext, grid, plt, train_cell
+from training.studies.common import CLIPPED_HEADER, Section, Spread, StudyContext, grid, plt, train_cell
 from training.studies.runner import Cell, GridSpec, StudyError, storage_for
 
 OPTIMIZER_CHOICES = ("Adam", "RMSprop", "SGD")
@@ -560,16 +560,22 @@ def section(ctx: StudyContext, space: SearchSpace, study, study_name: str, stora
     if evaluation is not None:
         sp = evaluation["spread"]
         if evaluation["same"]:
+            clipped = sec.clipping({"baseline": list(evaluation["records"].values())})
             sec.add(f"The best trial is the untuned baseline itself: in {stats['finished']} trials tuning found "
                     f"nothing better on the held-out images. Trained once on the evaluation seeds: test accuracy "
-                    f"**{sp['baseline'].pct()}** ({sp['baseline'].n} seeds; {evaluation['settings']['baseline']}).",
-                    "")
+                    f"**{sp['baseline'].pct()}** ({sp['baseline'].n} seeds; {evaluation['settings']['baseline']}"
+                    + (f"; clipped steps {clipped['baseline']}" if clipped is not None else "") + ").", "")
         else:
+            by = {v: [r for r in evaluation["records"].values() if r["variant"] == v] for v in ("tuned", "baseline")}
+            clipped = sec.clipping(by)
             rows = [[f"tuned (trial {evaluation['best_number']})", evaluation["settings"]["tuned"], sp["tuned"].pct()],
                     ["untuned baseline", evaluation["settings"]["baseline"], sp["baseline"].pct()]]
+            if clipped is not None:
+                rows = [row + [clipped[v]] for row, v in zip(rows, ("tuned", "baseline"))]
             sec.add(f"Both trained on the evaluation seeds and scored on the test set (mean ± std over "
                     f"{sp['tuned'].n} seeds):", "")
-            sec.table(["variant", "settings", "test accuracy"], rows)
+            sec.table(["variant", "settings", "test accuracy"] + ([CLIPPED_HEADER] if clipped is not None else []),
+                      rows)
             sec.add(evaluation["comparison"].sentence(1), "")
         if evaluation["diverged"]:
             sec.add(f"Diverged (loss not finite; scored as they stood): {', '.join(evaluation['diverged'])}.", "")

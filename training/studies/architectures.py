@@ -32,8 +32,8 @@ import time
 import numpy as np
 import torch
 
-from training.studies.common import (Section, Spread, StudyContext, curves_figure, grid, group, plt,
-                                     train_cell)
+from training.studies.common import (CLIPPED_HEADER, Section, Spread, StudyContext, curves_figure, grid, group,
+                                     plt, train_cell)
 from training.studies.runner import Cell, GridSpec
 
 RECIPE = "study_sgd"
@@ -165,6 +165,20 @@ def _row(name: str, recs: list[dict]) -> list:
             f"{Spread.of(r['infer_ms_b1'] for r in recs).mean:.2f} / {Spread.of(r['infer_ms_b256'] for r in recs).mean:.3f}"]
 
 
+def _table(sec: Section, by: dict[str, list[dict]], names) -> None:
+    """The stage's table of these variants (HEADER), with each one's share of clipped steps after its
+    accuracy when its cells clip (Section.clipping)."""
+    names = [v for v in names if v in by]
+    clipped = sec.clipping({v: by[v] for v in names})
+    header, rows = list(HEADER), [_row(v, by[v]) for v in names]
+    if clipped is not None:
+        at = HEADER.index("collapsed seeds") + 1
+        header.insert(at, CLIPPED_HEADER)
+        for v, row in zip(names, rows):
+            row.insert(at, clipped[v])
+    sec.table(header, rows)
+
+
 def budget_line(ctx: StudyContext, stage: str, recs: dict) -> str:
     from training.studies.sweep import sweep_epochs
 
@@ -220,7 +234,7 @@ def architectures(ctx: StudyContext, command: str) -> Section:
             "LR; accuracy is mean ± standard deviation over seeds; the gap is training accuracy (eval mode) minus "
             "test accuracy.", "", budget_line(ctx, "architectures", recs), "")
     add_sweep(sec, ctx, "architectures", choices)
-    sec.table(HEADER, [_row(v, by[v]) for v in ARCHITECTURES if v in by])
+    _table(sec, by, ARCHITECTURES)
     png = curves_figure({v: by[v] for v in ARCHITECTURES if v in by},
                         ctx.stage_dir("architectures") / "curves_cifar10.png", "cifar10: learning curves")
     sec.image(png, "cifar10 learning curves")
@@ -308,7 +322,7 @@ def kernels(ctx: StudyContext, command: str) -> Section:
             "", budget_line(ctx, "kernels", recs), "")
     add_sweep(sec, ctx, "kernels", choices)
     by = _by_variant(recs)
-    sec.table(HEADER, [_row(v, by[v]) for v in KERNELS if v in by])
+    _table(sec, by, KERNELS)
     # receptive fields: computed, then checked by the gradient support of one output unit
     rf_rows = []
     for k in KERNELS:
@@ -426,7 +440,7 @@ def depth(ctx: StudyContext, command: str) -> Section:
             f"norm at {CLIP_NORM:g} (as every study cell does), each variant at its own LR.", "",
             budget_line(ctx, "depth", recs), "")
     add_sweep(sec, ctx, "depth", choices)
-    sec.table(HEADER, [_row(v, by[v]) for v in DEPTH if v in by])
+    _table(sec, by, DEPTH)
     d = ctx.stage_dir("depth")
     sec.image(_depth_plot(by, d / "accuracy_vs_depth.png"), "accuracy against depth")
     sec.image(_grad_plot(by, deepest, d / "gradient_norms.png"), "per-layer gradient norms")
@@ -562,16 +576,18 @@ def blocks(ctx: StudyContext, command: str) -> Section:
             budget_line(ctx, "blocks", recs), "")
     add_sweep(sec, ctx, "blocks", choices)
     rows = []
+    clipped = sec.clipping({v: by[v] for v in variants if v in by})
     for v in variants:
         if v not in by:
             continue
         acc = Spread.of(r["test_acc"] for r in by[v])
         rows.append([v, f"{size[v][0]:,}", f"{size[v][1] / 1e6:.1f}", f"{by[v][0]['lr']:.3g}", acc.pct(),
-                     f"{100 * acc.std:.2f}", f"{100 * (acc.max - acc.min):.2f}",
-                     Spread.of(r["train_seconds"] for r in by[v]).fmt(".1f", " s")])
+                     f"{100 * acc.std:.2f}", f"{100 * (acc.max - acc.min):.2f}"]
+                    + ([clipped[v]] if clipped is not None else [])
+                    + [Spread.of(r["train_seconds"] for r in by[v]).fmt(".1f", " s")])
     sec.table(["block", "parameters", "MFLOPs/image", "its LR", "test accuracy", "std over seeds, points",
-               "max - min, points", "training time"], rows)
-    sec.table(HEADER, [_row(v, by[v]) for v in variants if v in by])
+               "max - min, points"] + ([CLIPPED_HEADER] if clipped is not None else []) + ["training time"], rows)
+    _table(sec, by, variants)
     png = curves_figure({v: by[v] for v in variants if v in by}, ctx.stage_dir("blocks") / "curves.png",
                         "residual block variants: learning curves (CIFAR-10)")
     sec.image(png, "block variants learning curves")
@@ -612,7 +628,7 @@ def headline(ctx: StudyContext, command: str) -> Section:
             "one-cycle, weight decay 5e-4, flips and 2-pixel shifts), each variant at its own swept LR.", "",
             budget_line(full, "headline", recs), "")
     add_sweep(sec, full, "headline", choices)
-    sec.table(HEADER, [_row(v, by[v]) for v in HEADLINE if v in by])
+    _table(sec, by, HEADLINE)
     png = curves_figure({v: by[v] for v in HEADLINE if v in by}, ctx.stage_dir("headline") / "curves.png",
                         "headline comparisons: learning curves (CIFAR-10)")
     sec.image(png, "headline learning curves")

@@ -318,6 +318,61 @@ def group(records: dict[str, dict], *keys: str) -> dict[tuple, list[dict]]:
     return out
 
 
+# ---------------------------------------------------------------- gradient clipping, per variant
+
+
+def clips(records) -> bool:
+    """Whether any of these cells clipped its global gradient norm (TrainConfig.grad_clip above 0)."""
+    return any((r.get("config") or {}).get("grad_clip", 0) for r in records)
+
+
+def clipped_steps(records) -> tuple[int, int] | None:
+    """(clipped steps, steps) summed over these cells' histories (each epoch counts its optimizer steps, and
+    those whose global gradient norm exceeded grad_clip, so that clipping changed the step); None when a
+    history does not count them (a cell trained before the engine did)."""
+    clipped = steps = 0
+    for r in records:
+        for h in r.get("history", []):
+            if "steps" not in h or "clipped_steps" not in h:
+                return None
+            clipped, steps = clipped + h["clipped_steps"], steps + h["steps"]
+    return clipped, steps
+
+
+def clipped_share(records) -> float | None:
+    counted = clipped_steps(records)
+    return None if counted is None or not counted[1] else counted[0] / counted[1]
+
+
+def clipped_text(records) -> str:
+    """A table cell: '12.3 % (70 of 567 steps)'."""
+    counted = clipped_steps(records)
+    if counted is None:
+        return "not counted (trained before the engine counted clipped steps)"
+    clipped, steps = counted
+    return f"{100 * clipped / steps:.1f} % ({clipped:,} of {steps:,} steps)" if steps else "no steps"
+
+
+CLIPPED_HEADER = "clipped steps, all seeds"
+
+
+def variant_summary(records: dict) -> dict[str, dict]:
+    """variant -> what the results files keep of it as a whole: its seeds, mean test accuracy, the clipping
+    threshold and the share of its steps that clipping changed (over every seed's history)."""
+    by: dict[str, list[dict]] = {}
+    for r in records.values():
+        if isinstance(r, dict) and "test_acc" in r:
+            by.setdefault(str(cell_row(r)["variant"] or r.get("model")), []).append(r)
+    out = {}
+    for v, recs in by.items():
+        counted = clipped_steps(recs)
+        out[v] = {"seeds": len(recs), "test_acc": statistics.fmean(r["test_acc"] for r in recs),
+                  "grad_clip": max((r.get("config") or {}).get("grad_clip", 0.0) for r in recs),
+                  "steps": counted[1] if counted else None, "clipped_steps": counted[0] if counted else None,
+                  "clipped_share": clipped_share(recs)}
+    return out
+
+
 # ---------------------------------------------------------------- plots
 
 
@@ -377,6 +432,10 @@ class Section:
     lines: list[str] = field(default_factory=list)
     sweeps: dict = field(default_factory=dict)       # variant -> its LR sweep (sweep.LRChoice.as_dict())
     compared: list = field(default_factory=list)     # (line index, stats.Sentence) of every comparison
+    derived: list = field(default_factory=list)      # (line index, "module:function", data): text judged from
+                                                     # the corrected comparisons (`derive`)
+    extra: dict = field(default_factory=dict)        # more raw results for results.json (per-seed measures)
+    _said_no_clipping: bool = field(default=False, repr=False)
 
     def add(self, *lines: str) -> "Section":
         from training.studies.stats import Sentence
@@ -386,6 +445,25 @@ class Section:
                 self.compared.append((len(self.lines), line))
             self.lines.append(line)
         return self
+
+    def derive(self, fn: str, data: dict) -> "Section":
+        """A block of text that `fn(comparisons, data)` (a "module:function" path) writes from the section's
+        comparisons once they are corrected over the report's family, and writes again whenever the report's
+        assembly corrects them anew (training/studies/family.py): a verdict drawn from verdicts."""
+        self.derived.append((len(self.lines), fn, data))
+        self.lines.append("")
+        return self
+
+    def clipping(self, by: dict[str, list[dict]]) -> dict[str, str] | None:
+        """variant -> its share of clipped steps, for a column of a table of these variants; None when no
+        cell of them clips (grad_clip 0), which the section then says once instead of a column of zeros."""
+        if clips(r for recs in by.values() for r in recs):
+            return {v: clipped_text(recs) for v, recs in by.items()}
+        if not self._said_no_clipping:
+            self._said_no_clipping = True
+            self.add("No cell of this stage clips its gradients (grad_clip 0): every step is the optimizer's own, so "
+                     "its tables have no clipped-share column.", "")
+        return None
 
     def table(self, header: list[str], rows: list[list]) -> "Section":
         self.lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -415,7 +493,9 @@ class Section:
             (d / "cells.json").write_text(json.dumps(records, indent=1, default=float))
         results = {"stage": self.stage, "title": self.title, "preset": ctx.preset.name, "command": self.command,
                    "cells": [cell_row(r) for r in (records or {}).values() if isinstance(r, dict) and "test_acc" in r],
-                   "sweeps": self.sweeps, "comparisons": comparisons}
+                   "variants": variant_summary(records or {}), "sweeps": self.sweeps, "comparisons": comparisons,
+                   "derived": [{"fn": fn, "data": data, "text": self.lines[i]} for i, fn, data in self.derived],
+                   **self.extra}
         (d / "results.json").write_text(json.dumps(results, indent=1, default=float))
         write_results_csv(d / "results.csv", [results])
         return path
@@ -423,16 +503,18 @@ class Section:
     def _correct(self, ctx: StudyContext) -> list[dict]:
         """Correct the section's comparisons over the report's family (the other stages' p-values as they
         stand) and write each one's verdict into its line; returns them as results rows."""
-        if not self.compared:
-            return []
         from training.studies.family import correct
         from training.studies.stats import as_family
 
         found = [s.comparison for _, s in self.compared]
-        if ctx.stage:  # a stage of the study report (run_all.py names the stage it runs): the report's family
+        if not found:
+            fixed = []
+        elif ctx.stage:  # a stage of the study report (run_all.py names the stage it runs): the report's family
             fixed = correct(ctx.out_dir, ctx.preset.name, {self.stage: found})[self.stage]
-        else:          # a report of its own (training/tune.py): its comparisons are its family
+        else:            # a report of its own (training/tune.py): its comparisons are its family
             fixed = as_family(found, "this report's comparisons")
+        for i, fn, data in self.derived:
+            self.lines[i] = derived_text(fn, fixed, data)
         rows = []
         for (i, old), c in zip(self.compared, fixed):
             self.lines[i] = c.sentence(prefix=old.prefix)
@@ -440,25 +522,38 @@ class Section:
         return rows
 
 
+def derived_text(fn: str, comparisons: list, data: dict) -> str:
+    """The text a Section.derive block's function writes from these (corrected) comparisons."""
+    import importlib
+
+    module, name = fn.split(":")
+    return getattr(importlib.import_module(module), name)(comparisons, data)
+
+
 # ---------------------------------------------------------------- the raw results beside the report
 
 RESULT_COLUMNS = ["kind", "stage", "variant", "seed", "lr", "test_acc", "val_acc", "train_eval_acc", "diverged",
-                  "test_images", "chosen", "bracketed", "a", "b", "diff", "ci_lo", "ci_hi", "se", "df", "p", "p_holm",
-                  "established", "family_size", "seeds_a", "seeds_b", "images", "note"]
+                  "test_images", "grad_clip", "steps", "clipped_steps", "clipped_share", "seeds", "chosen",
+                  "bracketed", "a", "b", "measure", "mean_a", "mean_b", "diff", "ci_lo", "ci_hi", "se", "df", "test",
+                  "p", "p_holm", "established", "unbracketed", "family_size", "seeds_a", "seeds_b", "images", "note"]
 
 
 def cell_row(rec: dict) -> dict:
-    """One evaluation cell as the results files hold it: its variant, seed, LR and accuracies."""
-    lr = rec.get("lr", rec.get("config", {}).get("lr"))
+    """One evaluation cell as the results files hold it: its variant, seed, LR, accuracies, and its steps and
+    how many of them clipping changed (None when its history does not count them)."""
+    cfg = rec.get("config") or {}
+    counted = clipped_steps([rec])
     return {"cell": rec.get("cell"), "variant": rec.get("variant", rec.get("optimizer")), "seed": rec.get("seed"),
-            "lr": lr, "test_acc": rec["test_acc"], "val_acc": rec.get("val_acc"),
+            "lr": rec.get("lr", cfg.get("lr")), "test_acc": rec["test_acc"], "val_acc": rec.get("val_acc"),
             "train_eval_acc": rec.get("train_eval_acc"), "diverged": bool(rec.get("diverged")),
-            "test_images": rec.get("test_images")}
+            "test_images": rec.get("test_images"), "grad_clip": cfg.get("grad_clip", 0.0),
+            "steps": counted[1] if counted else None, "clipped_steps": counted[0] if counted else None}
 
 
 def write_results_csv(path: Path, stages: list[dict]) -> Path:
-    """Stages' results (as results.json holds them) as one table: a row per cell ("cell"), per LR tried in a
-    sweep ("sweep") and per comparison ("comparison"); accuracies and differences as fractions."""
+    """Stages' results (as results.json holds them) as one table: a row per cell ("cell"), per variant over its
+    seeds ("variant": mean test accuracy, clipped share), per LR tried in a sweep ("sweep") and per comparison
+    ("comparison"); accuracies and differences as fractions."""
     import csv
 
     with open(path, "w", newline="") as f:
@@ -468,6 +563,8 @@ def write_results_csv(path: Path, stages: list[dict]) -> Path:
             stage = res["stage"]
             for c in res.get("cells", []):
                 w.writerow({"kind": "cell", "stage": stage, **c})
+            for v, summary in res.get("variants", {}).items():
+                w.writerow({"kind": "variant", "stage": stage, "variant": v, **summary})
             for v, sw in res.get("sweeps", {}).items():
                 for lr, acc in sw["tried"].items():
                     w.writerow({"kind": "sweep", "stage": stage, "variant": v, "seed": sw["seed"], "lr": lr,

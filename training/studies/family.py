@@ -10,7 +10,8 @@ for the rest (more seeds, `--preset full`, or a stage's single question asked al
 `bench/study_pair.py`, whose family is that one comparison).
 
 The family is fixed by the preset before anything runs: every stage's declared pairs (they live beside
-the stage's variants: architectures.py, optimizers.py), the tuning stage's tuned-vs-baseline question,
+the stage's variants: architectures.py, optimizers.py), the optimizers' stability measures against SGD
+(two per optimizer on the seeds' CNN: declared_measures), the tuning stage's tuned-vs-baseline question,
 and the hand-written ResNet-50's AdaMax vs Adam where the preset compares it (`full`; a demonstration
 elsewhere). A declared comparison not measured (its stage has not run, the tuning stage's best trial is
 the baseline itself) counts with p = 1. Holm's adjusted p-values never rise when a p-value falls, so a
@@ -46,14 +47,23 @@ def declared(preset: str) -> dict[str, tuple[tuple[str, str, str], ...]]:
     return out
 
 
-def key(stage: str, a: str, b: str) -> str:
+def declared_measures(preset: str) -> dict[str, tuple[tuple[str, str, str], ...]]:
+    """stage -> its declared (a, b, measure) comparisons of a measure with one value per seed (the optimizers'
+    stability: training/studies/optimizers.py), in report order."""
+    from training.studies import optimizers as O
+
+    return {"optimizers": tuple((a, b, m) for a, b in O.STABILITY_COMPARISONS for m in O.STABILITY_MEASURES)}
+
+
+def key(stage: str, a: str, b: str, measure: str = "") -> str:
     """A comparison's name in the family. A name in the report may add a remark in parentheses to the
-    declared one ("tuned (trial 21)" is "tuned")."""
-    return f"{stage}: {a.split(' (')[0]} − {b.split(' (')[0]}"
+    declared one ("tuned (trial 21)" is "tuned"); a measure other than test accuracy follows in brackets."""
+    return f"{stage}: {a.split(' (')[0]} − {b.split(' (')[0]}" + (f" [{measure}]" if measure else "")
 
 
 def keys(preset: str) -> list[str]:
-    return [key(stage, a, b) for stage, pairs in declared(preset).items() for a, b, _ in pairs]
+    return ([key(stage, a, b) for stage, pairs in declared(preset).items() for a, b, _ in pairs]
+            + [key(stage, a, b, m) for stage, triples in declared_measures(preset).items() for a, b, m in triples])
 
 
 def size(preset: str) -> int:
@@ -73,23 +83,23 @@ def correct(out_dir: Path, preset: str, measured: dict[str, list[Comparison]]) -
     stages' p-values as they stored them, p = 1 for the declared comparisons not measured."""
     family = keys(preset)
     p = {k: 1.0 for k in family}
-    stages = set(declared(preset)) | set(measured)
+    stages = set(declared(preset)) | set(declared_measures(preset)) | set(measured)
     for stage in stages:
         for c in measured.get(stage, stored(out_dir, stage) if stage not in measured else []):
-            k = key(stage, c.a, c.b)
+            k = key(stage, c.a, c.b, c.measure)
             if k not in p:
                 raise ValueError(f"the comparison {k!r} is not declared in training/studies/family.py "
                                  f"(declared: {', '.join(family)})")
             p[k] = c.p
     adjusted = dict(zip(family, holm([p[k] for k in family])))
-    return {stage: [replace(c, p_holm=adjusted[key(stage, c.a, c.b)], family=NAME, family_size=len(family))
+    return {stage: [replace(c, p_holm=adjusted[key(stage, c.a, c.b, c.measure)], family=NAME, family_size=len(family))
                     for c in found] for stage, found in measured.items()}
 
 
 def finalize(out_dir: Path, preset: str, stages: list[str]) -> list[dict]:
     """Correct every stored comparison of these stages over the family, rewrite each stage's verdicts
     (section.md, results.json, results.csv), and return the stages' results for the report's own files."""
-    from training.studies.common import write_results_csv
+    from training.studies.common import derived_text, write_results_csv
 
     results = {}
     for stage in stages:
@@ -107,6 +117,9 @@ def finalize(out_dir: Path, preset: str, stages: list[str]) -> list[dict]:
             text = text.replace(old["sentence"], line)
             rows.append({**c.row(), "prefix": old.get("prefix", ""), "sentence": str(line)})
         res["comparisons"] = rows
+        for d in res.get("derived", []):  # text judged from the verdicts: written again from the corrected ones
+            new = derived_text(d["fn"], fixed[stage], d["data"])
+            text, d["text"] = text.replace(d["text"], new), new
         if section.exists():
             section.write_text(text)
         (Path(out_dir) / stage / "results.json").write_text(json.dumps(res, indent=1, default=float))

@@ -23,8 +23,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from training.studies.common import (Section, Spread, StudyContext, band, grid, group, plt, publish_model,
-                                     train_cell)
+from training.studies.common import (CLIPPED_HEADER, Section, Spread, StudyContext, band, grid, group, plt,
+                                     publish_model, train_cell)
 from training.studies.runner import Cell, GridSpec
 
 NUMPY_CNN = {  # epochs and training images (0 = all 60,000) of the NumPy CNN per preset
@@ -163,8 +163,10 @@ def _custom_layers(ctx: StudyContext, sec: Section) -> None:
                               lambda cell: train_cell(ctx, "cifar10", "custom_cnn", {}, cell.seed, recipe="study_sgd",
                                                       stage="scratch")))
     acc = Spread.of(r["test_acc"] for r in recs.values())
+    clipped = sec.clipping({"custom_cnn": list(recs.values())})
     sec.add(f"`custom_cnn` (WSConv2d, SqueezeExcite, Swish, SoftPool2d) trained on CIFAR-10 with the study recipe: "
-            f"test accuracy {acc.pct()} (min {100 * acc.min:.1f}%, max {100 * acc.max:.1f}%, {acc.n} seeds), "
+            f"test accuracy {acc.pct()} (min {100 * acc.min:.1f}%, max {100 * acc.max:.1f}%, {acc.n} seeds"
+            + (f"; clipped steps {clipped['custom_cnn']}" if clipped is not None else "") + "), "
             f"{next(iter(recs.values()))['params']:,} parameters.")
     published = publish_model(ctx, "cifar10-custom-cnn", "cifar10", "custom_cnn", {}, recipe="study_sgd",
                               train={"epochs": ctx.preset.epochs_for("scratch"), "seed": ctx.preset.seeds[0]},
@@ -253,15 +255,18 @@ def _resnet50(ctx: StudyContext, sec: Section) -> None:
                 "optimizers stage; `--preset full` runs this comparison with every seed, all images and the CIFAR "
                 "stem.", "")
     rows = []
+    clipped = sec.clipping({v: by[(v,)] for v in RESNET_OPTIMIZERS if (v,) in by})
     for v in RESNET_OPTIMIZERS:
         if (v,) not in by:
             continue
         rs = by[(v,)]
-        rows.append([v, f"{RESNET_OPTIMIZERS[v]['lr']:g}", Spread.of(r["test_acc"] for r in rs).pct(),
-                     Spread.of(r["macro_f1"] for r in rs).fmt(".3f"),
-                     Spread.of(r["history"][-1]["train_loss"] for r in rs).fmt(".3f"),
-                     Spread.of(np.mean([h["seconds"] for h in r["history"]]) for r in rs).fmt(".1f", " s")])
-    sec.table(["optimizer", "lr", "test accuracy", "test macro-F1", "final training loss", "seconds per epoch"], rows)
+        rows.append([v, f"{RESNET_OPTIMIZERS[v]['lr']:g}", Spread.of(r["test_acc"] for r in rs).pct()]
+                    + ([clipped[v]] if clipped is not None else [])
+                    + [Spread.of(r["macro_f1"] for r in rs).fmt(".3f"),
+                       Spread.of(r["history"][-1]["train_loss"] for r in rs).fmt(".3f"),
+                       Spread.of(np.mean([h["seconds"] for h in r["history"]]) for r in rs).fmt(".1f", " s")])
+    sec.table(["optimizer", "lr", "test accuracy"] + ([CLIPPED_HEADER] if clipped is not None else [])
+              + ["test macro-F1", "final training loss", "seconds per epoch"], rows)
     sec.image(_resnet_curves(by, ctx.stage_dir("scratch") / "resnet50_adamax_vs_adam.png"), "ResNet-50 curves")
     a, b = list(RESNET_OPTIMIZERS)
     if not demo and (a,) in by and (b,) in by:

@@ -44,9 +44,13 @@ docs/studies.md has the figures).
 
 Multiplicity: the report makes many comparisons, and one family holds them all, declared in
 training/studies/family.py before any cell runs. `holm` adjusts the p-values of a family; "established"
-means the Holm-adjusted p-value is below 0.05. A comparison carries the family's name and size and its
-sentence says both. `compare_all` treats the pairs it is given as one family (a script comparing two
-variants, the tests); the report's stages use the report's family (Section.write, write_report).
+means the Holm-adjusted p-value is below 0.05 (and, for variants whose LR was swept, that each one's sweep
+bracketed its choice). A comparison carries the family's name and size and its sentence says both.
+`compare_all` treats the pairs it is given as one family (a script comparing two variants, the tests);
+the report's stages use the report's family (Section.write, write_report).
+
+Measures with one value per seed (the optimizers' stability: how often a loss curve rose, how much it
+went up and down) are compared by `compare_values`: Welch's t over the seeds, in the one family too.
 """
 from __future__ import annotations
 
@@ -137,24 +141,57 @@ class Comparison:
     seeds: tuple[int, int] = (0, 0)
     images: int = 0
     note: str = ""       # what the reader must know about this pair (unmatched sizes, ...)
+    mean_a: float | None = None   # the two sides' means (fractions for test accuracy)
+    mean_b: float | None = None
+    measure: str = ""    # "" for test accuracy; else the per-seed measure compared (`compare_values`)
+    lower: str = ""      # for a measure: what a negative established difference says of a ("more stable")
+    higher: str = ""     # ... and a positive one ("less stable")
+    test: str = "t"      # "t": Welch's t-interval; "permutation": no spread within either side (see below)
+    unbracketed: str = ""  # variants whose LR sweep left its choice at the edge of the grid: no verdict
 
     @property
     def established(self) -> bool:
-        return self.p_holm < ALPHA
+        """Holm-adjusted p below ALPHA, and both sides at a learning rate their sweep bracketed: a variant
+        whose best LR sat at the edge of its sweep may do better at an LR not tried, so no difference
+        involving it is taken as found."""
+        return self.p_holm < ALPHA and not self.unbracketed
+
+    def verdict(self) -> str:
+        """The verdict as the report writes it (bold), without its p-values."""
+        if self.unbracketed:
+            return (f"**not established (LR not bracketed)**: the best LR of {self.unbracketed} sat at the edge "
+                    "of its sweep")
+        if not self.established:
+            return "**not established** (the interval allows no difference, or more seeds are needed)"
+        if self.measure:
+            return f"**{self.lower if self.diff < 0 else self.higher}**"
+        return "**established**"
 
     def sentence(self, family: int | None = None, prefix: str = "") -> Sentence:
         """'A - B: +3.8 points, 95 % CI [+1.8, +5.9] (t, 3.9 df; 3 and 3 seeds x 10,000 test images);
         established (Holm-adjusted p = 0.004 over the report's 30 declared comparisons).'
+        A measure's comparison ('adam − sgd, training-loss rises: −0.67 (adam 0.00, sgd 0.67), ...; more
+        stable / less stable / not established') gives its difference in the measure's own units.
         `family` (a count) is ignored: the comparison knows its family."""
-        verdict = ("**established**" if self.established else
-                   "**not established** (the interval allows no difference, or more seeds are needed)")
         p = f"= {self.p_holm:.3f}" if self.p_holm >= 0.001 else "< 0.001"
         raw = f"{self.p:.3f}" if self.p >= 0.001 else "< 0.001"
         note = f" {self.note}" if self.note else ""
         size = self.family_size
-        text = (f"{prefix}{self.a} − {self.b}: **{100 * self.diff:+.1f} points**, 95 % CI [{100 * self.lo:+.1f}, "
-                f"{100 * self.hi:+.1f}] (t-interval, {self.df:.1f} df; {self.seeds[0]} and {self.seeds[1]} seeds x "
-                f"{self.images:,} test images); {verdict}, Holm-adjusted p {p} over {size} "
+        if self.measure:
+            means = ("" if self.mean_a is None or self.mean_b is None else
+                     f" ({self.a} {self.mean_a:.3g}, {self.b} {self.mean_b:.3g})")
+            if self.test == "t":
+                how = f", 95 % CI [{self.lo:+.3g}, {self.hi:+.3g}] (t-interval, {self.df:.1f} df"
+            else:
+                how = (", no interval (no variation within either side's seeds, so no t: exact permutation test "
+                       "over the seeds")
+            head = (f"{prefix}{self.a} − {self.b}, {self.measure}: **{self.diff:+.3g}**{means}{how}; "
+                    f"{self.seeds[0]} and {self.seeds[1]} seeds)")
+        else:
+            head = (f"{prefix}{self.a} − {self.b}: **{100 * self.diff:+.1f} points**, 95 % CI [{100 * self.lo:+.1f}, "
+                    f"{100 * self.hi:+.1f}] (t-interval, {self.df:.1f} df; {self.seeds[0]} and {self.seeds[1]} seeds x "
+                    f"{self.images:,} test images)")
+        text = (f"{head}; {self.verdict()}, Holm-adjusted p {p} over {size} "
                 f"comparison{'s' if size != 1 else ''} ({self.family}; unadjusted p {raw}).{note}")
         out = Sentence(text)
         out.comparison, out.prefix = self, prefix
@@ -164,14 +201,19 @@ class Comparison:
     def from_row(cls, row: dict) -> "Comparison":
         return cls(row["a"], row["b"], row["diff"], row["ci_lo"], row["ci_hi"], row["p"], se=row["se"], df=row["df"],
                    p_holm=row["p_holm"], family=row["family"], family_size=row["family_size"],
-                   seeds=(row["seeds_a"], row["seeds_b"]), images=row["images"], note=row["note"])
+                   seeds=(row["seeds_a"], row["seeds_b"]), images=row["images"], note=row["note"],
+                   mean_a=row.get("mean_a"), mean_b=row.get("mean_b"), measure=row.get("measure", ""),
+                   lower=row.get("lower", ""), higher=row.get("higher", ""), test=row.get("test", "t"),
+                   unbracketed=row.get("unbracketed", ""))
 
     def row(self) -> dict:
         """The comparison as the results files hold it (fractions, not points)."""
         return {"a": self.a, "b": self.b, "diff": self.diff, "ci_lo": self.lo, "ci_hi": self.hi, "se": self.se,
                 "df": self.df, "p": self.p, "p_holm": self.p_holm, "established": self.established,
                 "family": self.family, "family_size": self.family_size, "seeds_a": self.seeds[0],
-                "seeds_b": self.seeds[1], "images": self.images, "note": self.note}
+                "seeds_b": self.seeds[1], "images": self.images, "note": self.note, "mean_a": self.mean_a,
+                "mean_b": self.mean_b, "measure": self.measure, "lower": self.lower, "higher": self.higher,
+                "test": self.test, "unbracketed": self.unbracketed}
 
 
 def compare_pair(name_a: str, a: np.ndarray, name_b: str, b: np.ndarray, note: str = "") -> Comparison:
@@ -185,7 +227,55 @@ def compare_pair(name_a: str, a: np.ndarray, name_b: str, b: np.ndarray, note: s
     else:  # every seed of both scored the same on every image: the difference is exact
         half, p = 0.0, (1.0 if diff == 0 else 0.0)
     return Comparison(name_a, name_b, diff, diff - half, diff + half, float(p), se=se, df=u.df, p_holm=float(p),
-                      seeds=(len(a), len(b)), images=int(np.asarray(a).shape[1]), note=note)
+                      seeds=(len(a), len(b)), images=int(np.asarray(a).shape[1]), note=note,
+                      mean_a=float(np.asarray(a, dtype=np.float64).mean()),
+                      mean_b=float(np.asarray(b, dtype=np.float64).mean()))
+
+
+def compare_values(name_a: str, values_a, name_b: str, values_b, *, measure: str, lower: str = "lower",
+                   higher: str = "higher", note: str = "") -> Comparison:
+    """mean(values_a) - mean(values_b) of a measure with one value per seed (a loss curve's rises, say): Welch's
+    t-interval, s_a^2/n_a + s_b^2/n_b with Welch-Satterthwaite degrees of freedom, and its two-sided p-value (not
+    yet corrected for multiplicity). There are no test images to pair here: each seed's value is the whole
+    observation.
+
+    When neither side's values vary (a count that is 0 on every seed of both, or 0 on one and 2 on the other)
+    the t-statistic is undefined; the p-value is then the exact permutation test's over the seeds (every way
+    to split the pooled values into groups of n_a and n_b, the share at least as far apart as observed), which
+    at 3 seeds against 3 is never below 0.1: three seeds that agree do not establish a difference on their own."""
+    a, b = np.asarray(values_a, dtype=np.float64), np.asarray(values_b, dtype=np.float64)
+    na, nb = len(a), len(b)
+    if na < 2 or nb < 2:
+        raise ValueError(f"an interval over seeds needs at least 2 seeds per variant (got {na} and {nb})")
+    diff = float(a.mean() - b.mean())
+    va, vb = a.var(ddof=1) / na, b.var(ddof=1) / nb
+    se = math.sqrt(va + vb)
+    kw = dict(seeds=(na, nb), note=note, mean_a=float(a.mean()), mean_b=float(b.mean()), measure=measure,
+              lower=lower, higher=higher)
+    if se > 0:
+        df = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1))
+        half = student_t.ppf(1 - ALPHA / 2, df) * se
+        p = student_t.two_sided_p(diff / se, df)
+        return Comparison(name_a, name_b, diff, diff - half, diff + half, float(p), se=se, df=float(df),
+                          p_holm=float(p), **kw)
+    p = permutation_p(a, b)  # the interval collapses onto the difference; `test` says why
+    return Comparison(name_a, name_b, diff, diff, diff, p, se=0.0, df=0.0, p_holm=p, test="permutation", **kw)
+
+
+def permutation_p(a, b) -> float:
+    """Two-sided exact permutation p-value of mean(a) - mean(b): the share of all splits of the pooled values
+    into groups of len(a) and len(b) whose difference of means is at least as large in size."""
+    from itertools import combinations
+
+    pooled = np.concatenate([np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)])
+    na, total = len(a), pooled.sum()
+    observed = abs(pooled[:na].mean() - pooled[na:].mean())
+    splits = extreme = 0
+    for idx in combinations(range(len(pooled)), na):
+        s = pooled[list(idx)].sum()
+        extreme += abs(s / na - (total - s) / (len(pooled) - na)) >= observed - 1e-12
+        splits += 1
+    return extreme / splits
 
 
 def holm(p_values: list[float]) -> list[float]:
