@@ -1,12 +1,16 @@
 """How long the study stages will take on this machine, before running them: each stage's planned cells
-(sweep cells: LRs x a quarter of the epochs on one seed; evaluation cells: seeds x epochs) times each net's
+(sweep cells: LRs x sweep seeds x the cells' epochs; evaluation cells: seeds x epochs) times each net's
 measured cost per training image and per evaluated image, on random images of CIFAR-10's shape.
 
     python bench/study_budget.py                      # the quick preset, every stage it can estimate
     python bench/study_budget.py --preset quick --images 512 --stages depth,blocks
     python bench/study_budget.py --workers 1,2                 # one 2-thread worker vs two 1-thread ones
 
-It prints, per stage, the cell-epochs planned and the predicted minutes, and the measured cost per net.
+It prints, per stage, the cell-epochs planned and the predicted minutes, the part of them its LR sweeps
+take, and the measured cost per net. The sweeps train as long as the cells they choose for, on
+the SWEEP_SEEDS (training/studies/sweep.py; one on smoke): that multiplies their cost by the seeds x the
+epochs over what sweeps of a quarter of the epochs (at least one) on one seed cost, 6x on quick (2 seeds,
+3 epochs), and each stage prints what it comes to.
 Not counted: the sweep's extension rounds (each adds at most one LR per unbracketed variant), the
 published models (architectures, tuning, scratch), the tuning and scratch stages themselves, and
 loading the data (which this script does once, for the sizes). Costs are measured with the threads and
@@ -52,15 +56,16 @@ def plans(ctx) -> dict[str, list[tuple[str, dict, int, float, int]]]:
     """stage -> [(variant, net, batch, epochs, evaluation seeds or 0 for a sweep cell)], one row per cell."""
     from training.studies import architectures as A
     from training.studies import optimizers as O
-    from training.studies.sweep import START, sweep_epochs
+    from training.studies.sweep import START, sweep_epochs, sweep_seeds
 
     smoke = ctx.preset.name == "smoke"  # its sweeps try two LRs (training/studies/sweep.py)
+    seeds = len(sweep_seeds(ctx))
 
     def stage(name: str, variants: dict, epochs: float) -> list:
         rows = []
         for v, s in variants.items():
             net = dict(model=s["model"], kwargs=s["kwargs"])
-            rows += [(v, net, ctx.preset.batch_size, sweep_epochs(epochs), 0)] * (2 if smoke else len(START))
+            rows += [(v, net, ctx.preset.batch_size, sweep_epochs(epochs), 0)] * ((2 if smoke else len(START)) * seeds)
             rows += [(v, net, ctx.preset.batch_size, epochs, 1)] * len(ctx.preset.seeds)
         return rows
 
@@ -72,7 +77,8 @@ def plans(ctx) -> dict[str, list[tuple[str, dict, int, float, int]]]:
     for o, s in O.OPTIMIZERS.items():
         net = dict(model=s["model"], kwargs=s["kwargs"])
         batch = O._batch(ctx, o)
-        rows += [(o, net, batch, O._passes(ctx, o, sweep_epochs(passes)), 0)] * (2 if smoke else len(O.LR_GRID[o]))
+        rows += [(o, net, batch, O._passes(ctx, o, sweep_epochs(passes)), 0)] * (
+            (2 if smoke else len(O.LR_GRID[o])) * seeds)
         rows += [(o, net, batch, O._passes(ctx, o, passes), 1)] * len(ctx.preset.seeds)
     out["optimizers"] = rows
     return out
@@ -91,6 +97,7 @@ def main(argv=None) -> int:
     from training.data import default_data_root
     from training.run_all import study_workers
     from training.studies.common import StudyContext, get_study_preset
+    from training.studies.sweep import sweep_seeds
 
     ctx = StudyContext(get_study_preset(args.preset), args.data_root or default_data_root(), Path("/tmp"), "sqlite://", "",
                        progress=True)
@@ -103,7 +110,8 @@ def main(argv=None) -> int:
     print(f"preset {args.preset}: {n_train:,} training, {n_val:,} held-out and {n_test:,} test images a cell")
     totals = {}
     for workers in counts:
-        totals[workers] = predict(stages, workers, min(args.images, n_train), n_train, n_val, n_test)
+        totals[workers] = predict(stages, workers, min(args.images, n_train), n_train, n_val, n_test,
+                                  len(sweep_seeds(ctx)))
     if len(totals) > 1:
         best = min(totals, key=totals.get)
         print("; ".join(f"{w} worker(s): {t / 60:.0f} min = {t / totals[best]:.2f}x the fastest"
@@ -111,7 +119,21 @@ def main(argv=None) -> int:
     return 0
 
 
-def predict(stages: dict, workers: int, images: int, n_train: int, n_val: int, n_test: int) -> float:
+SWEEP_COST = "every LR on each sweep seed for the cells' epochs"
+
+
+def sweep_factor(rows, seeds: int) -> float:
+    """What the stage's sweeps cost over sweeps of a quarter of the epochs (at least one) on one seed, when
+    they train every LR on `seeds` seeds for the cells' epochs."""
+    sweep = [epochs for *_, epochs, evaluated in rows if not evaluated]
+    if not sweep:
+        return 0.0
+    e = min(sweep)  # the stage's epochs (full-batch Rprop's are a multiple of them, and scale alike)
+    return seeds * e / max(1.0, e / 4)
+
+
+def predict(stages: dict, workers: int, images: int, n_train: int, n_val: int, n_test: int,
+            sweep_seed_count: int) -> float:
     """Print each net's costs and each stage's predicted minutes with `workers` processes; the total seconds."""
     import multiprocessing
 
@@ -126,7 +148,7 @@ def predict(stages: dict, workers: int, images: int, n_train: int, n_val: int, n
     total = 0.0
     try:
         for name, rows in stages.items():
-            seconds, cell_epochs = 0.0, 0.0
+            seconds, cell_epochs, sweeping = 0.0, 0.0, 0.0
             for v, net, batch, epochs, evaluated in rows:
                 key = f"{net['model']} {net['kwargs']} batch {batch}"
                 if key not in costs:
@@ -136,12 +158,17 @@ def predict(stages: dict, workers: int, images: int, n_train: int, n_val: int, n
                     print(f"  {key}: {1e3 * costs[key][0]:.2f} ms per training image, {1e3 * costs[key][1]:.2f} ms "
                           f"per evaluated image", flush=True)
                 per_train, per_eval = costs[key]
-                seconds += epochs * (n_train * per_train + n_val * per_eval)  # held-out images every epoch
-                seconds += (n_test + min(n_train, n_val) if evaluated else n_val) * per_eval  # test (+ train) once
+                cell = epochs * (n_train * per_train + n_val * per_eval)  # held-out images every epoch
+                cell += (n_test + min(n_train, n_val) if evaluated else n_val) * per_eval  # test (+ train) once
+                seconds += cell
+                sweeping += 0.0 if evaluated else cell
                 cell_epochs += epochs
-            seconds /= workers  # the cells are shared among the workers
+            seconds, sweeping = seconds / workers, sweeping / workers  # the cells are shared among the workers
             total += seconds
-            print(f"{name}: {len(rows)} cells, {cell_epochs:.0f} cell-epochs, predicted {seconds / 60:.0f} min",
+            print(f"{name}: {len(rows)} cells, {cell_epochs:.0f} cell-epochs, predicted {seconds / 60:.0f} min, of "
+                  f"which the LR sweeps {sweeping / 60:.0f} min ({100 * sweeping / max(seconds, 1e-9):.0f} %: "
+                  f"{SWEEP_COST}, {sweep_factor(rows, sweep_seed_count):.1f}x sweeps of a quarter of the epochs "
+                  "on one seed)",
                   flush=True)
     finally:
         if pool:

@@ -43,7 +43,13 @@ def test_every_study_stage_runs_on_smoke_and_writes_its_section(smoke_studies, s
     _check_raw_results(out, report)
     _check_clipping(out)
     _check_optimizers(out)
-    assert "sweep seed 100" in report and "chosen LR" in report
+    assert "sweep seed(s) 100" in report and "chosen LR" in report and "as the cells train" in report
+    # smoke's sweeps try two LRs, so none brackets its choice: no verdict on any comparison of a swept variant
+    for stage in ("architectures", "kernels", "depth", "blocks", "optimizers"):
+        section = (out / stage / "section.md").read_text()
+        compared = [line for line in section.splitlines() if "Holm-adjusted p" in line]
+        assert "**no** (best at the edge of the grid)" in section and compared, stage
+        assert all("**not established (LR not bracketed)**: the best LR of " in line for line in compared), stage
     # the NumPy CNN's weights: load(path).predict(uint8 images) -> (N, 10) logits
     from training.scratch.numpy_cnn import load
 
@@ -261,7 +267,8 @@ def test_a_helper_passes_the_finished_grids_of_its_stage_and_joins_its_own(study
     assert len(evaluation) == 12 * 3
     choices: dict[str, LRChoice] = {}
     for rec in sweep.values():
-        choices.setdefault(rec["variant"], LRChoice(rec["variant"])).tried[rec["lr"]] = 0.0 if rec.get("diverged") else rec["val_acc"]
+        choices.setdefault(rec["variant"], LRChoice(rec["variant"])).add(rec["lr"], rec["seed"], rec["val_acc"],
+                                                                          bool(rec.get("diverged")))
     assert all(rec["lr"] == choices[rec["variant"]].chosen for rec in evaluation.values())
     assert {rec["threads"] for rec in evaluation.values()} == {max(1, cores() // 2)}  # torch threads per worker
     assert not (tmp_path / "out" / "depth" / "section.md").exists()  # the report is the stage process's

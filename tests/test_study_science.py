@@ -371,12 +371,13 @@ def _ctx(tmp_path, data_root, preset="quick"):
 
 
 def test_the_sweep_picks_the_best_held_out_lr_and_extends_an_edge_winner(tmp_path, study_data):
-    from training.studies.sweep import SWEEP_SEED, sweep_lrs
+    from training.studies.common import get_study_preset
+    from training.studies.sweep import SWEEP_SEEDS, sweep_lrs
 
     seen = []
 
     def run_cell(variant, lr, seed, epochs):  # held-out accuracy peaks at 0.4 for "a", at 0.05 for "b"
-        seen.append((variant, lr, seed))
+        seen.append((variant, lr, seed, epochs))
         peak = 0.4 if variant == "a" else 0.05
         return {"val_acc": 0.9 - abs(np.log2(lr / peak)) / 10, "diverged": "", "test_acc_never": None}
 
@@ -386,11 +387,41 @@ def test_the_sweep_picks_the_best_held_out_lr_and_extends_an_edge_winner(tmp_pat
     # "a" starts with 0.1 best at the top edge: the grid grows to 0.2, 0.4, then 0.8 brackets 0.4
     assert choices["a"].chosen == pytest.approx(0.4) and choices["a"].bracketed
     assert max(choices["a"].tried) == pytest.approx(0.8)
-    assert {s for _, _, s in seen} == {SWEEP_SEED}
+    # every LR on every sweep seed (none an evaluation seed), as long as the cells it chooses for train
+    assert len(SWEEP_SEEDS) >= 2 and not set(SWEEP_SEEDS) & set(get_study_preset("quick").seeds)
+    assert sorted((v, lr, s) for v, lr, s, _ in seen) == sorted(
+        (v, lr, s) for v, c in choices.items() for lr in c.tried for s in SWEEP_SEEDS)
+    assert {e for *_, e in seen} == {get_study_preset("quick").epochs_for("toy")} == {3}
     # a rerun trains nothing again
     seen.clear()
     again = sweep_lrs(_ctx(tmp_path, study_data), "toy", "cifar10", {"a": 0.05, "b": 0.05}, run_cell)
     assert not seen and again["a"].chosen == choices["a"].chosen
+
+
+def test_the_sweep_chooses_on_the_mean_over_its_seeds_and_says_when_it_is_not_bracketed(tmp_path, study_data):
+    from training.studies.sweep import SWEEP_SEEDS, sweep_lrs, unbracketed
+
+    first, second = SWEEP_SEEDS[:2]
+
+    def run_cell(variant, lr, seed, epochs):
+        if variant == "tied":  # the first seed alone would choose 0.05 by a hair; the second prefers 0.1 clearly
+            acc = {(0.05, first): 0.61, (0.1, first): 0.60, (0.05, second): 0.50, (0.1, second): 0.58}.get(
+                (lr, seed), 0.3)
+        else:                  # better the larger the LR, whatever was tried: never bracketed
+            acc = min(0.99, 0.5 + lr)
+        return {"val_acc": acc, "diverged": ""}
+
+    choices = sweep_lrs(_ctx(tmp_path, study_data), "toy", "cifar10", {"tied": 0.05, "edge": 0.05}, run_cell)
+    tied = choices["tied"]
+    assert tied.chosen == pytest.approx(0.1) and tied.bracketed
+    assert tied.tried[0.1] == pytest.approx(0.59) and tied.scores[0.05] == {first: 0.61, second: 0.50}
+    assert "**0.1: 59.0% (60.0, 58.0)**" in tied.cells()
+    edge = choices["edge"]
+    assert not edge.bracketed and edge.chosen == max(edge.tried)    # extended MAX_EXTENSIONS times, still the edge
+    sweeps = {v: c.as_dict() for v, c in choices.items()}
+    assert sweeps["tied"]["seeds"] == sorted(SWEEP_SEEDS) and sweeps["tied"]["per_seed"]["0.1"] == {
+        str(first): 0.60, str(second): 0.58}
+    assert unbracketed(sweeps, "tied", "edge") == "edge" and unbracketed(sweeps, "tied") == ""
 
 
 def test_a_diverged_sweep_cell_scores_zero(tmp_path, study_data):
@@ -516,6 +547,13 @@ def test_the_budget_script_predicts_every_planned_cell(study_data):
         assert "blocks: 15 cells" in part and f"optimizers: {5 * len(OPTIMIZERS)} cells" in part
         assert "ms per training image" in part and "predicted" in part
     assert "1 worker(s): " in out and "2 worker(s): " in out and "x the fastest" in out
+    # what the sweeps cost, per stage: on quick every LR on 2 seeds for the cells' 3 epochs, 6x a quarter-epoch
+    # sweep on one seed (smoke sweeps on one seed for one epoch: 1x)
+    assert "of which the LR sweeps" in out and "1.0x sweeps of a quarter of the epochs on one seed" in out
+    from bench.study_budget import sweep_factor
+
+    assert sweep_factor([("v", {}, 128, 3.0, 0), ("v", {}, 128, 3.0, 1)], seeds=2) == pytest.approx(6.0)
+    assert sweep_factor([("v", {}, 128, 30.0, 0)], seeds=2) == pytest.approx(8.0)
 
 
 def test_the_pair_script_compares_two_variants(study_data):

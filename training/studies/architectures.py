@@ -10,8 +10,10 @@
 
 The protocol, the same in every stage (one factor changes between the variants a comparison names):
   - every variant trains with the `study_sgd` recipe (SGD, Nesterov momentum, one-cycle schedule) at
-    ITS OWN peak LR, chosen on held-out training images by a bracketed sweep on a seed no evaluation
-    cell uses (training/studies/sweep.py); the sweep table shows the shared LR 0.05 among the tried ones;
+    ITS OWN peak LR, chosen on held-out training images by a bracketed sweep as long as its cells, on two
+    seeds no evaluation cell uses (training/studies/sweep.py); the sweep table shows the shared LR 0.05
+    among the tried ones, and a comparison naming a variant whose sweep did not bracket its choice is
+    "not established (LR not bracketed)";
   - every cell clips the global gradient norm at 1.0: nets without normalisation need it to live through
     their first steps, and applying it to all keeps it out of the comparisons;
   - per-epoch monitoring is on the held-out split; the final model of each seed is scored once on the
@@ -103,12 +105,13 @@ def _run(ctx: StudyContext, stage: str, variants: dict, dataset: str = "cifar10"
 
     def sweep_cell(v: str, lr: float, seed: int, epochs: float) -> dict:
         s = variants[v]
-        rec = train_cell(ctx, dataset, s["model"], s["kwargs"], seed, recipe=recipe, stage=stage,
+        rec = train_cell(ctx, s.get("dataset", dataset), s["model"], s["kwargs"], seed, recipe=recipe, stage=stage,
                          train={**s["train"], "lr": lr, "epochs": epochs, "grad_clip": CLIP_NORM},
                          evaluate_on="val")
         return dict(rec, variant=v, lr=lr)
 
-    choices = sweep_lrs(ctx, stage, dataset, {v: base_lr(recipe) for v in variants}, sweep_cell,
+    choices = sweep_lrs(ctx, stage, {v: s.get("dataset", dataset) for v, s in variants.items()},
+                        {v: base_lr(recipe) for v in variants}, sweep_cell,
                         config={"recipe": recipe, "variants": variants, "grad_clip": CLIP_NORM})
     lrs = {v: c.chosen for v, c in choices.items()}
 
@@ -125,7 +128,7 @@ def _run(ctx: StudyContext, stage: str, variants: dict, dataset: str = "cifar10"
             rec["grad_norms"] = hook.result()
         return dict(rec, variant=cell.variant, lr=lrs[cell.variant])
 
-    cells = [Cell(dataset, v, s) for v in variants for s in ctx.preset.seeds]
+    cells = [Cell(spec.get("dataset", dataset), v, s) for v, spec in variants.items() for s in ctx.preset.seeds]
     config = {"stage": stage, "recipe": recipe, "variants": variants, "lrs": lrs, "grad_clip": CLIP_NORM,
               "preset": ctx.preset.name, "train_limit": ctx.preset.train_limit, "test_limit": ctx.preset.test_limit,
               "val_images": ctx.preset.val_images, "epochs": ctx.preset.epochs_for(stage),
@@ -187,7 +190,8 @@ def budget_line(ctx: StudyContext, stage: str, recs: dict) -> str:
     steps = math.ceil(r["train_images"] / ctx.preset.batch_size) * epochs
     return (f"Budget per cell: {r['train_images']:,} training images x {epochs:g} epochs = {steps:.0f} steps of "
             f"{ctx.preset.batch_size} images; monitored on {r['val_images']:,} held-out images, scored on "
-            f"{r['test_images']:,} test images; sweeps: {sweep_epochs(epochs):g} epoch(s) per LR. At this budget the "
+            f"{r['test_images']:,} test images; sweeps: {sweep_epochs(epochs):g} epoch(s) per LR and seed, as the "
+            "cells train. At this budget the "
             "nets are not converged: a variant whose held-out accuracy still rose in the last epoch (its column in "
             "the table) is measured before convergence, and so are its gap and its rank.")
 
@@ -204,11 +208,14 @@ def add_sweep(sec: Section, ctx: StudyContext, stage: str, choices: dict) -> Non
 def add_comparisons(sec: Section, ctx: StudyContext, by: dict[str, list[dict]], declared) -> list:
     """The declared comparisons whose variants both ran, each a difference with its interval and verdict
     (corrected over the report's family when the section is written: training/studies/family.py)."""
+    from dataclasses import replace
+
     from training.studies.family import size
     from training.studies.stats import compare_pair, correct_matrix
+    from training.studies.sweep import unbracketed
 
-    out = [compare_pair(a, correct_matrix(by[a]), b, correct_matrix(by[b]), note) for a, b, note in declared
-           if a in by and b in by]
+    out = [replace(compare_pair(a, correct_matrix(by[a]), b, correct_matrix(by[b]), note),
+                   unbracketed=unbracketed(sec.sweeps, a, b)) for a, b, note in declared if a in by and b in by]
     sec.add(f"Comparisons, declared before the runs (test accuracy of the first minus the second; 95 % t-interval "
             f"over seeds, with the test images' share paired per image; Holm over the report's one family of "
             f"{size(ctx.preset.name)} declared comparisons, of which this stage makes {len(out)}: "

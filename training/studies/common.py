@@ -566,10 +566,13 @@ def write_results_csv(path: Path, stages: list[dict]) -> Path:
             for v, summary in res.get("variants", {}).items():
                 w.writerow({"kind": "variant", "stage": stage, "variant": v, **summary})
             for v, sw in res.get("sweeps", {}).items():
-                for lr, acc in sw["tried"].items():
-                    w.writerow({"kind": "sweep", "stage": stage, "variant": v, "seed": sw["seed"], "lr": lr,
-                                "val_acc": acc, "diverged": float(lr) in sw["diverged"],
-                                "chosen": float(lr) == sw["chosen"], "bracketed": sw["bracketed"]})
+                for lr, acc in sw["tried"].items():  # each sweep seed's held-out accuracy, then their mean
+                    row = {"kind": "sweep", "stage": stage, "variant": v, "lr": lr,
+                           "diverged": float(lr) in sw["diverged"], "chosen": float(lr) == sw["chosen"],
+                           "bracketed": sw["bracketed"]}
+                    for seed, seed_acc in sw["per_seed"][lr].items():
+                        w.writerow({**row, "seed": seed, "val_acc": seed_acc})
+                    w.writerow({**row, "seed": "mean", "val_acc": acc})
             for c in res.get("comparisons", []):
                 w.writerow({"kind": "comparison", "stage": stage, **c})
     return path

@@ -2,9 +2,11 @@
 seeds' CNN, and Adamax vs Adam on a BatchNorm ResNet, each at its own learning rate, over seeds.
 
 How each LR is chosen: a sweep per optimizer over a grid around its usual default (LR_GRID, spaced
-about 3x), on a sweep seed that no evaluation cell uses, for a quarter of the passes, scored on held-out
-training images (never the test set); a best LR at the edge of the grid extends it by one step until
-it is bracketed (training/studies/sweep.py). The chosen LR then trains with every seed. All optimizers
+about 3x), on two sweep seeds that no evaluation cell uses, for as many passes as the cells train, scored
+by the mean held-out accuracy over those seeds (never the test set); a best LR at the edge of the grid
+extends it by one step until it is bracketed (training/studies/sweep.py), and a comparison naming an
+optimizer whose best LR stayed at the edge is "not established (LR not bracketed)". The chosen LR then
+trains with every seed. All optimizers
 use a constant LR and no weight decay (AdamW: its decoupled decay 0.01, which is what it is for), the
 same data and the same number of passes over it.
 
@@ -216,7 +218,10 @@ def _cell_stability(ctx: StudyContext, rec: dict) -> dict[str, float]:
 def _stability(sec: Section, ctx: StudyContext, by: dict[str, list[dict]]) -> None:
     """Each optimizer's stability measures (mean ± std over seeds), each compared with SGD's by Welch's t over
     the seeds in the report's family, and what that says of the seeds' claims."""
+    from dataclasses import replace
+
     from training.studies.stats import compare_values
+    from training.studies.sweep import unbracketed
 
     measures = {o: [_cell_stability(ctx, r) for r in recs] for o, recs in by.items()}
     sec.add("### Stability", "",
@@ -236,8 +241,8 @@ def _stability(sec: Section, ctx: StudyContext, by: dict[str, list[dict]]) -> No
                     + [f"{points}"])
     sec.table(["optimizer", "settings"] + [f"{m} (mean ± std over seeds)" for m in STABILITY_MEASURES]
               + ["points in its loss curve"], rows)
-    found = [compare_values(a, [v[m] for v in measures[a]], b, [v[m] for v in measures[b]], measure=m,
-                            lower="more stable", higher="less stable")
+    found = [replace(compare_values(a, [v[m] for v in measures[a]], b, [v[m] for v in measures[b]], measure=m,
+                                    lower="more stable", higher="less stable"), unbracketed=unbracketed(sec.sweeps, a, b))
              for a, b in STABILITY_COMPARISONS if a in measures and b in measures for m in STABILITY_MEASURES]
     sec.add(f"Stability against `{STABILITY_BASELINE}` (the first minus `{STABILITY_BASELINE}`; negative: fewer "
             "rises, less waviness; 95 % t-interval over seeds; Holm over the report's one family):", "")

@@ -160,7 +160,7 @@ class Comparison:
         """The verdict as the report writes it (bold), without its p-values."""
         if self.unbracketed:
             return (f"**not established (LR not bracketed)**: the best LR of {self.unbracketed} sat at the edge "
-                    "of its sweep")
+                    "of the LRs swept")
         if not self.established:
             return "**not established** (the interval allows no difference, or more seeds are needed)"
         if self.measure:
