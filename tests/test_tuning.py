@@ -324,7 +324,7 @@ def test_the_best_trial_and_the_baseline_are_compared_on_the_test_set_with_the_e
     url = f"sqlite:///{tmp_path / 't.db'}"
     study_kw = dict(baseline=baseline, sampler="random", pruner="none")
     study = open_tuning_study(space, url, "cmp", **study_kw)
-    adam = {**baseline, "optimizer": "Adam"}
+    adam = {**baseline, "optimizer": "Adam", "epochs": baseline["epochs"] + 1}   # trains longer than the baseline
     del adam["momentum"], adam["nesterov"]
     # the stand-in scores Adam 0.8 and SGD 0.5: an Adam trial wins, unless every other trial is SGD too
     study.enqueue_trial({**baseline, "lr": 1e-3} if best_is_baseline else adam)
@@ -343,12 +343,20 @@ def test_the_best_trial_and_the_baseline_are_compared_on_the_test_set_with_the_e
         assert "The best trial is the untuned baseline itself" in text
     else:
         assert sorted(c["seed"] for c in cells) == sorted(2 * list(ctx.preset.seeds))
-        assert [c["train"] for c in cells if c["train"]["optimizer"] == "adam"][0]["epochs"] == adam["epochs"]
+        # the baseline is compared at the tuned trial's training budget: as many epochs
+        assert {c["train"]["epochs"] for c in cells} == {adam["epochs"]} != {baseline["epochs"]}
+        assert [c["train"] for c in cells if c["train"]["optimizer"] == "sgd"][0] == {
+            **[c["train"] for c in fake_training[:trials_calls] if c["train"]["optimizer"] == "sgd"][0],
+            "epochs": adam["epochs"]}
+        assert f"**for the same number of epochs**: the baseline trains as long as the best trial chose to " \
+               f"({adam['epochs']}; the baseline trial trained the preset's {baseline['epochs']})" in text
         c = evaluation["comparison"]
-        assert c.a == "tuned (trial 1)" and c.b == "untuned baseline" and c.seeds == (3, 3) and c.images == 200
+        assert c.a == "tuned (trial 1)" and c.b == f"untuned baseline (at the tuned {adam['epochs']} epochs)"
+        assert c.seeds == (3, 3) and c.images == 200
         assert c.diff == pytest.approx(evaluation["spread"]["tuned"].mean - evaluation["spread"]["baseline"].mean,
                                        abs=0.02)
-        assert "tuned (trial 1) − untuned baseline: **+" in text and "95 % CI" in text
+        assert f"tuned (trial 1) − untuned baseline (at the tuned {adam['epochs']} epochs): **+" in text
+        assert "95 % CI" in text
         assert evaluation["spread"]["tuned"].pct() in text and evaluation["spread"]["baseline"].pct() in text
     # the grid resumes: a second evaluation trains nothing
     evaluate_best_and_baseline(ctx, space, study, baseline, epoch_range, "cmp-evaluation")

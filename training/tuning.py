@@ -20,8 +20,10 @@ and a MedianPruner stops trials that fall below the median of earlier trials at 
 with a long schedule is judged at its early epochs against the same epochs of others, and a trial whose
 loss diverges is pruned too). The best held-out value is the maximum over all trials on one validation
 set, so it flatters the winner; the best trial and the baseline are therefore both trained again on the
-evaluation seeds and compared on the test set, with a paired bootstrap interval
-(training/studies/stats.py).
+evaluation seeds and compared on the test set, with a t-interval over seeds and test images
+(training/studies/stats.py). The baseline is trained there for as many epochs as the best trial chose
+(trials may choose 1..the preset's maximum, the baseline trial trains the study preset's epochs): tuned
+and untuned are compared at the same training budget.
 
 Workers: any number of processes on any number of machines, each running `training/tune.py` with the
 same --storage and --study-name; together they finish exactly --n-trials trials (a worker claims a trial
@@ -488,8 +490,9 @@ def evaluate_best_and_baseline(ctx: StudyContext, space: SearchSpace, study, bas
                                epoch_range: tuple[int, int], grid_name: str) -> dict | None:
     """Train the best trial's settings and the baseline on the evaluation seeds (ctx.preset.seeds, none of
     them the tuning seed) and score them on the test images, as a resumable grid; returns what the report
-    states about them, or None when the study has no complete trial. When the best trial IS the baseline,
-    the settings are trained once."""
+    states about them, or None when the study has no complete trial. The baseline trains the best trial's
+    epochs (the same training budget). When the best trial IS the baseline (at its own epochs or the
+    best trial's), the settings are trained once."""
     from optuna.trial import TrialState
 
     from training.studies.stats import compare_all, correct_matrix
@@ -498,8 +501,10 @@ def evaluate_best_and_baseline(ctx: StudyContext, space: SearchSpace, study, bas
         return None
     best = study.best_trial
     base = baseline_trial(study)
-    same = (base is not None and best.number == base.number) or best.params == baseline
-    variants = {"baseline": baseline} if same else {"tuned": best.params, "baseline": baseline}
+    # the baseline at the best trial's epochs: both train as long, so a gain is not that of training longer
+    matched = {**baseline, "epochs": best.params["epochs"]}
+    same = (base is not None and best.number == base.number) or best.params in (baseline, matched)
+    variants = {"baseline": best.params} if same else {"tuned": best.params, "baseline": matched}
 
     def run_cell(cell: Cell) -> dict:
         kwargs, train = best_settings(space, variants[cell.variant], epoch_range)
@@ -514,13 +519,15 @@ def evaluate_best_and_baseline(ctx: StudyContext, space: SearchSpace, study, bas
               "batch_size": ctx.preset.batch_size, "data_seed": ctx.data_seed}
     records = grid(ctx, GridSpec(grid_name, cells, config, run_cell))
     by = {v: [r for r in records.values() if r["variant"] == v] for v in variants}
-    out = {"same": same, "best_number": best.number, "records": records,
+    out = {"same": same, "best_number": best.number, "records": records, "epochs": best.params["epochs"],
+           "baseline_epochs": baseline["epochs"],
            "spread": {v: Spread.of(r["test_acc"] for r in recs) for v, recs in by.items()},
            "diverged": sorted(r["cell"] for r in records.values() if r.get("diverged")),
            "settings": {v: _describe(space, p, epoch_range) for v, p in variants.items()}}
     if not same:
         out["comparison"] = compare_all([(f"tuned (trial {best.number})", correct_matrix(by["tuned"]),
-                                          "untuned baseline", correct_matrix(by["baseline"]), "")])[0]
+                                          f"untuned baseline (at the tuned {matched['epochs']} epochs)",
+                                          correct_matrix(by["baseline"]), "")])[0]
     return out
 
 
@@ -561,7 +568,10 @@ def section(ctx: StudyContext, space: SearchSpace, study, study_name: str, stora
         sp = evaluation["spread"]
         if evaluation["same"]:
             clipped = sec.clipping({"baseline": list(evaluation["records"].values())})
-            sec.add(f"The best trial is the untuned baseline itself: in {stats['finished']} trials tuning found "
+            longer = ("" if evaluation["epochs"] == evaluation["baseline_epochs"] else
+                      f" (trained for {evaluation['epochs']} epochs, not the baseline trial's "
+                      f"{evaluation['baseline_epochs']})")
+            sec.add(f"The best trial is the untuned baseline itself{longer}: in {stats['finished']} trials tuning found "
                     f"nothing better on the held-out images. Trained once on the evaluation seeds: test accuracy "
                     f"**{sp['baseline'].pct()}** ({sp['baseline'].n} seeds; {evaluation['settings']['baseline']}"
                     + (f"; clipped steps {clipped['baseline']}" if clipped is not None else "") + ").", "")
@@ -573,7 +583,10 @@ def section(ctx: StudyContext, space: SearchSpace, study, study_name: str, stora
             if clipped is not None:
                 rows = [row + [clipped[v]] for row, v in zip(rows, ("tuned", "baseline"))]
             sec.add(f"Both trained on the evaluation seeds and scored on the test set (mean ± std over "
-                    f"{sp['tuned'].n} seeds):", "")
+                    f"{sp['tuned'].n} seeds), **for the same number of epochs**: the baseline trains as long as the "
+                    f"best trial chose to ({evaluation['epochs']}; the baseline trial trained the preset's "
+                    f"{evaluation['baseline_epochs']}), so that the difference is tuning's, not that of a longer "
+                    "training:", "")
             sec.table(["variant", "settings", "test accuracy"] + ([CLIPPED_HEADER] if clipped is not None else []),
                       rows)
             sec.add(evaluation["comparison"].sentence(1), "")
