@@ -209,7 +209,8 @@ def students(ctx: ExportContext) -> tuple[list[str], dict]:
                      == labels).mean())
         entry = {"network": name, "method": rec["method"], "architecture": rec["architecture"],
                  "macs_per_image": rec["macs_per_image"], "parameters": rec["parameters"],
-                 "train_seconds": rec["train_seconds"], "epochs": rec["epochs"], "accuracy": acc,
+                 "train_seconds": rec["train_seconds"], "epochs": rec["epochs"],
+                 "train_images": rec.get("train_images"), "accuracy": acc,
                  "drop_vs_served": served_acc - acc, "parity": result["parity"], "pruning": rec.get("pruning"),
                  "distill_weight": rec.get("distill_weight"), "distill_temperature": rec.get("distill_temperature"),
                  "teacher_sha256": rec["teacher"]["weights_sha256"]}

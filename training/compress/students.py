@@ -192,7 +192,7 @@ def stage_students(run) -> None:
         _, acc = evaluate_loss_acc(result.model, loader, device, "fp32")
         records[s.name] = {
             **asdict(s), "architecture": student_arch, "macs_per_image": student_macs[s.name],
-            "parameters": count_parameters(result.model), "epochs": scfg.epochs,
+            "parameters": count_parameters(result.model), "epochs": scfg.epochs, "train_images": len(train_set),
             "train_seconds": round(result.train_seconds, 1), "images_per_second": round(result.images_per_second, 1),
             "test_accuracy_1view": acc, "teacher": key, "teacher_seconds": round(teacher_seconds, 1),
             "distill_weight": DISTILL_WEIGHT, "distill_temperature": DISTILL_TEMPERATURE,
