@@ -1,6 +1,6 @@
 """How long the study stages will take on this machine, before running them: each stage's planned cells
 (sweep cells: LRs x sweep seeds x the cells' epochs; evaluation cells: seeds x epochs) times each net's
-measured cost per training image and per evaluated image, on random images of CIFAR-10's shape.
+measured cost per training image and per evaluated image, on random images of the dataset's shape.
 
     python bench/study_budget.py                      # the quick preset, every stage it can estimate
     python bench/study_budget.py --preset quick --images 512 --stages depth,blocks
@@ -11,12 +11,13 @@ take, and the measured cost per net. The sweeps train as long as the cells they 
 the SWEEP_SEEDS (training/studies/sweep.py; one on smoke): that multiplies their cost by the seeds x the
 epochs over what sweeps of a quarter of the epochs (at least one) on one seed cost, 6x on quick (2 seeds,
 3 epochs), and each stage prints what it comes to.
-Not counted: the sweep's extension rounds (each adds at most one LR per unbracketed variant), the
-published models (architectures, tuning, scratch), the tuning and scratch stages themselves, and
-loading the data (which this script does once, for the sizes). Costs are measured with the threads and
-precision a study cell uses here: with N workers (the studies' default: one per core), N processes of
-cores/N threads each time the same net at once, so that what they cost each other is in the figure, and a
-stage's cells are shared among them. Run it on a quiet machine.
+Not counted: the sweep's extension rounds (each adds at most one LR, on every sweep seed, per unbracketed
+variant), the published models (architectures, tuning, scratch), the tuning and scratch stages themselves,
+and loading the data (which this script does once, for the sizes). MNIST cells (the architectures stage's CNN
+vs FC) are timed on MNIST-shaped images and counted at CIFAR-10's image counts, which are equal on quick.
+Costs are measured with the threads and precision a study cell uses here: with N workers (the studies'
+default: one per core), N processes of cores/N threads each time the same net at once, so that what they
+cost each other is in the figure, and a stage's cells are shared among them. Run it on a quiet machine.
 """
 from __future__ import annotations
 
@@ -28,8 +29,12 @@ from pathlib import Path
 import torch
 
 
-def _costs(model: str, kwargs: dict, batch: int, images: int) -> tuple[float, float]:
-    """(seconds per training image, seconds per evaluated image) of one net at this batch size."""
+SHAPES = {"cifar10": (3, 32), "mnist": (1, 28)}   # a dataset's channels and image size
+
+
+def _costs(model: str, kwargs: dict, batch: int, images: int, dataset: str = "cifar10") -> tuple[float, float]:
+    """(seconds per training image, seconds per evaluated image) of one net at this batch size, on random
+    images of the dataset's shape."""
     from models import create_model
     from training.data import ArrayDataset
     from training.engine import train
@@ -37,11 +42,12 @@ def _costs(model: str, kwargs: dict, batch: int, images: int) -> tuple[float, fl
     from training.pipeline import make_spec
     from training.recipes import make_config
 
+    channels, size = SHAPES[dataset]
     g = torch.Generator().manual_seed(0)
-    ds = ArrayDataset(torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=g),
+    ds = ArrayDataset(torch.randint(0, 256, (images, channels, size, size), dtype=torch.uint8, generator=g),
                       torch.randint(0, 10, (images,), generator=g), [str(i) for i in range(10)], "random")
     spec = make_spec(ds)
-    net = create_model(model, seed=0, num_classes=10, in_channels=3, image_size=32, **kwargs)
+    net = create_model(model, seed=0, num_classes=10, in_channels=channels, image_size=size, **kwargs)
     cfg = make_config("study_sgd", epochs=1, batch_size=min(batch, images), grad_clip=1.0)
     train(net, ds.subset(slice(0, min(batch, images))), spec, cfg, progress=False, log=lambda *_: None)  # warm-up
     t0 = time.perf_counter()
@@ -64,13 +70,13 @@ def plans(ctx) -> dict[str, list[tuple[str, dict, int, float, int]]]:
     def stage(name: str, variants: dict, epochs: float) -> list:
         rows = []
         for v, s in variants.items():
-            net = dict(model=s["model"], kwargs=s["kwargs"])
+            net = dict(model=s["model"], kwargs=s["kwargs"], dataset=s.get("dataset", "cifar10"))
             rows += [(v, net, ctx.preset.batch_size, sweep_epochs(epochs), 0)] * ((2 if smoke else len(START)) * seeds)
             rows += [(v, net, ctx.preset.batch_size, epochs, 1)] * len(ctx.preset.seeds)
         return rows
 
     out = {n: stage(n, v, ctx.preset.epochs_for(n)) for n, v in (
-        ("architectures", A.ARCHITECTURES), ("kernels", A.KERNELS), ("depth", A.DEPTH))}
+        ("architectures", {**A.ARCHITECTURES, **A.MNIST_ARCHITECTURES}), ("kernels", A.KERNELS), ("depth", A.DEPTH))}
     out["blocks"] = stage("blocks", A._blocks_variants(ctx), ctx.preset.epochs_for("blocks"))
     passes = ctx.preset.epochs_for("optimizers")
     rows = []
@@ -150,9 +156,10 @@ def predict(stages: dict, workers: int, images: int, n_train: int, n_val: int, n
         for name, rows in stages.items():
             seconds, cell_epochs, sweeping = 0.0, 0.0, 0.0
             for v, net, batch, epochs, evaluated in rows:
-                key = f"{net['model']} {net['kwargs']} batch {batch}"
+                dataset = net.get("dataset", "cifar10")
+                key = f"{net['model']} {net['kwargs']} batch {batch}" + ("" if dataset == "cifar10" else f" {dataset}")
                 if key not in costs:
-                    job = (net["model"], net["kwargs"], batch, images)
+                    job = (net["model"], net["kwargs"], batch, images, dataset)
                     each = pool.starmap(_costs, [job] * workers) if pool else [_costs(*job)]  # all at once
                     costs[key] = tuple(sum(c[i] for c in each) / len(each) for i in (0, 1))
                     print(f"  {key}: {1e3 * costs[key][0]:.2f} ms per training image, {1e3 * costs[key][1]:.2f} ms "

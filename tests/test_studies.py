@@ -11,7 +11,7 @@ import time
 from tests.conftest import REPO, run_all
 
 STAGE_FILES = {
-    "architectures": ["curves_cifar10.png", "confusion_cifar10.png"],
+    "architectures": ["curves_cifar10.png", "curves_mnist.png", "confusion_cifar10.png"],
     "kernels": ["curves.png", "first_layer.png"],
     "depth": ["accuracy_vs_depth.png", "gradient_norms.png", "feature_maps.png"],
     "blocks": ["curves.png"],
@@ -41,6 +41,7 @@ def test_every_study_stage_runs_on_smoke_and_writes_its_section(smoke_studies, s
         assert "established" in section, stage
     assert "spread" not in report.replace("spread over seeds", "")  # no verdict from seed ranges any more
     _check_raw_results(out, report)
+    _check_mnist(out)
     _check_clipping(out)
     _check_optimizers(out)
     assert "sweep seed(s) 100" in report and "chosen LR" in report and "as the cells train" in report
@@ -92,6 +93,20 @@ def _check_raw_results(out, report: str) -> None:
     for stage in ("architectures", "kernels", "depth", "blocks", "optimizers", "tuning"):
         own = json.loads((out / stage / "results.json").read_text())
         assert own["cells"] and (out / stage / "results.csv").stat().st_size > 100, stage
+
+
+def _check_mnist(out) -> None:
+    """CNN vs FC on MNIST as well as on CIFAR-10, the MNIST cells trained on MNIST."""
+    import json
+
+    section = (out / "architectures" / "section.md").read_text()
+    assert "- cnn − fc: **" in section and "- mnist_cnn − mnist_fc: **" in section and "(MNIST)" in section
+    assert "| mnist_cnn |" in section and "| mnist_fc |" in section
+    res = json.loads((out / "architectures" / "results.json").read_text())
+    cells = [c for c in res["cells"] if c["variant"] in ("mnist_cnn", "mnist_fc")]
+    assert len(cells) == 6 and all(c["cell"].startswith("mnist/") for c in cells)
+    assert all(c["cell"].startswith("cifar10/") for c in res["cells"] if c not in cells)
+    assert {"mnist_cnn", "mnist_fc"} <= set(res["sweeps"])
 
 
 def _check_clipping(out) -> None:

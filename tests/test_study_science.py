@@ -125,9 +125,10 @@ def test_one_family_holds_every_comparison_the_report_declares(tmp_path):
     from training.studies import architectures as A, family, optimizers as O
 
     quick = family.keys("quick")
-    # 31 of test accuracy (the stages' 29, the headline's 2) + 2 stability measures x 7 optimizers against SGD
-    assert len(quick) == len(set(quick)) == family.size("quick") == 45
-    assert family.size("full") == 46                                       # + the hand-written ResNet-50's
+    # 32 of test accuracy (the stages' 30, the headline's 2) + 2 stability measures x 7 optimizers against SGD
+    assert len(quick) == len(set(quick)) == family.size("quick") == 46
+    assert family.size("full") == 47                                       # + the hand-written ResNet-50's
+    assert family.key("architectures", "mnist_cnn", "mnist_fc") in quick
     for stage, declared in (("kernels", A.KERNEL_COMPARISONS), ("optimizers", O.COMPARISONS)):
         assert {family.key(stage, a, b) for a, b, _ in declared} <= set(quick)
     assert family.key("tuning", "tuned (trial 21)", "untuned baseline") in quick
@@ -139,21 +140,21 @@ def test_one_family_holds_every_comparison_the_report_declares(tmp_path):
     def comparison(a, b, p):
         return stats.Comparison(a, b, 0.01, 0.0, 0.02, p, se=0.005, df=4.0, seeds=(3, 3), images=10)
 
-    # one stage alone: Holm over all 45, the other 43 counting as p = 1
+    # one stage alone: Holm over all 46, the other 44 counting as p = 1
     found = {"kernels": [comparison("5x5", "3x3", 0.001), comparison("7x7", "3x3", 0.04)]}
     alone = family.correct(tmp_path, "quick", found)["kernels"]
-    assert [c.p_holm for c in alone] == pytest.approx([0.045, 1.0])
-    assert alone[0].established and alone[0].family_size == 45 and "family.py" in alone[0].sentence()
+    assert [c.p_holm for c in alone] == pytest.approx([0.046, 1.0])
+    assert alone[0].established and alone[0].family_size == 46 and "family.py" in alone[0].sentence()
     # another stage's stored p-values join the family: adjusted p-values can only fall
     (tmp_path / "blocks").mkdir()
     stored = [dict(comparison("bottleneck", "basic", 0.0001).row()), dict(comparison("wide", "basic", 0.3).row())]
     (tmp_path / "blocks" / "results.json").write_text(json.dumps({"comparisons": stored}))
     both = family.correct(tmp_path, "quick", found)["kernels"]
-    assert both[0].p_holm == pytest.approx(44 * 0.001) and both[0].p_holm <= alone[0].p_holm
+    assert both[0].p_holm == pytest.approx(45 * 0.001) and both[0].p_holm <= alone[0].p_holm
     # a stability comparison is its own member of the family, beside the same pair's accuracy
     rises = replace(comparison("adam", "sgd", 0.0001), measure="training-loss rises")
     fixed = family.correct(tmp_path, "quick", {"optimizers": [comparison("adam", "sgd", 0.3), rises]})["optimizers"]
-    assert fixed[1].p_holm == pytest.approx(45 * 0.0001) and fixed[0].p_holm == pytest.approx(1.0)
+    assert fixed[1].p_holm == pytest.approx(46 * 0.0001) and fixed[0].p_holm == pytest.approx(1.0)
     with pytest.raises(ValueError, match="not declared"):
         family.correct(tmp_path, "quick", {"kernels": [comparison("9x9", "3x3", 0.01)]})
 
@@ -248,7 +249,7 @@ def test_the_claims_table_follows_the_familys_correction(tmp_path, study_data):
     sec = Section("optimizers", "5. Optimizers", "cmd")
     found = [stats.compare_values("adam", [0.0, 0.01, 0.02], "sgd", [0.3, 0.32, 0.35], measure=m,
                                   lower="more stable", higher="less stable") for m in ("training-loss waviness",)]
-    found[0] = replace(found[0], p=0.01, p_holm=0.01)  # alone it would hold; over the family of 45 it does not
+    found[0] = replace(found[0], p=0.01, p_holm=0.01)  # alone it would hold; over the family of 46 it does not
     sec.add(*[c.sentence(prefix="- ") for c in found], "")
     sec.derive("training.studies.optimizers:claims_block", {"sgd_spread": None})
     sec.write(ctx, 1.0)
@@ -482,7 +483,8 @@ def test_every_declared_comparison_names_two_variants_of_its_stage():
     from training.studies import architectures as A
     from training.studies import optimizers as O
 
-    for variants, declared in ((A.ARCHITECTURES, A.ARCHITECTURE_COMPARISONS), (A.KERNELS, A.KERNEL_COMPARISONS),
+    for variants, declared in (({**A.ARCHITECTURES, **A.MNIST_ARCHITECTURES}, A.ARCHITECTURE_COMPARISONS),
+                               (A.KERNELS, A.KERNEL_COMPARISONS),
                                (A.DEPTH, A.DEPTH_COMPARISONS), (A.BLOCKS, A.BLOCK_COMPARISONS),
                                (O.OPTIMIZERS, O.COMPARISONS)):
         for a, b, _ in declared:
