@@ -571,8 +571,8 @@ def section(ctx: StudyContext, space: SearchSpace, study, study_name: str, stora
             longer = ("" if evaluation["epochs"] == evaluation["baseline_epochs"] else
                       f" (trained for {evaluation['epochs']} epochs, not the baseline trial's "
                       f"{evaluation['baseline_epochs']})")
-            sec.add(f"The best trial is the untuned baseline itself{longer}: in {stats['finished']} trials tuning found "
-                    f"nothing better on the held-out images. Trained once on the evaluation seeds: test accuracy "
+            sec.add(f"The best trial is the untuned baseline itself{longer}: in {stats['finished']} trials tuning "
+                    f"found nothing better on the held-out images. Trained once on the evaluation seeds: test accuracy "
                     f"**{sp['baseline'].pct()}** ({sp['baseline'].n} seeds; {evaluation['settings']['baseline']}"
                     + (f"; clipped steps {clipped['baseline']}" if clipped is not None else "") + ").", "")
         else:

@@ -228,8 +228,8 @@ def _stability(sec: Section, ctx: StudyContext, by: dict[str, list[dict]]) -> No
             "The seeds' reports call SGD \"stable and consistent\" but \"wavier\", Rprop \"unstable\" and Adam \"more "
             "stable\". Measured here on each cell's training-loss curve, **one point per pass** (the history keeps the "
             "mean training loss of each pass, not the loss of each update, so what happens between updates within a "
-            f"pass is averaged away; `rprop_full`'s one-update passes are averaged {_steps_per_pass(ctx, 'rprop')} at a "
-            "time, as many updates as `rprop` makes in a pass): " + "; ".join(
+            "pass is averaged away; `rprop_full`'s one-update passes are averaged "
+            f"{_steps_per_pass(ctx, 'rprop')} at a time, as many updates as `rprop` makes in a pass): " + "; ".join(
                 f"**{m}**: {what}" for m, what in STABILITY_MEASURES.items()) + ". Lower is more stable for both. "
             f"Each optimizer on the seeds' CNN is compared with `{STABILITY_BASELINE}` "
             f"({SETTINGS[STABILITY_BASELINE]}) by Welch's t over the seeds, each comparison declared in the report's "
@@ -242,7 +242,8 @@ def _stability(sec: Section, ctx: StudyContext, by: dict[str, list[dict]]) -> No
     sec.table(["optimizer", "settings"] + [f"{m} (mean ± std over seeds)" for m in STABILITY_MEASURES]
               + ["points in its loss curve"], rows)
     found = [replace(compare_values(a, [v[m] for v in measures[a]], b, [v[m] for v in measures[b]], measure=m,
-                                    lower="more stable", higher="less stable"), unbracketed=unbracketed(sec.sweeps, a, b))
+                                    lower="more stable", higher="less stable"),
+                     unbracketed=unbracketed(sec.sweeps, a, b))
              for a, b in STABILITY_COMPARISONS if a in measures and b in measures for m in STABILITY_MEASURES]
     sec.add(f"Stability against `{STABILITY_BASELINE}` (the first minus `{STABILITY_BASELINE}`; negative: fewer "
             "rises, less waviness; 95 % t-interval over seeds; Holm over the report's one family):", "")

@@ -131,7 +131,8 @@ def sweep_lrs(ctx: StudyContext, stage: str, dataset: str | dict[str, str],
             return run_cell(v, float(lr), cell.seed, epochs)
 
         spec = GridSpec(f"{stage}-lr-sweep-{r}", cells,
-                        {"stage": stage, "round": r, "cells": [c.id for c in cells], "epochs": epochs, "seeds": list(seeds),
+                        {"stage": stage, "round": r, "cells": [c.id for c in cells], "epochs": epochs,
+                         "seeds": list(seeds),
                          "preset": ctx.preset.name, "train_limit": ctx.preset.train_limit,
                          "val_images": ctx.preset.val_images, "data_seed": ctx.data_seed, **(config or {})}, run)
         for cid, rec in grid(ctx, spec).items():
