@@ -299,9 +299,10 @@ def qat(ctx: ExportContext) -> tuple[str | None, dict]:
     path.unlink(missing_ok=True)
     t0 = time.perf_counter()
     calib = D.to_float(order.images[:int8.get("calibration_images", 512)], ctx.spec).numpy()
-    net = Q.prepare(ctx.net, calib)
-    result = Q.finetune(net, ctx.train_set, ctx.spec, cfg, ctx.settings.get("qat_epochs", 1.0), log=lambda *_: None)
-    try:
+    try:  # a network QAT cannot handle (nothing to quantize, untraceable, parity missed) keeps its other rungs
+        net = Q.prepare(ctx.net, calib)
+        result = Q.finetune(net, ctx.train_set, ctx.spec, cfg, ctx.settings.get("qat_epochs", 1.0),
+                            log=lambda *_: None)
         exported = Q.export_qdq(result.model, ctx.tta_level, ctx.parity_batch, path)
     except Q.QATError as e:
         path.unlink(missing_ok=True)
