@@ -43,7 +43,8 @@ def test_locust_master_with_one_worker(server, store, tmp_path):
 
 def test_a_port_with_nothing_listening_gives_a_finished_run_with_errors(tmp_path, store):
     url = f"http://127.0.0.1:{free_port()}"
-    r = run_locust(url, "onnx", users=2, spawn_rate=2, run_time=2, out=tmp_path, data_root=str(store["data"]),
+    # long enough for Locust to start its users on a busy machine (each request then fails at once)
+    r = run_locust(url, "onnx", users=2, spawn_rate=2, run_time=6, out=tmp_path, data_root=str(store["data"]),
                    images=10)
     assert r["requests"] > 0 and r["failures"] == r["requests"], r
     res = run(closed_loop(f"{url}/classify", cifar_test_samples(5, store["data"]), 2, requests=6))

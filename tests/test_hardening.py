@@ -835,6 +835,8 @@ def test_a_failed_export_leaves_no_parity_record(store, tmp_path, monkeypatch):
     def parity_fails(*a, **k):
         raise RuntimeError("ONNX and torch disagree")
 
+    import training.export_hooks  # noqa: F401  (imported first here, it would keep the stand-in for good)
+
     monkeypatch.setattr(training.export, "export_verified", parity_fails)
     run = Run(dir=run_dir, preset=get_preset("smoke"), data_root=store["data"], progress=False)
     with pytest.raises(RuntimeError, match="disagree"):
