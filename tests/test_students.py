@@ -96,6 +96,19 @@ def test_a_student_learns_from_the_teachers_outputs_not_only_the_labels():
 # ---------------------------------------------------------------- the stage on the smoke preset
 
 
+def test_the_time_prediction_takes_the_teachers_pass_from_the_measured_evaluation_when_known():
+    from training.compress.students import get_students, predict_seconds
+
+    students = get_students(("distilled", "narrow60"))
+    args = (students, 100, {"distilled": 100, "narrow60": 40}, 50_000, 10, 400.0, 6)
+    guessed = predict_seconds(*args, cached=False)
+    measured = predict_seconds(*args, cached=False, teacher_images_per_s=100.0)
+    assert guessed["teacher outputs"] == pytest.approx(50_000 * 6 / (3 * 400))
+    assert measured["teacher outputs"] == pytest.approx(500.0)       # 50,000 images at 100 images/s
+    assert predict_seconds(*args, cached=True, teacher_images_per_s=100.0)["teacher outputs"] == 0
+    assert guessed["narrow60"] == measured["narrow60"] < measured["distilled"]
+
+
 def test_the_smoke_model_is_published_with_its_students_as_rungs(store):
     from lab.backends import get_backend
     from lab.card import read_card, verify_files

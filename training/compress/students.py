@@ -86,15 +86,29 @@ def get_students(names) -> list[Student]:
 
 
 def predict_seconds(students: list[Student], teacher_macs: int, student_macs: dict[str, int], images: int,
-                    epochs: float, train_images_per_s: float, tta_views: int, cached: bool) -> dict[str, float]:
+                    epochs: float, train_images_per_s: float, tta_views: int, cached: bool,
+                    teacher_images_per_s: float = 0.0) -> dict[str, float]:
     """A prediction of each part's time from the served model's measured training speed, scaled by MACs
-    (training a network costs about 3 forward passes; the teacher's pass is one forward of every view).
-    Small networks run below their MAC share on a CPU, so this is a lower bound for narrow students."""
-    out = {"teacher outputs": 0.0 if cached else images * tta_views / (3 * train_images_per_s)}
+    (training a network costs about 3 forward passes). The teacher's pass (every view, in fp32) is timed
+    from `teacher_images_per_s`, the evaluate stage's measured speed at the served TTA level, when given:
+    training may run in bf16 where the teacher's fp32 pass does not, so the training speed alone puts
+    it at half its time on such a CPU. Small networks run below their MAC share on a CPU, so this is a
+    lower bound for narrow students."""
+    teacher_s = images / teacher_images_per_s if teacher_images_per_s else images * tta_views / (3 * train_images_per_s)
+    out = {"teacher outputs": 0.0 if cached else teacher_s}
     for s in students:
         share = student_macs[s.name] / teacher_macs
         out[s.name] = math.ceil(epochs * s.epochs) * images / (train_images_per_s / max(share, 1e-3))
     return out
+
+
+def evaluated_images_per_s(run, tta_level: int) -> float:
+    """The evaluate stage's measured speed of the trained model at this TTA level (images/s), 0 if unknown."""
+    import json
+
+    path = run.path("metrics.json")
+    m = (json.loads(path.read_text()) if path.is_file() else {}).get(f"tta{tta_level}") or {}
+    return m["images"] / m["seconds"] if m.get("images") and m.get("seconds") else 0.0
 
 
 def stage_students(run) -> None:
@@ -149,7 +163,7 @@ def stage_students(run) -> None:
 
         cached = cache_path(cache_key(weights_sha, meta.tta_level, data_digest(train_set, spec)), cache_dir).is_file()
         pred = predict_seconds(students, teacher_macs, student_macs, len(train_set), cfg.epochs, speed,
-                               passes(meta.tta_level), cached)
+                               passes(meta.tta_level), cached, evaluated_images_per_s(run, meta.tta_level))
         run.log(f"students: predicted {sum(pred.values()) / 60:.1f} min from the served model's training speed "
                 f"({speed:.0f} images/s) scaled by MACs: "
                 + ", ".join(f"{k} {v / 60:.1f} min" for k, v in pred.items()))
