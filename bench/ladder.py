@@ -3,6 +3,7 @@
 
     python bench/ladder.py                                   # cifar10-airbench:latest, the whole test set
     python bench/ladder.py --model cifar10-custom-cnn --limit 2000
+    python bench/ladder.py --from-card                       # the page from the export's measurements, no timing
 
 Every backend of the registry that this model has a file for and this machine can run is one rung:
 torch fp32 / bf16 / torch.compile, ONNX Runtime on the exported and simplified graphs, INT8, the
@@ -86,7 +87,44 @@ def ladder(tag: str, out: Path, *, data_root: Path | None = None, limit: int = 0
               "tta_level": card.tta_level, "reference": "onnx", "best": best, "rule": rule, "max_drop": max_drop,
               "card_best_rung": card.best_rung, "seconds": round(time.perf_counter() - t0, 1),
               "rungs": {n: r.to_dict() for n, r in rungs.items()},
-              "absent": reasons, "int8": card.int8}
+              "absent": reasons, "int8": card.int8, "source": "measured by bench/ladder.py"}
+    return write_page(report, card, out, log)
+
+
+def from_card(tag: str, out: Path, *, max_drop: float = 0.005, log=print) -> dict:
+    """The page from what the export measured and stored in the card (every published rung, in one process,
+    on the whole test set, on the machine that exported it): no measuring. The export's own record (CPU,
+    threads, time) is read from the run folder when it is still there."""
+    from training.ladder import Rung, best_rung
+
+    m = get_model(tag)
+    card = read_card(m.path)
+    if not card.rungs:
+        raise ValueError(f"{m.tag}'s card has no rungs: it was published before the export measured them")
+    known = set(Rung.__dataclass_fields__) - {"correct"}
+    rungs = {n: Rung(**{**{k: v for k, v in r.items() if k in known}, "diff_ci95": tuple(r["diff_ci95"])})
+             for n, r in card.rungs.items()}
+    best, rule = best_rung(rungs, "onnx", max_drop)
+    record = {}
+    if card.run_dir:
+        from lab.runfiles import ExportRecord, RunFiles
+
+        if (Path(card.run_dir) / ExportRecord.FILE).is_file():
+            record = RunFiles(Path(card.run_dir)).export().hooks.get("ladder") or {}
+    report = {"model": m.tag, "images": (card.dataset or {}).get("test_images") or "all the",
+              "threads": record.get("threads", "?"), "cpu": record.get("cpu", "the exporting machine"),
+              "cpu_flags": record.get("cpu_flags", {}),
+              "tta_level": card.tta_level, "reference": "onnx", "best": best, "rule": rule, "max_drop": max_drop,
+              "card_best_rung": card.best_rung, "seconds": float(record.get("seconds", 0.0)),
+              "rungs": dict(card.rungs), "absent": {}, "int8": card.int8,
+              "source": "measured at export (the card's `rungs`), read from the store by `--from-card`"}
+    return write_page(report, card, out, log)
+
+
+def write_page(report: dict, card, out: Path, log=print) -> dict:
+    """ladder.json, ladder.png (the Pareto plot), ladder.md and ladder.html of one report into `out`."""
+    from training.ladder import verdict
+
     for r in report["rungs"].values():
         r["verdict"] = verdict(r["diff"], tuple(r["diff_ci95"])) if not r["note"] else ""
         r["description"] = get_backend(r["backend"]).description
@@ -100,8 +138,8 @@ def ladder(tag: str, out: Path, *, data_root: Path | None = None, limit: int = 0
     (out / "ladder.md").write_text(markdown(report))
     from lab.report_html import write_html
 
-    write_html(out / "ladder.md", f"Optimization ladder: {m.tag}")
-    log(f"best rung: {best} ({rule}); written: {out / 'ladder.md'}, {out / 'ladder.html'}")
+    write_html(out / "ladder.md", f"Optimization ladder: {report['model']}")
+    log(f"best rung: {report['best']} ({report['rule']}); written: {out / 'ladder.md'}, {out / 'ladder.html'}")
     return report
 
 
@@ -118,6 +156,9 @@ def model_level_gain(report: dict) -> dict | None:
             "speedup": best["images_per_s_b64"] / best_runtime["images_per_s_b64"]}
 
 
+OFF_CHART_POINTS = 10.0  # rungs losing more accuracy than this are listed on the plot, not drawn
+
+
 def pareto_plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -125,6 +166,9 @@ def pareto_plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rungs = [r for r in report["rungs"].values() if not r["note"]]
+    # a broken rung (tens of points lost) would squash every other onto the axis: it is named, not drawn
+    off = [r for r in rungs if -100 * r["diff"] > OFF_CHART_POINTS]
+    rungs = [r for r in rungs if r not in off]
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, r in enumerate(sorted(rungs, key=lambda r: r["images_per_s_b64"])):
         lost = -100 * r["diff"]
@@ -148,7 +192,11 @@ def pareto_plot(report: dict, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("images/s at batch 64 (log scale)")
     ax.set_ylabel(f"accuracy lost vs {report['reference']}, points (95 % CI)")
-    ax.set_title(f"{report['model']}: {report['images']} test images, {report['threads']} threads")
+    ax.set_title(f"{report['model']}: {report['images']} test images, {report['threads']} threads", fontsize=10)
+    if off:
+        ax.text(0.01, 0.98, "off the chart: " + ", ".join(f"{r['backend']} ({-100 * r['diff']:.1f} points lost)"
+                                                         for r in off),
+                transform=ax.transAxes, fontsize=8, va="top", color="C3")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -159,7 +207,9 @@ def markdown(report: dict) -> str:
     ref = report["rungs"][report["reference"]]
     flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in report["cpu_flags"].items())
     lines = [f"# Optimization ladder: {report['model']}", "",
-             "```", f"python bench/ladder.py --model {report['model']}", "```", "",
+             "```", f"python bench/ladder.py --model {report['model']}"
+             + (" --from-card" if "--from-card" in report.get("source", "") else ""), "```", "",
+             f"Figures {report.get('source', 'measured by bench/ladder.py')}. "
              f"{report['images']} test images, {report['threads']} threads, {report['cpu']} ({flags}); "
              f"TTA level {report['tta_level']} in the served graph. Accuracy differences are against "
              f"`{report['reference']}` (the served fp32 graph, {100 * ref['accuracy']:.2f}%), paired per image "
@@ -220,6 +270,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds")
     ap.add_argument("--max-drop", type=float, default=0.5, help="accuracy bound of the best rung, points")
     ap.add_argument("--out", type=Path, default=None, help="default reports/ladder/<model name>")
+    ap.add_argument("--from-card", action="store_true",
+                    help="measure nothing: the page from the rungs the export measured, stored in the card")
     args = ap.parse_args()
     from bench.accuracy_report import backends_or_exit, one_line_errors
 
@@ -227,6 +279,8 @@ def main() -> int:
     if backends and "onnx" not in backends:
         backends = ["onnx", *backends]  # the reference every difference is measured against
     out = args.out or REPO / "reports" / "ladder" / args.model.split(":")[0]
+    if args.from_card:
+        return one_line_errors(lambda: from_card(args.model, out, max_drop=args.max_drop / 100))
     return one_line_errors(lambda: ladder(args.model, out, data_root=args.data_root, limit=args.limit,
                                           backends=backends, rounds=args.rounds, max_drop=args.max_drop / 100,
                                           images=args.images))

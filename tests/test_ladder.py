@@ -81,6 +81,26 @@ def test_the_ladder_page_for_a_stored_model(store, tmp_path):
     assert (out / "ladder.png").stat().st_size > 0 and "data:image/png;base64" in (out / "ladder.html").read_text()
 
 
+def test_the_ladder_page_from_the_card_measures_nothing_and_shows_every_stored_rung(store, tmp_path):
+    """--from-card: the page from the rungs the export measured (the card's), the same rungs and figures."""
+    from lab.card import read_card
+
+    out = tmp_path / "ladder-card"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "ladder.py"), "--model", "cifar10-airbench-smoke",
+                           "--from-card", "--out", str(out)], env=dict(store["env"], LAB_DATA_ROOT="/nonexistent"),
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    card = read_card(store["model_dir"])
+    report = json.loads((out / "ladder.json").read_text())
+    assert set(report["rungs"]) == set(card.rungs) and report["best"] == card.best_rung
+    for name, rung in card.rungs.items():
+        assert report["rungs"][name]["images_per_s_b64"] == rung["images_per_s_b64"], name
+    assert report["images"] == card.dataset["test_images"] and report["cpu_flags"]
+    md = (out / "ladder.md").read_text()
+    assert "--from-card" in md and "measured at export" in md and "| `onnx_int8`" in md
+    assert (out / "ladder.png").stat().st_size > 0
+
+
 def test_a_rung_without_its_file_is_skipped_with_the_reason(store, tmp_path):
     """A copy of the smoke model published without its one-view INT8 file: that rung is listed as absent."""
     import shutil

@@ -365,7 +365,7 @@ def ladder(ctx: ExportContext) -> tuple[None, dict]:
     set, latency at batch 1, throughput at batch 64; the card gets them and the best rung (the fastest
     within MAX_DROP of the served fp32 graph), the service's default where no faster proven rung is timed
     on the serving machine (serving/catalog.py). Runs after the hooks that make backend files."""
-    from lab.hardware import cores
+    from lab.hardware import cores, cpu_name
     from training.ladder import MAX_DROP, best_rung, cpu_flags, measure
 
     builders, files = published_rungs(ctx)
@@ -380,7 +380,7 @@ def ladder(ctx: ExportContext) -> tuple[None, dict]:
     facts = rung_facts(ctx)
     return None, {"rungs": {n: {**r.to_dict(), **facts.get(n, {})} for n, r in rungs.items()}, "best": best,
                   "rule": rule,
-                  "reference": "onnx", "threads": cores(), "cpu_flags": cpu_flags(),
+                  "reference": "onnx", "threads": cores(), "cpu": cpu_name(), "cpu_flags": cpu_flags(),
                   "seconds": round(time.perf_counter() - t0, 1)}
 
 
