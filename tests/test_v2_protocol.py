@@ -404,3 +404,18 @@ def test_a_binary_request_needs_no_content_type(server):
     body, headers = _binary(IMAGE_HEAD, _bytes_tail(GOOD_PNG))
     r = requests.post(server.url + INFER, data=body, headers=headers, timeout=60)
     assert "content-type" not in {k.lower() for k in r.request.headers} and r.status_code == 200, r.text
+
+
+def test_the_agreement_benchmark_counts_what_differs(server):
+    """bench/v2_agreement.py's comparison, on the session server: tritonclient's binary BYTES answers, one
+    image per request and batched, equal /classify's on every image of every backend."""
+    from bench.samples import cifar_test_samples
+    from bench.v2_agreement import agree
+
+    labels = requests.get(f"{server.url}/v2/models/{MODEL}", timeout=10).json()["parameters"]["labels"]
+    backends = requests.get(f"{server.url}/models/", timeout=10).json()["models"][MODEL]["backends"]
+    samples = cifar_test_samples(12)
+    for backend in backends[:2]:
+        row = agree(server.url, MODEL, backend, samples, labels, batch=5)
+        assert row["images"] == 12 and row["single_top1_differs"] == row["batched_top1_differs"] == 0, row
+        assert row["single_max_prob_diff"] <= 1e-6 and row["batched_max_prob_diff"] <= 1e-6, row
