@@ -23,11 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from bench.samples import cifar_test_samples
+from bench.server import Server
 
-from bench.samples import cifar_test_samples  # noqa: E402
-from bench.server import Server  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def classify_probabilities(session, url: str, model: str, backend: str, body: bytes, classes: int) -> np.ndarray:

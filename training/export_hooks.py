@@ -315,7 +315,7 @@ def qat(ctx: ExportContext) -> tuple[str | None, dict]:
     max_drop = ctx.settings.get("int8_max_drop", 0.01)
     rec = {"accuracy": m["accuracy"], "fp32_accuracy": fp32_acc, "drop": fp32_acc - m["accuracy"],
            "post_training_drop": int8.get("drop"), **decision, "epochs": result.history[-1]["epoch"],
-           "train_seconds": round(result.train_seconds, 1), "seconds": round(time.perf_counter() - t0, 1),
+           "train_seconds": round(result.train_seconds, 3), "seconds": round(time.perf_counter() - t0, 1),
            "int8_kernels": exported.get("int8_kernels"), "parity": exported.get("parity"), "bytes": path.stat().st_size,
            "accepted": fp32_acc - m["accuracy"] <= max_drop}
     ctx.log(f"QAT: test accuracy {100 * m['accuracy']:.2f}% ({100 * -rec['drop']:+.2f} points against fp32; "

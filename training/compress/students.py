@@ -207,7 +207,7 @@ def stage_students(run) -> None:
         records[s.name] = {
             **asdict(s), "architecture": student_arch, "macs_per_image": student_macs[s.name],
             "parameters": count_parameters(result.model), "epochs": scfg.epochs, "train_images": len(train_set),
-            "train_seconds": round(result.train_seconds, 1), "images_per_second": round(result.images_per_second, 1),
+            "train_seconds": round(result.train_seconds, 3), "images_per_second": round(result.images_per_second, 1),
             "test_accuracy_1view": acc, "teacher": key, "teacher_seconds": round(teacher_seconds, 1),
             "distill_weight": DISTILL_WEIGHT, "distill_temperature": DISTILL_TEMPERATURE,
             "pruning": ({"macs_before": pruned.macs_before, "macs_after": pruned.macs_after,
