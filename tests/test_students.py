@@ -114,7 +114,7 @@ def test_the_smoke_model_is_published_with_its_students_as_rungs(store):
     from lab.card import read_card, verify_files
 
     card = read_card(store["model_dir"])
-    for student in ("distilled", "pruned"):
+    for student in ("distilled", "finetuned", "pruned"):
         fp32 = f"{student}_1view"
         assert card.backends[fp32] == f"student.{student}.sim.onnx"
         assert get_backend(fp32).file in card.files
@@ -134,8 +134,28 @@ def test_the_smoke_model_is_published_with_its_students_as_rungs(store):
     assert qat["macs_per_image"] == served["macs_per_image"] and qat["train_seconds"] > 0
     verify_files(store["model_dir"], card)
     records = json.loads((Path(store["run_dir"]) / "students.json").read_text())
-    assert set(records) == {"distilled", "pruned"}
+    assert set(records) == {"distilled", "finetuned", "pruned"}
     assert records["pruned"]["pruning"]["macs_after"] <= records["pruned"]["pruning"]["macs_before"] // 2
+
+
+def test_the_finetuned_student_starts_from_the_served_weights(store):
+    # the fine-tuned student moves a little from the served network (a few steps at a tenth of the LRs);
+    # the distilled one starts where the served network started (the recipe's seed) and trains its own way
+    run_dir = Path(store["run_dir"])
+    records = json.loads((run_dir / "students.json").read_text())
+    assert records["finetuned"]["init"] == "served" and records["finetuned"]["lr_scale"] == 0.1
+    assert records["distilled"]["init"] == "scratch"
+    served = torch.load(run_dir / "trained.pth", map_location="cpu", weights_only=True)
+
+    def similarity(student: str) -> float:
+        weights = torch.load(run_dir / "students" / student / "weights.pth", map_location="cpu", weights_only=True)
+        names = [k for k, v in served.items()  # the trained conv filters (the whitening is fitted to the data)
+                 if v.dtype.is_floating_point and v.dim() == 4 and not k.startswith("whiten")]
+        a = torch.cat([served[k].flatten() for k in names])
+        b = torch.cat([weights[k].flatten() for k in names])
+        return float(F.cosine_similarity(a, b, dim=0))
+
+    assert similarity("finetuned") > 0.98 > similarity("distilled")
 
 
 def test_student_graphs_agree_with_their_torch_networks(store):

@@ -47,7 +47,7 @@ class Preset:
     int8_recipes: tuple[str, ...] = ()
     ladder_skip: tuple[str, ...] = ()  # rungs the export's ladder does not measure (training/ladder.py)
     # students the students stage trains (training/compress/students.py): cheaper networks as rungs
-    students: tuple[str, ...] = ("distilled", "narrow80", "narrow60", "pruned")
+    students: tuple[str, ...] = ("distilled", "finetuned", "narrow80", "narrow60", "pruned")
     prune_macs: float = 0.5          # the pruned student's MAC budget, a share of the served network's one view
     # quantization-aware training (export hook `qat`): when post-training INT8 loses more than this accuracy
     # on held-out training images (never the test set); epochs of its fine-tune
@@ -85,7 +85,7 @@ PRESETS: dict[str, Preset] = {
         int8_max_drop=1.0,  # a net this small is near chance: publish its INT8 model whatever it scores
         int8_recipes=("minmax/per-channel/u8/64", "minmax/per-tensor/u8/64"),
         ladder_skip=("torch_compile",),  # compiling costs more than the whole smoke run
-        store_suffix="-smoke", students=("distilled", "pruned"),
+        store_suffix="-smoke", students=("distilled", "finetuned", "pruned"),
         qat_above_drop=-1.0,  # always, so the tests reach it
         description="seconds: 512 training images, a narrow net, 2 epochs"),
     "quick": Preset(

@@ -12,6 +12,7 @@ STUDENTS = {  # name -> (method, what it is); the training side's table is train
     "narrow80": ("distillation", "0.8 of the served widths, distilled"),
     "narrow60": ("distillation", "0.6 of the served widths, distilled"),
     "pruned": ("pruning", "the served network pruned to half its one-view MACs, fine-tuned by distillation"),
+    "finetuned": ("distillation", "the served network's own weights fine-tuned with one view on its six-view outputs"),
 }
 
 

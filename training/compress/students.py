@@ -8,6 +8,9 @@ plus the labels (training.engine.distillation_loss):
     distilled  the served architecture, one view: the TTA distilled into the network
     narrow80   every layer at 0.8 of the served widths (about 1.6x fewer MACs than one view), distilled
     narrow60   every layer at 0.6 of the served widths (about 2.8x fewer MACs), distilled
+    finetuned  the served network itself, starting from its trained weights, fine-tuned with one view on
+               its own six-view outputs at a tenth of the recipe's learning rates for a fifth of its
+               epochs: the TTA distilled into the weights that already hold most of it
     pruned     the trained served network pruned to half its one-view MACs (torch-pruning, DepGraph),
                then a short distillation fine-tune (training/compress/prune.py)
 
@@ -20,6 +23,7 @@ served model's recipe (its learning rate was chosen for this architecture), one 
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -40,6 +44,8 @@ class Student:
     width: float = 1.0        # distillation: each layer's channels as a share of the served network's
     macs: float = 0.0         # pruning: the MAC budget as a share of the served network's one view
     epochs: float = 1.0       # training epochs as a share of the served model's recipe
+    init: str = "scratch"     # scratch: new weights (the recipe's seed) | served: the trained served weights
+    lr_scale: float = 1.0     # every learning rate of the recipe times this (a fine-tune takes a fraction)
     description: str = ""
 
 
@@ -50,6 +56,9 @@ _TRAINING = {
     "narrow80": dict(width=0.8),
     "narrow60": dict(width=0.6),
     "pruned": dict(macs=0.5, epochs=0.3),
+    # a tenth of the LRs is the usual fine-tuning convention, not tuned here: the served model trains on
+    # every training image, so no image the teacher has not seen is left to choose it on
+    "finetuned": dict(init="served", epochs=0.2, lr_scale=0.1),
 }
 STUDENTS: dict[str, Student] = {name: Student(name, RUNGS[name][0], description=RUNGS[name][1], **kw)
                                 for name, kw in _TRAINING.items()}
@@ -76,6 +85,15 @@ def student_architecture(student: Student, arch: dict) -> dict:
     if arch["name"] not in NARROW:
         raise StudentError(f"no narrower {arch['name']} is defined (students narrow: {', '.join(NARROW)})")
     return {"name": arch["name"], "kwargs": NARROW[arch["name"]](dict(arch["kwargs"]), student.width)}
+
+
+def scaled_lrs(cfg, factor: float) -> dict:
+    """The recipe's learning rates (the shared one and each role's own) times `factor`, as TrainConfig fields."""
+    out = {"lr": cfg.lr * factor}
+    for role in ("head_lr", "bias_lr"):
+        if getattr(cfg, role) is not None:
+            out[role] = getattr(cfg, role) * factor
+    return out
 
 
 def get_students(names) -> list[Student]:
@@ -186,10 +204,12 @@ def stage_students(run) -> None:
         student_arch, pruned = plans[s.name]
         if pruned is not None:
             student = pruned.net
+        elif s.init == "served":
+            student = copy.deepcopy(net)  # its data-fitted layers are fitted again to the same images: unchanged
         else:
             student = create_model(student_arch["name"], seed=cfg.seed, **student_arch["kwargs"])
         scfg = replace(cfg, epochs=cfg.epochs * s.epochs, tta_level=0, distill_weight=DISTILL_WEIGHT,
-                       distill_temperature=DISTILL_TEMPERATURE)
+                       distill_temperature=DISTILL_TEMPERATURE, **scaled_lrs(cfg, s.lr_scale))
         run.log(f"students: {s.name} ({s.description}): {student_macs[s.name] / 1e6:.1f} M MACs per image "
                 f"(the served network: {teacher_macs / 1e6:.1f} M x {passes(meta.tta_level)} views), "
                 f"{count_parameters(student):,} parameters, {scfg.epochs:g} epochs")
