@@ -187,6 +187,16 @@ def test_a_measure_per_seed_gets_welchs_interval_and_a_stability_verdict():
     assert back == c and back.sentence() == c.sentence()
 
 
+def test_a_difference_its_own_interval_excludes_but_the_family_does_not_says_so():
+    # p = 0.005 alone, 0.2 after Holm over 46: the interval is right that 0 is outside it, the verdict is
+    # the family's, and the sentence must not say that the interval allows no difference
+    c = stats.Comparison(a="7x7", b="3x3", diff=-0.026, lo=-0.041, hi=-0.011, p=0.005, p_holm=0.2)
+    assert not c.established
+    assert "interval excludes 0" in c.verdict() and "allows no difference" not in c.verdict()
+    wide = stats.Comparison(a="5x5", b="3x3", diff=-0.005, lo=-0.018, hi=0.009, p=0.44, p_holm=1.0)
+    assert "allows no difference" in wide.verdict()
+
+
 def test_a_comparison_whose_lr_was_not_bracketed_gets_no_verdict():
     c = stats.Comparison("cnn", "fc", 0.06, 0.04, 0.08, 1e-6, se=0.01, df=4.0, p_holm=1e-5, seeds=(3, 3), images=10,
                          unbracketed="cnn")

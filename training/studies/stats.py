@@ -161,6 +161,9 @@ class Comparison:
         if self.unbracketed:
             return (f"**not established (LR not bracketed)**: the best LR of {self.unbracketed} sat at the edge "
                     "of the LRs swept")
+        if not self.established and self.p < ALPHA:  # the interval is this comparison's alone, not the family's
+            alone = "its p is below 0.05" if self.test == "permutation" else "its 95 % interval excludes 0"
+            return f"**not established** over the family (alone, {alone}; its Holm-adjusted p is not below 0.05)"
         if not self.established:
             return "**not established** (the interval allows no difference, or more seeds are needed)"
         if self.measure:
