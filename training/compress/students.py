@@ -122,10 +122,8 @@ def predict_seconds(students: list[Student], teacher_macs: int, student_macs: di
 
 def evaluated_images_per_s(run, tta_level: int) -> float:
     """The evaluate stage's measured speed of the trained model at this TTA level (images/s), 0 if unknown."""
-    import json
-
-    path = run.path("metrics.json")
-    m = (json.loads(path.read_text()) if path.is_file() else {}).get(f"tta{tta_level}") or {}
+    metrics = run.files.metrics()
+    m = (metrics.levels.get(f"tta{tta_level}") if metrics else None) or {}
     return m["images"] / m["seconds"] if m.get("images") and m.get("seconds") else 0.0
 
 
