@@ -123,6 +123,13 @@ def test_the_smoke_model_is_published_with_its_students_as_rungs(store):
         assert rung["method"] == ("pruning" if student == "pruned" else "distillation")
         assert rung["train_seconds"] > 0 and rung["parameters"] > 0
         assert fp32 in card.golden["backends"]  # proven like every other rung
+        # the same graph under OpenVINO at bf16: a rung of the same network, measured where the CPU has
+        # native bf16, else listed with the reason it was not
+        ov = card.rungs[f"{student}_openvino_bf16_1view"]
+        assert card.backends[f"{student}_openvino_bf16_1view"] == f"student.{student}.sim.onnx"
+        assert ov["network"] == student and ov["views"] == 1
+        assert ov.get("note") or (ov["images_per_s_b64"] > 0 and ov["macs_per_image"] == rung["macs_per_image"])
+    assert card.rungs["openvino_bf16_1view"]["views"] == 1
     served = card.rungs["onnx"]
     assert served["network"] == "served" and served["views"] == 6 and served["method"] == "runtime"
     assert card.rungs["onnx_1view"]["macs_per_image"] * 6 == served["macs_per_image"]

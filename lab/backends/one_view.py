@@ -1,4 +1,5 @@
-"""onnx_1view, onnx_int8_1view: the network without test-time augmentation, one view per image.
+"""onnx_1view, onnx_int8_1view, openvino_bf16_1view: the network without test-time augmentation, one
+view per image.
 
 The served graph runs the card's TTA views (6 for the default model) in one call; these run 1, about a
 sixth of the work, for the accuracy the card states (`hooks.one_view` / `hooks.one_view_int8`). Their
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 from lab.backends.base import register_backend
 from lab.backends.onnx import OnnxBackend
+from lab.backends.openvino import OpenVinoBf16Backend
 
 
 @register_backend
@@ -24,4 +26,12 @@ class OnnxInt8OneViewBackend(OnnxBackend):
     file = "model.1view.int8.onnx"
     description = "ONNX Runtime, static INT8, one view (no test-time augmentation)"
     serve_by_default = False
+    views = 1
+
+
+@register_backend
+class OpenVinoBf16OneViewBackend(OpenVinoBf16Backend):
+    name = "openvino_bf16_1view"
+    file = "model.1view.sim.onnx"
+    description = "OpenVINO, bf16 inference precision, one view (no test-time augmentation)"
     views = 1

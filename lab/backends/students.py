@@ -1,11 +1,13 @@
 """Students: cheaper networks trained to reproduce the served one (training/compress/students.py), each
-run by ONNX Runtime in fp32 and INT8 with one view. A student is data: one entry of STUDENTS below
-registers its two backends, `<student>_1view` and `<student>_int8_1view`, with their files
-`student.<student>.sim.onnx` and `student.<student>.int8.onnx`, made by the export hook `students`."""
+run with one view by ONNX Runtime in fp32 and INT8 and by OpenVINO at bf16 inference precision. A student
+is data: one entry of STUDENTS below registers its three backends, `<student>_1view`,
+`<student>_int8_1view` and `<student>_openvino_bf16_1view`, with their files `student.<student>.sim.onnx`
+and `student.<student>.int8.onnx` (OpenVINO compiles the fp32 one), made by the export hook `students`."""
 from __future__ import annotations
 
 from lab.backends.base import register_backend
 from lab.backends.onnx import OnnxBackend
+from lab.backends.openvino import OpenVinoBf16Backend
 
 STUDENTS = {  # name -> (method, what it is); the training side's table is training/compress/students.py
     "distilled": ("distillation", "the served architecture, distilled from its six-view outputs"),
@@ -22,6 +24,10 @@ def _student_backends(student: str, method: str, what: str) -> None:
             "name": f"{student}{suffix}_1view", "file": f"student.{student}.{file}",
             "description": f"ONNX Runtime, {kind}, one view: {what}", "serve_by_default": False,
             "network": student, "method": method, "views": 1, "__module__": __name__}))
+    register_backend(type(f"Student_{student}_openvino_bf16", (OpenVinoBf16Backend,), {
+        "name": f"{student}_openvino_bf16_1view", "file": f"student.{student}.sim.onnx",
+        "description": f"OpenVINO, bf16 inference precision, one view: {what}", "serve_by_default": False,
+        "network": student, "method": method, "views": 1, "__module__": __name__}))
 
 
 for _name, (_method, _what) in STUDENTS.items():
