@@ -8,7 +8,8 @@
 The server has no overhead at all: requests arrive as a Poisson stream, wait in one FIFO queue, and
 whenever the server is free it takes everything waiting (up to `max_batch`) as one batch that costs
 a + b*k seconds, the straight line through the model's measured in-process batch-1 latency and
-batch-64 throughput. The time from arrival to answer is what the open loop measures (bench/loadgen.py
+batch-64 throughput (or through a server's measured c=1 latency and c=64 throughput: then it is a perfect
+batching server with that server's own per-request cost). The time from arrival to answer is what the open loop measures (bench/loadgen.py
 `poisson`, from each request's due time). Queueing alone gives this a long tail: at 80 % load an M/D/1
 queue (no batching) has a p99 of several times its median, so a measured tail is judged against this
 floor, not against a fixed multiple of the median.
@@ -17,7 +18,8 @@ floor, not against a fixed multiple of the median.
 (`due_times`, the same stream as bench/loadgen.py `poisson` with the same seed) fed in real time to a
 loop in this process that runs, whenever it is free, everything that has arrived (up to `max_batch`) as
 one call. Its tail has the model's true cost at each batch size and the machine's jitter, and no HTTP,
-no parsing and no thread hand-off: what is left between it and the service is the service's own.
+no parsing and no thread hand-off: what is left between it and the service is the service's own. It
+reports the share of the time the model ran (`busy`): the load the arrivals put on the model alone.
 """
 from __future__ import annotations
 
@@ -77,7 +79,7 @@ def replay(run_batch: Callable[[range], object], due: list[float], max_batch: in
     """Run the arrivals `due` (sorted seconds from now) through `run_batch(range of request indices)` in
     real time, batching what has arrived whenever the previous call is done; p50 / p99 (ms) of the time
     from each arrival to the end of its batch's call, and the mean batch size."""
-    latency, sizes = [], []
+    latency, sizes, busy = [], [], 0.0
     start, i, n = time.perf_counter(), 0, len(due)
     while i < n:
         now = time.perf_counter() - start
@@ -87,9 +89,11 @@ def replay(run_batch: Callable[[range], object], due: list[float], max_batch: in
         j = min(max(bisect_right(due, now, lo=i), i + 1), i + max_batch)
         run_batch(range(i, j))
         done = time.perf_counter() - start
+        busy += done - now
         latency += [done - due[k] for k in range(i, j)]
         sizes.append(j - i)
         i = j
     p50, p99 = np.percentile(latency, [50, 99]) * 1000
     return {"p50_ms": float(p50), "p99_ms": float(p99), "ratio": float(p99 / p50),
-            "mean_batch": float(np.mean(sizes)), "requests": n}
+            "mean_batch": float(np.mean(sizes)), "requests": n,
+            "busy": float(busy / (time.perf_counter() - start))}  # the share of the time the model ran

@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.ideal_queue import due_times, replay
+from bench.ideal_queue import batch_cost, due_times, replay, simulate
 from bench.loadgen import Result, Sample, closed_loop, poisson, run
 from bench.samples import cifar_test_samples
 from bench.server import REPO, Server, free_port
@@ -370,6 +370,8 @@ def side_by_side(args) -> int:
             be = ref["backends"].get(m)
             if op is not None and be is not None and (s.name == "service" or args.replay_all):
                 row["replay"] = replay_model(be, card, samples, rate, args.open_seconds)
+                # the same perfect server with this server's own measured costs instead of the model's alone
+                row["own_costs"] = simulate(rate, *batch_cost(row["c1_p50_ms"], row["c64_rps"]), requests=100_000)
             rows.append(row)
             print_row(s.name, m, enc, row)
     report["perf_analyzer"] = perf_analyzer(args, tag, models, samples, threads, logs)
@@ -426,6 +428,14 @@ def bars(rows: list[dict]) -> list[str]:
                        f"{ratio:.2f} x the perfect batching server's replayed with the real model "
                        f"({me['replay']['p99_ms']:.1f} ms), errors {me['open_errors']} -> "
                        f"{verdict(ratio <= 1.5 and me['open_errors'] == 0)} (<= 1.5x, 0 errors)")
+            if "busy" in me["replay"] and me.get("own_costs"):
+                own = me["open_p99_ms"] / me["own_costs"]["p99_ms"]
+                out.append(f"  why: these arrivals kept the model alone busy {100 * me['replay']['busy']:.0f}% of the "
+                           f"time, and are {100 * me['open_rate'] / me['c64_rps']:.0f}% of the service's own c=64 "
+                           f"capacity (its per-request cost on these cores: HTTP, decoding, the hand-off); a perfect "
+                           f"batching server with the service's own measured costs (c=1 {me['c1_p50_ms']:.2f} ms, "
+                           f"c=64 {me['c64_rps']:.0f} req/s), simulated: p99 {me['own_costs']['p99_ms']:.1f} ms; the "
+                           f"service's = {own:.2f} x that")
     return out
 
 
@@ -522,6 +532,10 @@ def settings(args) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
+def busy_share(replay: dict | None) -> str:
+    return f"{100 * replay['busy']:.0f}%" if replay and "busy" in replay else "-"
+
+
 def markdown(report: dict, rows: list[dict]) -> str:
     lines = [f"# Open Inference Protocol servers side by side" if report["mode"] == "side by side"
              else f"# An Open Inference Protocol server: {report.get('url')}", "",
@@ -529,14 +543,16 @@ def markdown(report: dict, rows: list[dict]) -> str:
              f"{' '.join(sys.argv[1:])}`; {time.strftime('%Y-%m-%d %H:%M')}; {os.cpu_count()} cores. "
              f"Measured on a busy machine, these figures mean nothing: measure on a quiet one.", "",
              "| server | model | encoding | c=1 p50 ms | c=1 p99 ms | c=64 req/s | open loop req/s | open p50 ms "
-             "| open p99 ms | perfect server p99 ms | top-1 under load | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| open p99 ms | perfect server p99 ms | model busy | perfect server at its own costs p99 ms "
+             "| top-1 under load | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = f"{100 * r['accuracy']:.2f}% of {r['checked']}" if r.get("accuracy") is not None else "-"
         lines.append(f"| {r['server']} | {r['model']} | {r['encoding']} | {r['c1_p50_ms']:.2f} | {r['c1_p99_ms']:.2f} "
                      f"| {r['c64_rps']:.0f} | {r['open_rate']:.0f} | {fmt(r.get('open_p50_ms'), '.1f')} | "
                      f"{fmt(r.get('open_p99_ms'), '.1f')} | {fmt((r.get('replay') or {}).get('p99_ms'), '.1f')} | "
-                     f"{acc} | {r['errors']} |")
+                     f"{busy_share(r.get('replay'))} | "
+                     f"{fmt((r.get('own_costs') or {}).get('p99_ms'), '.1f')} | {acc} | {r['errors']} |")
     for name, s in (report.get("servers") or {}).items():
         for note in s.get("notes", []):
             lines.append(f"\n{name}: {note}")

@@ -187,6 +187,7 @@ def test_the_replay_answers_every_arrival_once_in_batches_of_what_has_arrived():
     r = replay(run_batch, due, max_batch=8)
     assert [k for b in seen for k in b] == list(range(len(due)))
     assert 1 < max(map(len, seen)) <= 8 and r["requests"] == len(due) and r["p99_ms"] >= r["p50_ms"] > 0
+    assert 0 < r["busy"] <= 1  # the share of the time the model (here: a 4 ms sleep) ran
 
 
 def test_the_checkout_comparison_says_not_established_when_its_interval_straddles_zero():
