@@ -123,7 +123,7 @@ def one_view(ctx: ExportContext) -> tuple[str | None, dict]:
     rec = _one_view_record(ctx, OnnxOneViewBackend(path), time.perf_counter() - t0)
     rec["bytes"] = path.stat().st_size
     ctx.log(f"one view (no TTA): test accuracy {100 * rec['accuracy']:.2f}% "
-            f"({100 * rec['drop_vs_served']:+.2f} points against the served TTA graph)")
+            f"({-100 * rec['drop_vs_served']:+.2f} points against the served TTA graph)")
     return OnnxOneViewBackend.file, rec
 
 
