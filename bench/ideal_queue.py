@@ -97,3 +97,30 @@ def replay(run_batch: Callable[[range], object], due: list[float], max_batch: in
     return {"p50_ms": float(p50), "p99_ms": float(p99), "ratio": float(p99 / p50),
             "mean_batch": float(np.mean(sizes)), "requests": n,
             "busy": float(busy / (time.perf_counter() - start))}  # the share of the time the model ran
+
+
+def main() -> int:
+    """The perfect batching server's p50 / p99 at a rate, from a batch-1 latency and a batch-64 throughput
+    (the model's in-process costs, or a server's measured c=1 p50 and c=64 req/s)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--rate", type=float, required=True, help="Poisson arrivals, requests a second")
+    ap.add_argument("--batch1-ms", type=float, required=True, help="latency of a batch of one, ms")
+    ap.add_argument("--batch64", type=float, required=True, help="throughput at batch 64, images a second")
+    ap.add_argument("--requests", type=int, default=200_000)
+    args = ap.parse_args()
+    if min(args.rate, args.batch1_ms, args.batch64) <= 0 or args.requests < 100:
+        ap.error("--rate, --batch1-ms and --batch64 must be positive, --requests at least 100")
+    a, b = batch_cost(args.batch1_ms, args.batch64)
+    r = simulate(args.rate, a, b, requests=args.requests)
+    print(f"a batch of k costs {1000 * a:.3f} + {1000 * b:.3f} k ms; at {args.rate:g} req/s "
+          f"({100 * args.rate * b:.0f}% of the time busy at large batches): p50 {r['p50_ms']:.1f} ms, "
+          f"p99 {r['p99_ms']:.1f} ms ({r['ratio']:.1f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

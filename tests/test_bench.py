@@ -232,3 +232,18 @@ def test_the_closed_loop_sends_every_sample_equally_often_at_any_concurrency():
 
     res = asyncio.run(go())
     assert res.ok == 400 and len(seen) == 100 and set(seen.values()) == {4}
+
+
+def test_the_ideal_queue_prices_a_load_from_the_command_line():
+    import re
+    from pathlib import Path
+
+    script = str(Path(__file__).resolve().parents[1] / "bench" / "ideal_queue.py")
+    ok = subprocess.run([sys.executable, script, "--rate", "100", "--batch1-ms", "5", "--batch64", "200",
+                         "--requests", "20000"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    p50, p99 = map(float, re.search(r"p50 ([\d.]+) ms, p99 ([\d.]+) ms", ok.stdout).groups())
+    assert 0 < p50 < p99
+    bad = subprocess.run([sys.executable, script, "--rate", "-1", "--batch1-ms", "5", "--batch64", "200"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "must be positive" in bad.stderr
