@@ -18,16 +18,19 @@ STUDENTS = {  # name -> (method, what it is); the training side's table is train
 }
 
 
+RUNTIMES = (  # (name suffix, backend class, file suffix, what runs it) of each student's backends
+    ("", OnnxBackend, "sim.onnx", "ONNX Runtime, fp32"),
+    ("_int8", OnnxBackend, "int8.onnx", "ONNX Runtime, static INT8 (QDQ)"),
+    ("_openvino_bf16", OpenVinoBf16Backend, "sim.onnx", "OpenVINO, bf16 inference precision"),
+)
+
+
 def _student_backends(student: str, method: str, what: str) -> None:
-    for suffix, file, kind in (("", "sim.onnx", "fp32"), ("_int8", "int8.onnx", "static INT8 (QDQ)")):
-        register_backend(type(f"Student_{student}{suffix}", (OnnxBackend,), {
+    for suffix, base, file, runtime in RUNTIMES:
+        register_backend(type(f"Student_{student}{suffix}", (base,), {
             "name": f"{student}{suffix}_1view", "file": f"student.{student}.{file}",
-            "description": f"ONNX Runtime, {kind}, one view: {what}", "serve_by_default": False,
+            "description": f"{runtime}, one view: {what}", "serve_by_default": False,
             "network": student, "method": method, "views": 1, "__module__": __name__}))
-    register_backend(type(f"Student_{student}_openvino_bf16", (OpenVinoBf16Backend,), {
-        "name": f"{student}_openvino_bf16_1view", "file": f"student.{student}.sim.onnx",
-        "description": f"OpenVINO, bf16 inference precision, one view: {what}", "serve_by_default": False,
-        "network": student, "method": method, "views": 1, "__module__": __name__}))
 
 
 for _name, (_method, _what) in STUDENTS.items():
